@@ -1,0 +1,37 @@
+"""The exceptions lorakit raises. Library code raises these; only the CLI turns them into messages and exit codes."""
+
+from __future__ import annotations
+
+
+class LorakitError(Exception):
+    """Base class of every error lorakit raises on purpose."""
+
+
+class ConfigError(LorakitError, ValueError):
+    """A configuration value is invalid. The message names the field and what is allowed."""
+
+    def __init__(self, problems: list[str] | str, *, where: str = "config"):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            message = f"invalid {where}: {self.problems[0]}"
+        else:
+            message = f"invalid {where} ({len(self.problems)} problems):\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(message)
+
+
+class TargetNotFoundError(LorakitError, ValueError):
+    """A target module pattern matched nothing (or nothing LoRA can wrap) in the base model."""
+
+
+class AdapterError(LorakitError):
+    """An adapter name, file or state is unusable (unknown name, bad file, shape mismatch, merged state)."""
+
+
+class DataError(LorakitError):
+    """A data file or record is unusable."""
+
+
+class CheckpointError(LorakitError):
+    """A training checkpoint is missing, incomplete or corrupt."""

@@ -1,0 +1,7 @@
+"""The LoRA core: layers, injection, the wrapped model, adapter files. Depends only on torch and safetensors."""
+
+from .config import LoraConfig
+from .io import load_adapter, read_adapter_config
+from .model import LoraModel, TrainableReport, wrap
+
+__all__ = ["LoraConfig", "LoraModel", "TrainableReport", "load_adapter", "read_adapter_config", "wrap"]

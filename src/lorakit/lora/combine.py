@@ -1,0 +1,96 @@
+"""Building a new adapter from a weighted combination of existing ones (add_weighted_adapter).
+
+With delta_i = s_i B_i A_i (out, in) for adapter i and weights w_i, per adapted layer:
+  cat:    A = [w_1 s_1 A_1; ...; w_n s_n A_n], B = [B_1 ... B_n]     -> B A = sum_i w_i delta_i exactly
+  svd:    U S V^T = sum_i w_i delta_i, truncated to rank k; B = U_k sqrt(S_k), A = sqrt(S_k) V_k^T
+  linear: A = sum_i sqrt(|w_i|) s_i A_i, B = sum_i sign(w_i) sqrt(|w_i|) B_i   (needs equal ranks;
+          mixes the factors, so B A has cross terms unless the adapters share subspaces)
+The new adapter has scaling 1 (lora_alpha = r per layer).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import AdapterError
+from .config import LoraConfig
+
+if TYPE_CHECKING:
+    from .model import LoraModel
+
+COMBINATIONS = ("linear", "cat", "svd")
+
+
+def _combine_layer(layer, adapters, weights, kind, svd_rank):
+    present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
+    if kind == "cat":
+        A = torch.cat([w * layer.scaling[a] * layer.lora_A[a].float() for a, w in present], dim=0)
+        B = torch.cat([layer.lora_B[a].float() for a, _ in present], dim=1)
+        return A, B
+    if kind == "linear":
+        ranks = {layer.lora_A[a].shape[0] for a, _ in present}
+        if len(ranks) > 1:
+            raise AdapterError(
+                f"combination_type='linear' needs adapters of equal rank, got ranks {sorted(ranks)}; use 'cat' or 'svd'"
+            )
+        A = sum(math.sqrt(abs(w)) * layer.scaling[a] * layer.lora_A[a].float() for a, w in present)
+        B = sum(math.copysign(math.sqrt(abs(w)), w) * layer.lora_B[a].float() for a, w in present)
+        return A, B
+    delta = sum(w * layer.delta_weight(a) for a, w in present)  # (out, in)
+    k = svd_rank or max(layer.lora_A[a].shape[0] for a, _ in present)
+    k = min(k, *delta.shape)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    root = torch.sqrt(S[:k])
+    return root[:, None] * Vh[:k], U[:, :k] * root[None, :]
+
+
+def weighted_adapter(
+    model: "LoraModel",
+    adapters: list[str],
+    weights: list[float],
+    new_name: str,
+    kind: str,
+    svd_rank: int | None,
+) -> None:
+    if kind not in COMBINATIONS:
+        raise AdapterError(f"combination_type must be one of {', '.join(COMBINATIONS)}; got {kind!r}")
+    if len(adapters) != len(weights) or not adapters:
+        raise AdapterError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+    if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank <= 0):
+        raise AdapterError(f"svd_rank must be a positive integer, got {svd_rank!r}")
+    configs = [model.adapter_configs[a] for a in adapters]
+    if any(c.use_dora for c in configs):
+        raise AdapterError("DoRA adapters cannot be combined: their magnitude vectors do not add; merge them instead")
+    if any(c.modules_to_save for c in configs):
+        raise AdapterError("adapters with modules_to_save cannot be combined: full module copies do not add")
+
+    with torch.no_grad():
+        factors = {
+            name: _combine_layer(layer, adapters, weights, kind, svd_rank)
+            for name, layer in model.lora_layers()
+            if any(a in layer.lora_A for a in adapters)
+        }
+    ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
+    common = max(set(ranks.values()), key=list(ranks.values()).count)
+    others = {re.escape(n): r for n, r in ranks.items() if r != common}
+    config = LoraConfig(
+        r=common,
+        lora_alpha=common,
+        target_modules=sorted(factors),
+        rank_pattern=others,
+        alpha_pattern=dict(others),
+        bias=configs[0].bias,
+        base_model_name_or_path=configs[0].base_model_name_or_path,
+        task_type=configs[0].task_type,
+    )
+    model.add_adapter(new_name, config, _init=False)
+    with torch.no_grad():
+        for name, layer in model.lora_layers():
+            if name in factors:
+                A, B = factors[name]
+                layer.lora_A[new_name].copy_(A)
+                layer.lora_B[new_name].copy_(B)

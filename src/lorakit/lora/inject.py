@@ -1,0 +1,218 @@
+"""Finding target modules by name, checking them, and swapping in LoRA wrappers.
+
+Matching follows PEFT exactly (so a PEFT config selects the same layers here): a list entry matches a
+module whose name equals it or ends with "." + it; a string is a regex matched against the whole name.
+Everything is checked before the first module is replaced, so a bad config leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from ..errors import ConfigError, TargetNotFoundError
+from .config import ALL_LINEAR, DEFAULT_TARGETS, LoraConfig
+from .full_copy import FullCopy
+from .layer import LoraEmbedding, LoraLayer, LoraLinear
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 style Conv1D: a linear layer whose weight is stored (in, out).
+    return type(module).__name__ == "Conv1D" and hasattr(module, "weight") and module.weight.dim() == 2
+
+
+# First match wins. Quantized base layers (bitsandbytes) get their entries here in a later module.
+WRAPPERS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], LoraLayer]]] = [
+    (lambda m: isinstance(m, nn.Linear), lambda m: LoraLinear(m)),
+    (_is_conv1d, lambda m: LoraLinear(m, fan_in_fan_out=True)),
+    (lambda m: isinstance(m, nn.Embedding), lambda m: LoraEmbedding(m)),
+]
+LINEAR_KINDS: list[Callable[[nn.Module], bool]] = [lambda m: isinstance(m, nn.Linear), _is_conv1d]
+
+
+def wrapper_for(module: nn.Module) -> Callable[[nn.Module], LoraLayer] | None:
+    for accepts, make in WRAPPERS:
+        if accepts(module):
+            return make
+    return None
+
+
+@dataclass
+class InjectionPlan:
+    """The checked outcome of matching a config against a model, before anything changes."""
+
+    targets: list[str]  # full module names that get the adapter
+    full_copies: list[str]  # modules_to_save, full module names
+    target_suffixes: list[str]  # the matched names' last components, for the saved config
+
+
+def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    if config.target_modules is not None:
+        return config.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    raise ConfigError(
+        f"target_modules is not set and there is no default for model type {model_type!r}; "
+        "name the layers to adapt, e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'",
+        where="LoraConfig",
+    )
+
+
+def _name_matches(spec: list[str] | str, name: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _layer_index_ok(config: LoraConfig, name: str) -> bool:
+    wanted = config.layers_to_transform
+    if wanted is None or wanted == []:
+        return True
+    patterns = config.layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Named modules as the user sees them: LoRA wrappers count as their base layer, internals hidden."""
+    found: dict[str, nn.Module] = {}
+    skip_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in skip_prefixes):
+            continue
+        if isinstance(module, (LoraLayer, FullCopy)):
+            skip_prefixes.append(name + ".")
+        found[name] = module
+    return found
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    if isinstance(module, LoraLayer):
+        return module.base_layer
+    if isinstance(module, FullCopy):
+        return module.original_module
+    return module
+
+
+def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
+    targets_spec = resolve_target_modules(model, config)
+    modules = _candidate_modules(model)
+    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    saved = config.modules_to_save or []
+
+    def is_saved(name: str) -> bool:
+        return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved)
+
+    targets: list[str] = []
+    problems: list[str] = []
+    for name, module in modules.items():
+        base = _base_of(module)
+        if is_saved(name):
+            continue
+        if targets_spec == ALL_LINEAR:
+            hit = any(kind(base) for kind in LINEAR_KINDS) and base is not output_head
+        else:
+            hit = _name_matches(targets_spec, name)
+        if not hit or (config.exclude_modules and _name_matches(config.exclude_modules, name)):
+            continue
+        if not _layer_index_ok(config, name):
+            continue
+        if wrapper_for(base) is None:
+            if targets_spec == ALL_LINEAR or isinstance(targets_spec, str):
+                continue  # a regex may also match containers; only wrappable modules count
+            problems.append(
+                f"target {name!r} is a {type(base).__name__}, which LoRA cannot wrap "
+                "(supported: nn.Linear, transformers Conv1D, nn.Embedding)"
+            )
+            continue
+        targets.append(name)
+    if problems:
+        raise ConfigError(problems, where="LoraConfig")
+    if not targets:
+        raise TargetNotFoundError(_not_found_message(targets_spec, modules))
+
+    for name in targets:
+        layer = modules[name]
+        base = _base_of(layer)
+        probe = layer if isinstance(layer, LoraLayer) else wrapper_for(base)(base)
+        r = config.rank_for(name)
+        limit = min(probe.in_features, probe.out_features)
+        if r > limit:
+            problems.append(
+                f"r={r} is larger than layer {name!r} allows ({probe.in_features} in, {probe.out_features} out: "
+                f"at most {limit}); lower r or set rank_pattern for this layer"
+            )
+    full_copies = [name for name in modules if saved and is_saved(name) and not _inside_any(name, modules, is_saved)]
+    missing = [m for m in saved if not any(n == m or n.endswith("." + m) for n in full_copies)]
+    if missing:
+        problems.append(f"modules_to_save names {missing} that are not in the model")
+    if problems:
+        raise ConfigError(problems, where="LoraConfig")
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in targets})
+    return InjectionPlan(targets=targets, full_copies=full_copies, target_suffixes=suffixes)
+
+
+def _inside_any(name: str, modules: dict[str, nn.Module], is_saved: Callable[[str], bool]) -> bool:
+    """True when an enclosing module is itself saved in full (only the outermost one is copied)."""
+    parts = name.split(".")
+    return any(is_saved(".".join(parts[:i])) for i in range(1, len(parts)))
+
+
+def _not_found_message(spec: list[str] | str, modules: dict[str, nn.Module]) -> str:
+    wrappable = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if wrapper_for(_base_of(m))})
+    lines = [f"target_modules {spec!r} matched no module LoRA can wrap in the base model."]
+    if isinstance(spec, list):
+        for target in spec:
+            close = difflib.get_close_matches(target, wrappable, n=3)
+            if close:
+                lines.append(f"  {target!r}: did you mean {', '.join(map(repr, close))}?")
+    lines.append(f"Modules that can be targeted: {', '.join(wrappable) if wrappable else '(none)'}")
+    return "\n".join(lines)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str, *, init: bool | str | None = None) -> InjectionPlan:
+    """Add adapter `adapter_name` to every target of `config` (wrapping layers on first use)."""
+    plan = plan_injection(model, config)
+    for name in plan.targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLayer):
+            base = module
+            module = wrapper_for(base)(base)
+            replace_module(model, name, module)
+        module.add_adapter(
+            adapter_name,
+            r=config.rank_for(name),
+            alpha=config.alpha_for(name),
+            dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
+            init=config.init_lora_weights if init is None else init,
+        )
+    for name in plan.full_copies:
+        module = model.get_submodule(name)
+        if not isinstance(module, FullCopy):
+            module = FullCopy(module)
+            replace_module(model, name, module)
+        module.add_adapter(adapter_name)
+    return plan

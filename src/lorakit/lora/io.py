@@ -1,0 +1,241 @@
+"""Adapter files in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+Tensor names are PEFT's (`base_model.model.<module>.lora_A.weight`, `lora_embedding_A`,
+`lora_magnitude_vector`, full `modules_to_save` copies under the module's own name), so files move
+both ways between PEFT (and the servers that read PEFT files) and lorakit.
+
+Loading is a trust boundary: nothing is unpickled except through `torch.load(weights_only=True)`,
+and every tensor is checked (name, shape, dtype, finiteness) before the model is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..atomic import write_atomic, write_text_atomic
+from ..errors import AdapterError, ConfigError
+from .config import ALL_LINEAR, LoraConfig, _valid_init, field_names
+from .layer import LoraEmbedding, LoraLinear
+
+if TYPE_CHECKING:
+    from .model import LoraModel
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+DEFAULT_NAME = "default"
+# PEFT config keys that describe the file, not the adapter; any value is fine.
+INFORMATIONAL_KEYS = {"peft_type", "auto_mapping", "revision", "inference_mode", "peft_version",
+                      "megatron_core", "qalora_group_size", "library_name"}
+
+
+# ---- names ------------------------------------------------------------------------------------------
+def adapter_tensors(model: "LoraModel", name: str) -> dict[str, nn.Parameter]:
+    """PEFT file key -> the live parameter, for every tensor adapter `name` saves."""
+    out: dict[str, nn.Parameter] = {}
+    for path, layer in model.lora_layers():
+        if name in layer.lora_A:
+            for suffix, param in layer.peft_tensor_names(name).items():
+                out[f"{PREFIX}{path}.{suffix}"] = param
+    for path, module in model.full_copies():
+        if name in module.copies:
+            for pname, param in module.copies[name].named_parameters():
+                out[f"{PREFIX}{path}.{pname}"] = param
+    bias = model.adapter_configs[name].bias
+    if bias != "none":
+        lora_paths = {path for path, layer in model.lora_layers() if name in layer.lora_A}
+        for pname, param in model.model.named_parameters():
+            if not pname.endswith("bias") or ".lora_" in pname or ".original_module." in pname or ".copies." in pname:
+                continue
+            on_lora = pname.removesuffix(".base_layer.bias") in lora_paths
+            if bias == "all" or on_lora:
+                out[PREFIX + pname] = param
+    return out
+
+
+def _optional_tensors(model: "LoraModel", name: str) -> dict[str, nn.Parameter]:
+    """Keys PEFT may add that we accept: full embedding weights (PEFT's save_embedding_layers)."""
+    return {
+        f"{PREFIX}{path}.base_layer.weight": layer.base_layer.weight
+        for path, layer in model.lora_layers()
+        if isinstance(layer, LoraEmbedding) and name in layer.lora_A
+    }
+
+
+# ---- save -------------------------------------------------------------------------------------------
+def peft_config_dict(model: "LoraModel", name: str) -> dict:
+    config = model.adapter_configs[name]
+    data = config.to_dict()
+    if config.target_modules is None or config.target_modules == ALL_LINEAR:
+        data["target_modules"] = model.target_suffixes[name]  # resolved names: every reader understands them
+    data["fan_in_fan_out"] = any(
+        isinstance(layer, LoraLinear) and layer.fan_in_fan_out and name in layer.lora_A
+        for _, layer in model.lora_layers()
+    )
+    if not data["base_model_name_or_path"]:
+        data["base_model_name_or_path"] = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
+    data.update(peft_type="LORA", inference_mode=True, lora_bias=False, revision=None)
+    return dict(sorted(data.items()))
+
+
+def save_adapters(model: "LoraModel", path: Path, names: list[str]) -> None:
+    for name in names:
+        directory = path if name == DEFAULT_NAME else path / name
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: p.detach().to("cpu").contiguous().clone() for k, p in adapter_tensors(model, name).items()}
+        write_atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        write_text_atomic(directory / CONFIG_FILE, json.dumps(peft_config_dict(model, name), indent=2) + "\n")
+
+
+# ---- load -------------------------------------------------------------------------------------------
+def read_adapter_config(directory: str | Path) -> LoraConfig:
+    """Read an adapter_config.json written by lorakit or PEFT into a LoraConfig."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise AdapterError(f"{directory}: not a directory; pass the folder that holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    if not path.is_file():
+        raise AdapterError(f"{directory}: no {CONFIG_FILE}; expected a folder written by save_adapter or PEFT's save_pretrained")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{path}: expected a JSON object of LoRA options")
+    peft_type = str(raw.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"{path}: this is a {peft_type} adapter; lorakit loads LoRA adapters only")
+    known = field_names()
+    values, unsupported = {}, []
+    for key, value in raw.items():
+        if key in known:
+            values[key] = value
+        elif key in INFORMATIONAL_KEYS or value in (None, False, {}, [], ""):
+            continue  # describes the file, or a PEFT feature left off
+        else:
+            unsupported.append(f"{key}={value!r}")
+    if unsupported:
+        raise AdapterError(f"{path}: uses PEFT options lorakit does not support: {', '.join(unsupported)}")
+    if not _valid_init(values.get("init_lora_weights", True)):
+        values["init_lora_weights"] = True  # weights come from the file; the init scheme no longer matters
+    try:
+        return LoraConfig.from_dict(values, where=str(path))
+    except ConfigError as err:
+        raise AdapterError(str(err)) from None
+
+
+def _read_tensors(directory: Path, budget_bytes: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    st, pickle_file = directory / WEIGHTS_FILE, directory / PICKLE_FILE
+    if st.is_file():
+        if st.stat().st_size > budget_bytes:
+            raise AdapterError(
+                f"{st}: {st.stat().st_size:,} bytes, far more than this adapter's config implies "
+                f"(about {budget_bytes:,} at most); refusing to read it"
+            )
+        try:
+            return st, load_file(str(st))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterError(f"{st}: not a valid safetensors file ({err})") from None
+    if pickle_file.is_file():
+        try:
+            # Never anything but weights_only: a pickle can run code (CVE-2025-32434 and kin).
+            tensors = torch.load(pickle_file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure means we refuse the file
+            raise AdapterError(
+                f"{pickle_file}: refused; it holds more than plain tensors or is corrupt ({type(err).__name__}). "
+                "Convert it to safetensors with a trusted tool."
+            ) from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise AdapterError(f"{pickle_file}: expected a mapping of tensor names to tensors")
+        return pickle_file, tensors
+    raise AdapterError(f"{directory}: no {WEIGHTS_FILE} (or {PICKLE_FILE}) next to {CONFIG_FILE}")
+
+
+def _check_and_copy(model: "LoraModel", name: str, source: Path, tensors: dict[str, torch.Tensor]) -> None:
+    expected = adapter_tensors(model, name)
+    optional = _optional_tensors(model, name)
+    unexpected = [k for k in tensors if k not in expected and k not in optional]
+    if unexpected:
+        raise AdapterError(
+            f"{source}: tensor {unexpected[0]!r} does not belong to this model's adapter "
+            f"({len(unexpected)} unexpected in all); was it trained on a different base model or config?"
+        )
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise AdapterError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all); the file is incomplete")
+    for key, tensor in tensors.items():
+        target = expected.get(key, optional.get(key))
+        if tensor.layout != torch.strided or not tensor.dtype.is_floating_point:
+            raise AdapterError(f"{source}: tensor {key!r} must be a dense floating-point tensor, got {tensor.dtype} {tensor.layout}")
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise AdapterError(
+                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}; "
+                "the adapter was made for a different base model or rank"
+            )
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{source}: tensor {key!r} contains NaN or inf values")
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            target = expected.get(key, optional.get(key))
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+def _size_budget(model: "LoraModel", name: str) -> int:
+    params = [*adapter_tensors(model, name).values(), *_optional_tensors(model, name).values()]
+    # Room for a wider dtype in the file (fp64) and the JSON header.
+    return sum(p.numel() * 8 for p in params) + (16 << 20)
+
+
+def load_adapter_into(model: "LoraModel", path: str | Path, name: str, *, is_trainable: bool = False) -> None:
+    directory = Path(path)
+    config = read_adapter_config(directory).replace(inference_mode=not is_trainable)
+    _warn_base_mismatch(model.model, config, directory)
+    model.add_adapter(name, config, _init=False)
+    try:
+        source, tensors = _read_tensors(directory, _size_budget(model, name))
+        _check_and_copy(model, name, source, tensors)
+    except Exception:
+        model.delete_adapter(name)
+        raise
+
+
+def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT_NAME, *, is_trainable: bool = False):
+    """Load an adapter directory onto a plain model (returns a new LoraModel) or a LoraModel (adds to it)."""
+    from .model import LoraModel
+
+    if isinstance(model, LoraModel):
+        load_adapter_into(model, path, adapter_name, is_trainable=is_trainable)
+        return model
+    directory = Path(path)
+    config = read_adapter_config(directory).replace(inference_mode=not is_trainable)
+    _warn_base_mismatch(model, config, directory)
+    grads = {id(p): p.requires_grad for p in model.parameters()}
+    lora_model = LoraModel(model, config, adapter_name, _init=False)
+    try:
+        source, tensors = _read_tensors(directory, _size_budget(lora_model, adapter_name))
+        _check_and_copy(lora_model, adapter_name, source, tensors)
+    except Exception:
+        lora_model.unwrap()
+        for p in model.parameters():
+            p.requires_grad_(grads.get(id(p), p.requires_grad))
+        raise
+    return lora_model
+
+
+def _warn_base_mismatch(model: nn.Module, config: LoraConfig, directory: Path) -> None:
+    wanted = config.base_model_name_or_path
+    actual = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if wanted and actual and Path(str(wanted)).name != Path(str(actual)).name:
+        warnings.warn(
+            f"{directory}: adapter was trained on base model {wanted!r} but is being loaded onto {actual!r}",
+            stacklevel=3,
+        )

@@ -1,0 +1,290 @@
+"""LoraModel: a model with named LoRA adapters injected in place.
+
+`LoraModel.model` is the wrapped model itself, so transformers features (generate, config, gradient
+checkpointing) work through it. Nothing is forwarded implicitly: methods that delegate say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError
+from .combine import weighted_adapter
+from .config import LoraConfig
+from .full_copy import FullCopy
+from .inject import inject, replace_module
+from .layer import LoraLayer
+from .routing import BASE, route_rows
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+class LoraModel(nn.Module):
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", *, _init=None):
+        super().__init__()
+        self.model = model
+        self.train(model.training)  # a fresh nn.Module says "training"; keep the wrapped model's mode
+        self.adapter_configs: dict[str, LoraConfig] = {}
+        self.target_suffixes: dict[str, list[str]] = {}
+        self.active_adapters: list[str] = []
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config, _init=_init)
+        self.set_adapter(adapter_name)
+
+    # ---- iteration ---------------------------------------------------------------------------------
+    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                yield name, module
+
+    def full_copies(self) -> Iterator[tuple[str, FullCopy]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, FullCopy):
+                yield name, module
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        merged: list[str] = []
+        for _, layer in self.lora_layers():
+            merged += [n for n in layer.merged_adapters if n not in merged]
+        return merged
+
+    # ---- adapters ----------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: LoraConfig, *, _init=None) -> None:
+        """Inject a new adapter (inactive until set_adapter) into the targets of `config`."""
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+        if not isinstance(adapter_name, str) or not ADAPTER_NAME.match(adapter_name) or adapter_name == BASE:
+            raise AdapterError(
+                f"invalid adapter name {adapter_name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        if adapter_name in self.adapter_configs:
+            raise AdapterError(f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name")
+        if self.merged_adapters:
+            raise AdapterError("cannot add an adapter while adapters are merged; call unmerge() first")
+        plan = inject(self.model, config, adapter_name, init=_init)
+        self.adapter_configs[adapter_name] = config
+        self.target_suffixes[adapter_name] = plan.target_suffixes
+        self._refresh_trainable()
+
+    def load_adapter(self, path: str | Path, adapter_name: str = "default", *, is_trainable: bool = False) -> "LoraModel":
+        """Load an adapter directory (ours or PEFT's) as `adapter_name`; it becomes active only by set_adapter.
+
+        Loaded adapters are frozen unless is_trainable=True (PEFT's default and name).
+        """
+        from .io import load_adapter_into
+
+        load_adapter_into(self, path, adapter_name, is_trainable=is_trainable)
+        return self
+
+    def _require(self, names: Sequence[str]) -> None:
+        unknown = [n for n in names if n not in self.adapter_configs]
+        if unknown:
+            loaded = ", ".join(self.adapter_configs) or "(none)"
+            raise AdapterError(f"unknown adapter(s) {unknown}; loaded adapters: {loaded}")
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make one adapter, or several whose updates add up, active. Switching copies no weights."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._require(names)
+        if self.merged_adapters and names != self.active_adapters:
+            raise AdapterError(f"adapters {self.merged_adapters} are merged; call unmerge() before switching")
+        self.active_adapters = names
+        for _, module in [*self.lora_layers(), *self.full_copies()]:
+            module.set_active(names)
+        self._refresh_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._require([adapter_name])
+        if adapter_name in self.merged_adapters:
+            raise AdapterError(f"adapter {adapter_name!r} is merged; call unmerge() before deleting it")
+        for _, module in [*self.lora_layers(), *self.full_copies()]:
+            module.delete_adapter(adapter_name)
+        del self.adapter_configs[adapter_name]
+        del self.target_suffixes[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+        self._refresh_trainable()
+
+    def _refresh_trainable(self) -> None:
+        """Only the active adapters' weights (and the biases their configs name) train."""
+        active = set(self.active_adapters)
+        for _, layer in self.lora_layers():
+            for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
+                for name, p in store.items():
+                    p.requires_grad_(name in active and not self.adapter_configs[name].inference_mode)
+        for _, module in self.full_copies():
+            for name, copy in module.copies.items():
+                for p in copy.parameters():
+                    p.requires_grad_(name in active and not self.adapter_configs[name].inference_mode)
+        biases = {self.adapter_configs[n].bias for n in active if not self.adapter_configs[n].inference_mode}
+        for pname, p in self.model.named_parameters():
+            if not pname.endswith("bias") or ".lora_" in pname or ".copies." in pname:
+                continue
+            module_name = pname.rsplit(".", 1)[0]
+            on_lora = module_name.endswith(".base_layer") and isinstance(
+                self.model.get_submodule(module_name.rsplit(".", 1)[0]), LoraLayer
+            )
+            p.requires_grad_("all" in biases or ("lora_only" in biases and on_lora))
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator["LoraModel"]:
+        """Within the block the model computes as the plain base model."""
+        merged = self.merged_adapters
+        if merged:
+            self.unmerge()
+        modules = [m for _, m in [*self.lora_layers(), *self.full_copies()]]
+        for m in modules:
+            m.adapters_disabled = True
+        try:
+            yield self
+        finally:
+            for m in modules:
+                m.adapters_disabled = False
+            if merged:
+                self.merge(merged)
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """The wrapped model's forward. `adapter_names` gives one adapter (or "__base__") per batch row."""
+        with route_rows(self._check_row_names(adapter_names)):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """Delegates to the wrapped model's `generate`, with optional per-row adapters."""
+        with route_rows(self._check_row_names(adapter_names)):
+            return self.model.generate(*args, **kwargs)
+
+    def _check_row_names(self, adapter_names: Sequence[str] | None) -> list[str] | None:
+        if adapter_names is None:
+            return None
+        names = list(adapter_names)
+        if not names:
+            raise AdapterError("adapter_names is empty; give one adapter name (or '__base__') per batch row")
+        self._require([n for n in dict.fromkeys(names) if n != BASE])
+        if self.merged_adapters:
+            raise AdapterError("adapter_names cannot be used while adapters are merged; call unmerge() first")
+        return names
+
+    # ---- combination ---------------------------------------------------------------------------------
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+    ) -> None:
+        """Add `adapter_name` built from weighted existing adapters.
+
+        "cat" concatenates ranks (exactly sum_i w_i * delta_i), "svd" truncates that sum to `svd_rank`
+        (default: the largest input rank), "linear" mixes the factors A and B themselves (same ranks needed).
+        """
+        self._require(list(adapters))
+        weighted_adapter(self, list(adapters), list(weights), adapter_name, combination_type, svd_rank)
+
+    # ---- merge -------------------------------------------------------------------------------------
+    def merge(self, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; the forward then costs nothing extra.
+
+        safe_merge computes each merged weight in a copy and refuses NaN/inf before writing anything.
+        """
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        self._require(names)
+        if self.model.training:
+            raise AdapterError("cannot merge while the model is in training mode; call model.eval() first")
+        if self.merged_adapters:
+            raise AdapterError(f"adapters {self.merged_adapters} are already merged; call unmerge() first")
+        done: list[LoraLayer] = []
+        try:
+            for _, layer in self.lora_layers():
+                layer.merge(names, safe=safe_merge)
+                done.append(layer)
+        except Exception:
+            for layer in done:  # all or nothing
+                layer.unmerge()
+            raise
+        for _, module in self.full_copies():
+            module.set_active(names)
+        self.active_adapters = names
+
+    def unmerge(self) -> None:
+        """Restore the base weights (within float rounding) and compute adapters separately again."""
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, *, safe_merge: bool = False) -> nn.Module:
+        """Merge the active adapters and return the plain model, with no lorakit module left in it."""
+        if not self.merged_adapters:
+            self.merge(safe_merge=safe_merge)
+        for name, layer in list(self.lora_layers()):
+            replace_module(self.model, name, layer.base_layer)
+        for name, module in list(self.full_copies()):
+            replace_module(self.model, name, module.active_module())
+        self.adapter_configs.clear()
+        self.active_adapters = []
+        return self.model
+
+    def unwrap(self) -> nn.Module:
+        """Remove every adapter without merging: the model goes back to its original modules."""
+        self.unmerge()
+        for name, layer in list(self.lora_layers()):
+            replace_module(self.model, name, layer.base_layer)
+        for name, module in list(self.full_copies()):
+            replace_module(self.model, name, module.original_module)
+        self.adapter_configs.clear()
+        self.active_adapters = []
+        return self.model
+
+    # ---- files -------------------------------------------------------------------------------------
+    def save_adapter(self, path: str | Path, adapter_names: Sequence[str] | None = None) -> None:
+        """Write adapters in PEFT's layout: "default" in `path`, any other adapter in `path/<name>/`."""
+        from .io import save_adapters
+
+        names = list(self.adapter_configs if adapter_names is None else adapter_names)
+        self._require(names)
+        save_adapters(self, Path(path), names)
+
+    # ---- report ------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> TrainableReport:
+        trainable = total = 0
+        seen: set[int] = set()
+        for p in self.model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return TrainableReport(trainable=trainable, total=total)
+
+    def __repr__(self) -> str:
+        return f"LoraModel(adapters={list(self.adapter_configs)}, active={self.active_adapters})\n{self.model!r}"
+
+
+def wrap(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
+    """Freeze `model` and inject a fresh LoRA adapter; returns the LoraModel (the model is changed in place)."""
+    if isinstance(model, LoraModel):
+        raise AdapterError("this model is already wrapped; use lora_model.add_adapter(name, config)")
+    return LoraModel(model, config, adapter_name)
+
