@@ -2,6 +2,7 @@
 
 With delta_i = s_i B_i A_i (out, in) for adapter i and weights w_i, per adapted layer:
   cat:    A = [w_1 s_1 A_1; ...; w_n s_n A_n], B = [B_1 ... B_n]     -> B A = sum_i w_i delta_i exactly
+          (where the summed rank exceeds min(out, in), the full-rank svd below, equally exact)
   svd:    U S V^T = sum_i w_i delta_i, truncated to rank k; B = U_k sqrt(S_k), A = sqrt(S_k) V_k^T
   linear: A = sum_i sqrt(|w_i|) s_i A_i, B = sum_i sign(w_i) sqrt(|w_i|) B_i   (needs equal ranks;
           mixes the factors, so B A has cross terms unless the adapters share subspaces)
@@ -27,6 +28,10 @@ COMBINATIONS = ("linear", "cat", "svd")
 
 def _combine_layer(layer, adapters, weights, kind, svd_rank):
     present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
+    full_rank = min(layer.out_features, layer.in_features)
+    if kind == "cat" and sum(layer.lora_A[a].shape[0] for a, _ in present) > full_rank:
+        # More rank than the layer has: a full-rank SVD of the same sum is just as exact, and a legal rank.
+        kind, svd_rank = "svd", full_rank
     if kind == "cat":
         A = torch.cat([w * layer.scaling[a] * layer.lora_A[a].float() for a, w in present], dim=0)
         B = torch.cat([layer.lora_B[a].float() for a, _ in present], dim=1)

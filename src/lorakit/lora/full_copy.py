@@ -18,8 +18,8 @@ class FullCopy(nn.Module):
     def __init__(self, original: nn.Module):
         super().__init__()
         self.original_module = original
-        self.train(original.training)
         self.copies = nn.ModuleDict()  # adapter name -> trainable copy
+        self.train(original.training)  # after creating the ModuleDict, which starts in training mode
         self.active_adapters: list[str] = []
         self.adapters_disabled = False
 

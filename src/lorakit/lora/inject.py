@@ -109,7 +109,9 @@ def _base_of(module: nn.Module) -> nn.Module:
     return module
 
 
-def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
+def plan_injection(model: nn.Module, config: LoraConfig, *, init: bool | str | None = None) -> InjectionPlan:
+    """Match and check `config` against `model`; `init` overrides config.init_lora_weights as in inject()."""
+    init = config.init_lora_weights if init is None else init
     targets_spec = resolve_target_modules(model, config)
     modules = _candidate_modules(model)
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -131,6 +133,10 @@ def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
         if not hit or (config.exclude_modules and _name_matches(config.exclude_modules, name)):
             continue
         if not _layer_index_ok(config, name):
+            continue
+        if isinstance(module, FullCopy):  # saved in full by another adapter: wrapping it would drop those copies
+            if targets_spec != ALL_LINEAR and not isinstance(targets_spec, str):
+                problems.append(f"target {name!r} is in another adapter's modules_to_save; it cannot also get LoRA")
             continue
         if wrapper_for(base) is None:
             if targets_spec == ALL_LINEAR or isinstance(targets_spec, str):
@@ -157,10 +163,18 @@ def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
                 f"r={r} is larger than layer {name!r} allows ({probe.in_features} in, {probe.out_features} out: "
                 f"at most {limit}); lower r or set rank_pattern for this layer"
             )
+        if isinstance(probe, LoraEmbedding) and isinstance(init, str) and init.startswith("pissa"):
+            # Checked here, not only in the layer: PiSSA rewrites base weights of layers wrapped before it.
+            problems.append(
+                f"init_lora_weights={init!r} is not supported for embedding layers ({name!r}); target linear layers"
+            )
     full_copies = [name for name in modules if saved and is_saved(name) and not _inside_any(name, modules, is_saved)]
     missing = [m for m in saved if not any(n == m or n.endswith("." + m) for n in full_copies)]
     if missing:
         problems.append(f"modules_to_save names {missing} that are not in the model")
+    for name in full_copies:  # a full copy of LoRA layers would duplicate other adapters' weights inside it
+        if any(isinstance(m, LoraLayer) for m in modules[name].modules()):
+            problems.append(f"modules_to_save {name!r} holds LoRA layers of another adapter; it cannot also be saved in full")
     if problems:
         raise ConfigError(problems, where="LoraConfig")
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in targets})
@@ -193,7 +207,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str, *, init: bool | str | None = None) -> InjectionPlan:
     """Add adapter `adapter_name` to every target of `config` (wrapping layers on first use)."""
-    plan = plan_injection(model, config)
+    plan = plan_injection(model, config, init=init)
     for name in plan.targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):

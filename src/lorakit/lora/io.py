@@ -63,20 +63,36 @@ def adapter_tensors(model: "LoraModel", name: str) -> dict[str, nn.Parameter]:
 
 
 def _optional_tensors(model: "LoraModel", name: str) -> dict[str, nn.Parameter]:
-    """Keys PEFT may add that we accept: full embedding weights (PEFT's save_embedding_layers)."""
-    return {
+    """Keys PEFT may add that we accept: full embedding weights (PEFT's save_embedding_layers) and, with
+    bias="all", the biases PEFT also picks up inside its modules_to_save wrapper: the copy's again (as
+    `<module>.modules_to_save.bias`, equal to `<module>.bias`) and the original's (`<module>.original_module.bias`)."""
+    out = {
         f"{PREFIX}{path}.base_layer.weight": layer.base_layer.weight
         for path, layer in model.lora_layers()
         if isinstance(layer, LoraEmbedding) and name in layer.lora_A
     }
+    if model.adapter_configs[name].bias == "all":
+        for path, module in model.full_copies():
+            if name not in module.copies:
+                continue
+            for prefix, part in (("modules_to_save", module.copies[name]), ("original_module", module.original_module)):
+                for pname, param in part.named_parameters():
+                    if pname == "bias" or pname.endswith(".bias"):
+                        out[f"{PREFIX}{path}.{prefix}.{pname}"] = param
+    return out
 
 
 # ---- save -------------------------------------------------------------------------------------------
 def peft_config_dict(model: "LoraModel", name: str) -> dict:
     config = model.adapter_configs[name]
     data = config.to_dict()
-    if config.target_modules is None or config.target_modules == ALL_LINEAR:
-        data["target_modules"] = model.target_suffixes[name]  # resolved names: every reader understands them
+    if config.target_modules == ALL_LINEAR:
+        # Full module names, as PEFT writes all-linear: last components alone could also select layers
+        # all-linear leaves out (a head sharing a name with an adapted layer). Unlike PEFT we list only the
+        # layers adapted (exclude_modules already applied), so readers that ignore exclude_modules agree too.
+        data["target_modules"] = sorted(path for path, layer in model.lora_layers() if name in layer.lora_A)
+    elif config.target_modules is None:
+        data["target_modules"] = model.target_suffixes[name]  # the default names, resolved: every reader understands them
     data["fan_in_fan_out"] = any(
         isinstance(layer, LoraLinear) and layer.fan_in_fan_out and name in layer.lora_A
         for _, layer in model.lora_layers()
@@ -195,9 +211,28 @@ def _size_budget(model: "LoraModel", name: str) -> int:
     return sum(p.numel() * 8 for p in params) + (16 << 20)
 
 
+def _drop_absent_modules_to_save(model: nn.Module, config: LoraConfig, directory: Path) -> LoraConfig:
+    """PEFT tolerates modules_to_save names that match nothing, and writes some itself: task_type SEQ_CLS adds
+    both "classifier" and "score" whatever the model has. A file is loaded as PEFT loads it, so such names are
+    dropped here (with a warning unless PEFT added them); a config built by hand still gets the strict check."""
+    wanted = config.modules_to_save
+    if not wanted:
+        return config
+    from .inject import _candidate_modules
+    from .model import CLASSIFIER_HEADS
+
+    names = list(_candidate_modules(model))
+    present = [m for m in dict.fromkeys(wanted) if any(n == m or n.endswith("." + m) for n in names)]
+    absent = [m for m in dict.fromkeys(wanted) if m not in present and m not in CLASSIFIER_HEADS]
+    if absent:
+        warnings.warn(f"{directory}: modules_to_save names {absent} match no module of this model; ignored", stacklevel=3)
+    return config.replace(modules_to_save=present or None)
+
+
 def load_adapter_into(model: "LoraModel", path: str | Path, name: str, *, is_trainable: bool = False) -> None:
     directory = Path(path)
     config = read_adapter_config(directory).replace(inference_mode=not is_trainable)
+    config = _drop_absent_modules_to_save(model.model, config, directory)
     _warn_base_mismatch(model.model, config, directory)
     model.add_adapter(name, config, _init=False)
     try:
@@ -217,6 +252,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
         return model
     directory = Path(path)
     config = read_adapter_config(directory).replace(inference_mode=not is_trainable)
+    config = _drop_absent_modules_to_save(model, config, directory)
     _warn_base_mismatch(model, config, directory)
     grads = {id(p): p.requires_grad for p in model.parameters()}
     lora_model = LoraModel(model, config, adapter_name, _init=False)

@@ -29,11 +29,11 @@ class LoraLayer(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        self.train(base_layer.training)  # a new module says "training"; keep the model's mode
         self.lora_A = nn.ParameterDict()  # name -> (r, in)
         self.lora_B = nn.ParameterDict()  # name -> (out, r)
         self.lora_magnitude = nn.ParameterDict()  # DoRA only: name -> (out,)
         self.lora_dropout = nn.ModuleDict()  # only adapters with p > 0: no identity op at p = 0
+        self.train(base_layer.training)  # new modules say "training"; keep the model's mode (after creating them)
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -86,7 +86,7 @@ class LoraLayer(nn.Module):
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         if dropout > 0:
-            self.lora_dropout[name] = nn.Dropout(p=dropout)
+            self.lora_dropout[name] = nn.Dropout(p=dropout).train(self.training)
         if use_dora:
             with torch.no_grad():
                 norm = self._weight_norm(name)
@@ -183,17 +183,19 @@ class LoraLayer(nn.Module):
                     "(or model.eval() / torch.no_grad() for inference)"
                 )
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        base_out = self.base_layer(x, *args, **kwargs)
+        result = base_out
         if routing is not None:
             # One grouped matmul per adapter present: gather its rows, compute, scatter back.
             for name, rows in routing.groups(x.shape[0], x.device):
                 if name not in self.lora_A:
                     continue
-                delta = self._delta(name, x.index_select(0, rows), result.index_select(0, rows))
+                delta = self._delta(name, x.index_select(0, rows), base_out.index_select(0, rows))
                 result = result.index_add(0, rows, delta.to(result.dtype))
             return result
+        # Each adapter sees the base output, not the running sum: DoRA's term uses W x alone.
         for name in self.active_adapters:
-            result = result + self._delta(name, x, result).to(result.dtype)
+            result = result + self._delta(name, x, base_out).to(result.dtype)
         return result
 
     # ---- merge -------------------------------------------------------------------------------------
@@ -215,6 +217,20 @@ class LoraLayer(nn.Module):
                 D = D + delta
         return f, D
 
+    def _merged_weight(self, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The (out, in) base weight with `names` folded in, in the base dtype, computed in a copy."""
+        W = self.base_weight()
+        norms = {n: self._weight_norm(n) for n in names if n in self.lora_magnitude}
+        f, D = self._merge_terms(names, norms)
+        return (f[:, None] * W.float() + D).to(W.dtype), norms
+
+    @torch.no_grad()
+    def check_merge(self, names: list[str]) -> None:
+        """Raise AdapterError if merging `names` would give NaN or inf weights; writes nothing."""
+        names = [n for n in names if n in self.lora_A]
+        if names and not torch.isfinite(self._merged_weight(names)[0]).all():
+            raise AdapterError(f"merging adapter(s) {names} gives NaN or inf weights; the base weights were left unchanged")
+
     @torch.no_grad()
     def merge(self, names: list[str], *, safe: bool = False) -> None:
         names = [n for n in names if n in self.lora_A]
@@ -222,13 +238,10 @@ class LoraLayer(nn.Module):
             return
         if self.merged_adapters:
             raise AdapterError(f"adapters {self.merged_adapters} are already merged; call unmerge() first")
-        W = self.base_weight()
-        norms = {n: self._weight_norm(n) for n in names if n in self.lora_magnitude}
-        f, D = self._merge_terms(names, norms)
-        merged = f[:, None] * W.float() + D
+        merged, norms = self._merged_weight(names)
         if safe and not torch.isfinite(merged).all():
             raise AdapterError(f"merging adapter(s) {names} gives NaN or inf weights; the base weights were left unchanged")
-        self._set_base_weight(merged.to(W.dtype))
+        self._set_base_weight(merged)
         self._merge_norms = norms
         self.merged_adapters = list(names)
 

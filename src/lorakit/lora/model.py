@@ -23,7 +23,8 @@ from .inject import inject, replace_module
 from .layer import LoraLayer
 from .routing import BASE, route_rows
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# No ".": adapter names are keys of nn.ParameterDict / nn.ModuleDict, which reject dots.
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,15 @@ class LoraModel(nn.Module):
         self.adapter_configs: dict[str, LoraConfig] = {}
         self.target_suffixes: dict[str, list[str]] = {}
         self.active_adapters: list[str] = []
-        for p in model.parameters():
+        grads = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in grads:
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, config, _init=_init)
+        try:
+            self.add_adapter(adapter_name, config, _init=_init)
+        except Exception:
+            for p, requires_grad in grads:  # a rejected config or name leaves the model as it was
+                p.requires_grad_(requires_grad)
+            raise
         self.set_adapter(adapter_name)
 
     # ---- iteration ---------------------------------------------------------------------------------
@@ -77,13 +84,14 @@ class LoraModel(nn.Module):
             raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
         if not isinstance(adapter_name, str) or not ADAPTER_NAME.match(adapter_name) or adapter_name == BASE:
             raise AdapterError(
-                f"invalid adapter name {adapter_name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                f"invalid adapter name {adapter_name!r}: use 1-64 letters, digits, '_' or '-', "
                 "starting with a letter or digit"
             )
         if adapter_name in self.adapter_configs:
             raise AdapterError(f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name")
         if self.merged_adapters:
             raise AdapterError("cannot add an adapter while adapters are merged; call unmerge() first")
+        config = with_task_heads(self.model, config)
         plan = inject(self.model, config, adapter_name, init=_init)
         self.adapter_configs[adapter_name] = config
         self.target_suffixes[adapter_name] = plan.target_suffixes
@@ -138,15 +146,17 @@ class LoraModel(nn.Module):
             for name, copy in module.copies.items():
                 for p in copy.parameters():
                     p.requires_grad_(name in active and not self.adapter_configs[name].inference_mode)
-        biases = {self.adapter_configs[n].bias for n in active if not self.adapter_configs[n].inference_mode}
+        training = [n for n in active if not self.adapter_configs[n].inference_mode]
+        bias_all = any(self.adapter_configs[n].bias == "all" for n in training)
+        lora_only = [n for n in training if self.adapter_configs[n].bias == "lora_only"]
+        # "lora_only": biases of the layers that adapter adapts (the ones its file saves), not of every wrapped layer.
+        lora_only_biases = {
+            f"{path}.base_layer.bias" for path, layer in self.lora_layers() if any(n in layer.lora_A for n in lora_only)
+        }
         for pname, p in self.model.named_parameters():
-            if not pname.endswith("bias") or ".lora_" in pname or ".copies." in pname:
-                continue
-            module_name = pname.rsplit(".", 1)[0]
-            on_lora = module_name.endswith(".base_layer") and isinstance(
-                self.model.get_submodule(module_name.rsplit(".", 1)[0]), LoraLayer
-            )
-            p.requires_grad_("all" in biases or ("lora_only" in biases and on_lora))
+            if not pname.endswith("bias") or ".lora_" in pname or ".copies." in pname or ".original_module." in pname:
+                continue  # adapter weights and modules_to_save copies are set above; originals stay frozen
+            p.requires_grad_(bias_all or pname in lora_only_biases)
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator["LoraModel"]:
@@ -168,20 +178,25 @@ class LoraModel(nn.Module):
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """The wrapped model's forward. `adapter_names` gives one adapter (or "__base__") per batch row."""
-        with route_rows(self._check_row_names(adapter_names)):
+        with route_rows(self._check_row_names(adapter_names, _batch_rows(args, kwargs))):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
-        """Delegates to the wrapped model's `generate`, with optional per-row adapters."""
-        with route_rows(self._check_row_names(adapter_names)):
+        """Delegates to the wrapped model's `generate`, with optional per-row adapters (one per prompt)."""
+        with route_rows(self._check_row_names(adapter_names, _batch_rows(args, kwargs))):
             return self.model.generate(*args, **kwargs)
 
-    def _check_row_names(self, adapter_names: Sequence[str] | None) -> list[str] | None:
+    def _check_row_names(self, adapter_names: Sequence[str] | None, rows: int | None) -> list[str] | None:
         if adapter_names is None:
             return None
         names = list(adapter_names)
         if not names:
             raise AdapterError("adapter_names is empty; give one adapter name (or '__base__') per batch row")
+        if rows is not None and len(names) != rows:
+            raise AdapterError(
+                f"adapter_names has {len(names)} entries but the batch has {rows} rows; "
+                "give exactly one adapter name per row"
+            )
         self._require([n for n in dict.fromkeys(names) if n != BASE])
         if self.merged_adapters:
             raise AdapterError("adapter_names cannot be used while adapters are merged; call unmerge() first")
@@ -216,18 +231,24 @@ class LoraModel(nn.Module):
             raise AdapterError("cannot merge while the model is in training mode; call model.eval() first")
         if self.merged_adapters:
             raise AdapterError(f"adapters {self.merged_adapters} are already merged; call unmerge() first")
+        layers = [layer for _, layer in self.lora_layers()]
+        if safe_merge:
+            for layer in layers:  # every layer is checked before any is written
+                layer.check_merge(names)
         done: list[LoraLayer] = []
         try:
-            for _, layer in self.lora_layers():
-                layer.merge(names, safe=safe_merge)
+            for layer in layers:
+                layer.merge(names)
                 done.append(layer)
         except Exception:
             for layer in done:  # all or nothing
                 layer.unmerge()
             raise
-        for _, module in self.full_copies():
+        # The merged adapters become the active ones in every module, as set_adapter would make them.
+        for _, module in [*self.lora_layers(), *self.full_copies()]:
             module.set_active(names)
         self.active_adapters = names
+        self._refresh_trainable()
 
     def unmerge(self) -> None:
         """Restore the base weights (within float rounding) and compute adapters separately again."""
@@ -280,6 +301,31 @@ class LoraModel(nn.Module):
 
     def __repr__(self) -> str:
         return f"LoraModel(adapters={list(self.adapter_configs)}, active={self.active_adapters})\n{self.model!r}"
+
+
+def _batch_rows(args: tuple, kwargs: dict) -> int | None:
+    """Rows in the batch a forward/generate call was given (input_ids or inputs_embeds), if it can be told."""
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def with_task_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """For classification task types, train and save the new head in full, as PEFT does.
+
+    A classifier head starts random, so an adapter is useless without it; PEFT adds it to
+    modules_to_save for these task types and expects its weights in every such file.
+    """
+    if config.task_type not in CLASSIFICATION_TASKS:
+        return config
+    saved = list(config.modules_to_save or [])
+    heads = [h for h in CLASSIFIER_HEADS if h not in saved and isinstance(getattr(model, h, None), nn.Module)]
+    return config.replace(modules_to_save=saved + heads) if heads else config
 
 
 def wrap(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:

@@ -1,0 +1,325 @@
+"""Adapter files: exact save/load round trips, and loading as a trust boundary (bad files change nothing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from conftest import build_model, randomize_lora
+from lorakit import AdapterError, LoraConfig, wrap
+from lorakit.lora import io as lora_io
+from lorakit.lora.full_copy import FullCopy
+from lorakit.lora.layer import LoraLayer
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _saved(tmp_path: Path, family: str = "llama", **config) -> tuple[Path, "lorakit.LoraModel"]:
+    """A trained-looking adapter saved under tmp_path/adapter."""
+    config = config or dict(target_modules=["q_proj", "v_proj"])
+    lora = wrap(build_model(family), LoraConfig(**config))
+    randomize_lora(lora)
+    path = tmp_path / "adapter"
+    lora.save_adapter(path)
+    return path, lora
+
+
+def _adapter_state(lora, name: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in lora_io.adapter_tensors(lora, name).items()}
+
+
+def _no_lorakit_modules(model) -> bool:
+    return not any(isinstance(m, (LoraLayer, FullCopy)) for m in model.modules())
+
+
+def _plain_state(model):
+    return ({n: id(m) for n, m in model.named_modules()},
+            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})
+
+
+def _assert_plain_unchanged(model, before):
+    modules, params = _plain_state(model)
+    assert modules == before[0]
+    for n, (value, requires_grad) in params.items():
+        assert torch.equal(value, before[1][n][0]) and requires_grad == before[1][n][1], n
+
+
+# ---- round trips ---------------------------------------------------------------------------------------------
+ROUND_TRIPS = {
+    # name: (family, config of "default", config of "second")
+    "llama": ("llama", dict(target_modules=["q_proj", "v_proj"]),
+              dict(target_modules=["embed_tokens", "o_proj"], use_dora=True, r=4, lora_alpha=16)),
+    "gpt2_bias": ("gpt2", dict(target_modules=["c_attn"], bias="lora_only"),
+                  dict(target_modules=["wte", "c_fc"], use_rslora=True, rank_pattern={"c_fc": 2})),
+    "bert_modules_to_save": ("bert", dict(target_modules=["query", "value"], modules_to_save=["classifier"]),
+                             dict(target_modules=["key", "dense"], exclude_modules=["output.dense"], use_dora=True)),
+}
+
+
+@pytest.mark.parametrize("case", ROUND_TRIPS)
+def test_save_load_round_trip_is_exact_including_a_named_adapter_in_a_subfolder(case, tmp_path, input_ids):
+    family, first, second = ROUND_TRIPS[case]
+    lora = wrap(build_model(family), LoraConfig(**first))
+    lora.add_adapter("second", LoraConfig(**second))
+    randomize_lora(lora)
+    with torch.no_grad():  # make modules_to_save copies and trainable biases differ from the base model
+        for n, p in lora.named_parameters():
+            if ".copies." in n or (p.requires_grad and n.endswith("bias")):
+                p.add_(0.1)
+    expected = {}
+    for name in ("default", "second"):
+        lora.set_adapter(name)
+        expected[name] = _logits(lora, input_ids)
+    states = {name: _adapter_state(lora, name) for name in ("default", "second")}
+    lora.save_adapter(tmp_path)
+    assert (tmp_path / WEIGHTS).is_file() and (tmp_path / CONFIG).is_file()
+    assert (tmp_path / "second" / WEIGHTS).is_file() and (tmp_path / "second" / CONFIG).is_file()
+
+    fresh = build_model(family)
+    assert not torch.allclose(_logits(fresh, input_ids), expected["default"], atol=1e-3)
+    loaded = lorakit.load_adapter(fresh, tmp_path)
+    loaded.load_adapter(tmp_path / "second", "second")
+    for name in ("default", "second"):
+        got = _adapter_state(loaded, name)
+        assert got.keys() == states[name].keys()
+        for key, value in states[name].items():
+            assert torch.equal(got[key], value), key
+        loaded.set_adapter(name)
+        torch.testing.assert_close(_logits(loaded, input_ids), expected[name], rtol=0, atol=0)
+
+
+def test_loaded_adapter_is_frozen_unless_is_trainable(tmp_path):
+    path, _ = _saved(tmp_path)
+    frozen = lorakit.load_adapter(build_model("llama"), path)
+    assert frozen.trainable_parameters().trainable == 0
+    trainable = lorakit.load_adapter(build_model("llama"), path, is_trainable=True)
+    assert trainable.trainable_parameters().trainable > 0
+
+
+def test_weighted_adapter_with_per_layer_ranks_round_trips(tmp_path, input_ids):
+    lora = wrap(build_model("llama"), LoraConfig(target_modules=["q_proj", "v_proj"], r=4), adapter_name="a")
+    lora.add_adapter("b", LoraConfig(target_modules=["o_proj"], r=2))
+    randomize_lora(lora)
+    lora.add_weighted_adapter(["a", "b"], [0.5, 0.5], "mix", combination_type="cat")  # ranks 4 and 2 per layer
+    lora.set_adapter("mix")
+    expected = _logits(lora, input_ids)
+    lora.save_adapter(tmp_path, ["mix"])
+    loaded = lorakit.load_adapter(build_model("llama"), tmp_path / "mix", "mix")
+    torch.testing.assert_close(_logits(loaded, input_ids), expected, rtol=0, atol=0)
+
+
+def test_saved_file_uses_peft_key_names(tmp_path):
+    path, _ = _saved(tmp_path, target_modules=["q_proj", "embed_tokens"], use_dora=True)
+    keys = set(load_file(str(path / WEIGHTS)))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in keys
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in keys
+    config = json.loads((path / CONFIG).read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] is True
+
+
+# ---- pickles -------------------------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this creates a marker file: what a malicious adapter_model.bin would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _replace_with_pickle(path: Path, tensors: dict) -> None:
+    (path / WEIGHTS).unlink()
+    torch.save(tensors, path / "adapter_model.bin")
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    path, _ = _saved(tmp_path)
+    # The payload really works when unpickled without weights_only (so the test can fail).
+    probe = tmp_path / "probe-marker"
+    pickle.loads(pickle.dumps(_Payload(probe)))
+    assert probe.exists()
+
+    marker = tmp_path / "pwned"
+    tensors = {**load_file(str(path / WEIGHTS)), "evil": _Payload(marker)}
+    _replace_with_pickle(path, tensors)
+    model = build_model("llama")
+    before = _plain_state(model)
+    with pytest.raises(AdapterError, match="refused"):
+        lorakit.load_adapter(model, path)
+    assert not marker.exists()
+    _assert_plain_unchanged(model, before)
+    assert _no_lorakit_modules(model)
+
+
+def test_plain_tensor_pickle_loads_with_weights_only(tmp_path, input_ids):
+    path, lora = _saved(tmp_path)
+    expected = _logits(lora, input_ids)
+    _replace_with_pickle(path, load_file(str(path / WEIGHTS)))
+    loaded = lorakit.load_adapter(build_model("llama"), path)
+    torch.testing.assert_close(_logits(loaded, input_ids), expected, rtol=0, atol=0)
+
+
+# ---- bad tensors ---------------------------------------------------------------------------------------------
+KEY = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+
+
+def _edit_tensors(path: Path, edit) -> None:
+    tensors = load_file(str(path / WEIGHTS))
+    edit(tensors)
+    save_file(tensors, str(path / WEIGHTS))
+
+
+def _nan(t):
+    t[KEY][0, 0] = float("nan")
+
+
+def _wrong_shape(t):
+    t[KEY] = torch.zeros(16, 4)
+
+
+def _missing(t):
+    del t[KEY]
+
+
+def _unexpected(t):
+    t["base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"] = torch.zeros(8, 32)
+
+
+def _integer(t):
+    t[KEY] = t[KEY].to(torch.int32)
+
+
+BAD_TENSORS = {
+    "nan": (_nan, rf"{KEY}.*NaN"),
+    "wrong_shape": (_wrong_shape, rf"{KEY}.*shape \(16, 4\).*expects \(16, 8\)"),
+    "missing_key": (_missing, rf"missing tensor '{KEY}'"),
+    "unexpected_key": (_unexpected, r"'base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight' does not belong"),
+    "integer_dtype": (_integer, rf"{KEY}.*floating-point"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TENSORS)
+def test_bad_tensor_is_refused_and_a_plain_model_is_left_unchanged(case, tmp_path):
+    edit, message = BAD_TENSORS[case]
+    path, _ = _saved(tmp_path)
+    _edit_tensors(path, edit)
+    model = build_model("llama")
+    before = _plain_state(model)
+    with pytest.raises(AdapterError, match=message):
+        lorakit.load_adapter(model, path)
+    _assert_plain_unchanged(model, before)
+    assert _no_lorakit_modules(model)
+
+
+@pytest.mark.parametrize("case", BAD_TENSORS)
+def test_bad_tensor_is_refused_and_a_lora_model_gets_no_adapter(case, tmp_path, input_ids):
+    edit, message = BAD_TENSORS[case]
+    path, _ = _saved(tmp_path)
+    _edit_tensors(path, edit)
+    lora = wrap(build_model("llama"), LoraConfig(target_modules=["q_proj"]))
+    randomize_lora(lora)
+    expected = _logits(lora, input_ids)
+    with pytest.raises(AdapterError, match=message):
+        lora.load_adapter(path, "other")
+    assert list(lora.adapter_configs) == ["default"]
+    assert not any("other" in layer.lora_A for _, layer in lora.lora_layers())
+    assert not any(".other" in n for n, _ in lora.named_parameters())
+    torch.testing.assert_close(_logits(lora, input_ids), expected, rtol=0, atol=0)
+
+
+def test_corrupt_safetensors_is_refused(tmp_path):
+    path, _ = _saved(tmp_path)
+    (path / WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(AdapterError, match="not a valid safetensors file"):
+        lorakit.load_adapter(build_model("llama"), path)
+
+
+def test_oversize_safetensors_is_refused_before_reading(tmp_path, monkeypatch):
+    path, _ = _saved(tmp_path)
+    os.truncate(path / WEIGHTS, 20 * 2**30)  # sparse: 20 GiB on paper, nothing on disk
+
+    def never(*args, **kwargs):
+        raise AssertionError("the oversize file was read")
+
+    monkeypatch.setattr(lora_io, "load_file", never)
+    model = build_model("llama")
+    with pytest.raises(AdapterError, match="refusing to read it"):
+        lorakit.load_adapter(model, path)
+    assert _no_lorakit_modules(model)
+
+
+def test_missing_weights_file_is_refused(tmp_path):
+    path, _ = _saved(tmp_path)
+    (path / WEIGHTS).unlink()
+    with pytest.raises(AdapterError, match="no adapter_model.safetensors"):
+        lorakit.load_adapter(build_model("llama"), path)
+
+
+# ---- bad configs ---------------------------------------------------------------------------------------------
+def test_invalid_json_config_names_the_file(tmp_path):
+    path, _ = _saved(tmp_path)
+    (path / CONFIG).write_text("{ this is not json")
+    with pytest.raises(AdapterError, match=rf"{path / CONFIG}: not valid JSON"):
+        lorakit.load_adapter(build_model("llama"), path)
+
+
+def _set_config(path: Path, **changes) -> None:
+    data = json.loads((path / CONFIG).read_text())
+    data.update(changes)
+    (path / CONFIG).write_text(json.dumps(data))
+
+
+BAD_CONFIGS = {
+    "other_peft_type": (dict(peft_type="PREFIX_TUNING"), r"PREFIX_TUNING adapter; lorakit loads LoRA adapters only"),
+    "unsupported_option": (dict(use_qalora=True), r"does not support: use_qalora=True"),
+    "invalid_value": (dict(r=0), r"r must be a positive integer"),
+    "target_not_in_model": (dict(target_modules=["query"]), r"matched no module"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_config_is_refused_and_a_plain_model_is_left_unchanged(case, tmp_path):
+    changes, message = BAD_CONFIGS[case]
+    path, _ = _saved(tmp_path)
+    _set_config(path, **changes)
+    model = build_model("llama")
+    before = _plain_state(model)
+    with pytest.raises(lorakit.LorakitError, match=message):
+        lorakit.load_adapter(model, path)
+    _assert_plain_unchanged(model, before)
+    assert _no_lorakit_modules(model)
+
+
+def test_not_a_directory_is_refused(tmp_path):
+    with pytest.raises(AdapterError, match="not a directory"):
+        lorakit.load_adapter(build_model("llama"), tmp_path / "nowhere")
+
+
+def test_base_model_mismatch_warns(tmp_path):
+    path, _ = _saved(tmp_path)
+    _set_config(path, base_model_name_or_path="org/llama-a")
+    model = build_model("llama")
+    model.config._name_or_path = "other-org/llama-b"
+    with pytest.warns(UserWarning, match=r"trained on base model 'org/llama-a'.*'other-org/llama-b'"):
+        lorakit.load_adapter(model, path)
+    same = build_model("llama")
+    same.config._name_or_path = "/local/copy/of/llama-a"  # same model name, other location: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorakit.load_adapter(same, path)
