@@ -323,3 +323,10 @@ def test_base_model_mismatch_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lorakit.load_adapter(same, path)
+
+
+def test_saving_a_pissa_adapter_warns_that_it_needs_the_residual_base(tmp_path):
+    """A PiSSA adapter only reproduces outputs on the residual base, so saving it alone warns."""
+    lora = lorakit.wrap(build_model("llama"), lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+    with pytest.warns(UserWarning, match="PiSSA"):
+        lora.save_adapter(tmp_path)

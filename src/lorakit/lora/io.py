@@ -105,6 +105,14 @@ def peft_config_dict(model: "LoraModel", name: str) -> dict:
 
 def save_adapters(model: "LoraModel", path: Path, names: list[str]) -> None:
     for name in names:
+        init = model.adapter_configs[name].init_lora_weights
+        if isinstance(init, str) and init.startswith("pissa"):
+            warnings.warn(
+                f"adapter {name!r} was initialised with PiSSA: its weights apply to the residual base weights this "
+                "model now holds, not to the original checkpoint; ship the merged model (merge_and_unload) or the "
+                "residual base with it",
+                stacklevel=3,
+            )
         directory = path if name == DEFAULT_NAME else path / name
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: p.detach().to("cpu").contiguous().clone() for k, p in adapter_tensors(model, name).items()}
