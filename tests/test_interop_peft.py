@@ -291,11 +291,14 @@ def test_lorakit_modules_to_save_without_task_type_loads_in_peft(input_ids, tmp_
     """Without task_type, PEFT's generic PeftModel still restores the classifier copy from lorakit's file."""
     config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=BERT_TARGETS, modules_to_save=["classifier"])
     lm = lorakit.wrap(build_model("bert", 0), config)
+    _assert_bert_classifier_adapter_loads_in_peft(lm, input_ids, tmp_path)
+
+
+def _assert_bert_classifier_adapter_loads_in_peft(lm, input_ids, tmp_path):
     randomize_lora(lm)
     _perturb_classifier_copy(lm, ".copies.")
     expected = logits(lm, input_ids)
     lm.save_adapter(tmp_path)
-
     pm = peft.PeftModel.from_pretrained(build_model("bert", 0), str(tmp_path)).eval()
     assert_same(logits(pm, input_ids), expected)
 
@@ -307,13 +310,7 @@ def test_seq_cls_task_type_trains_and_saves_the_head_like_peft(input_ids, tmp_pa
     lm = lorakit.wrap(build_model("bert", 0), config)
     assert lm.adapter_configs["default"].modules_to_save == ["classifier"]
     assert "classifier" not in [name for name, _ in lm.lora_layers()]
-    randomize_lora(lm)
-    _perturb_classifier_copy(lm, ".copies.")
-    expected = logits(lm, input_ids)
-    lm.save_adapter(tmp_path)
-
-    pm = peft.PeftModel.from_pretrained(build_model("bert", 0), str(tmp_path)).eval()
-    assert_same(logits(pm, input_ids), expected)
+    _assert_bert_classifier_adapter_loads_in_peft(lm, input_ids, tmp_path)
 
 
 def test_peft_seq_cls_modules_to_save_loads_in_lorakit(input_ids, tmp_path):

@@ -99,6 +99,20 @@ def test_all_rows_one_adapter_equals_that_adapter_active():
     torch.testing.assert_close(_logits(lora, ids, adapter_names=["b"] * 3), expected, rtol=1e-5, atol=1e-5)
 
 
+def _generate_each_row_alone(lora, prompts, rows, kwargs):
+    """The reference: each prompt generated on its own with its adapter active (or adapters disabled)."""
+    outs = []
+    for i, name in enumerate(rows):
+        one = dict(kwargs, attention_mask=kwargs["attention_mask"][i : i + 1])
+        if name == BASE:
+            with lora.disable_adapters():
+                outs.append(lora.generate(prompts[i : i + 1], **one))
+        else:
+            lora.set_adapter(name)
+            outs.append(lora.generate(prompts[i : i + 1], **one))
+    return outs
+
+
 @pytest.mark.parametrize("setup", ["llama", "gpt2"])
 def test_generate_with_adapter_names_matches_per_row_greedy_generate(setup):
     lora = _build(setup, scale=0.5)
@@ -108,15 +122,7 @@ def test_generate_with_adapter_names_matches_per_row_greedy_generate(setup):
                   attention_mask=torch.ones_like(prompts))
     with torch.no_grad():
         mixed = lora.generate(prompts, adapter_names=rows, **kwargs)
-        refs = []
-        for i, name in enumerate(rows):
-            one = dict(kwargs, attention_mask=kwargs["attention_mask"][i : i + 1])
-            if name == BASE:
-                with lora.disable_adapters():
-                    refs.append(lora.generate(prompts[i : i + 1], **one)[0])
-            else:
-                lora.set_adapter(name)
-                refs.append(lora.generate(prompts[i : i + 1], **one)[0])
+        refs = [out[0] for out in _generate_each_row_alone(lora, prompts, rows, kwargs)]
     assert mixed.shape == (len(rows), 5 + 6)
     assert len({tuple(r.tolist()) for r in refs}) > 1, "all adapters generated the same text: the test proves nothing"
     for i, name in enumerate(rows):
@@ -188,15 +194,7 @@ def test_generate_with_beams_routes_each_expanded_row_to_its_prompts_adapter():
                   attention_mask=torch.ones_like(prompts))
     with torch.no_grad():
         mixed = lora.generate(prompts, adapter_names=rows, **kwargs)
-        refs = []
-        for i, name in enumerate(rows):
-            one = dict(kwargs, attention_mask=kwargs["attention_mask"][i : i + 1])
-            if name == BASE:
-                with lora.disable_adapters():
-                    refs.append(lora.generate(prompts[i : i + 1], **one))
-            else:
-                lora.set_adapter(name)
-                refs.append(lora.generate(prompts[i : i + 1], **one))
+        refs = _generate_each_row_alone(lora, prompts, rows, kwargs)
     assert mixed.shape[0] == 2 * len(rows)
     assert len({tuple(r[0].tolist()) for r in refs}) > 1
     for i, name in enumerate(rows):
