@@ -10,8 +10,13 @@ Both sides build the same random base (fixed seed) and get identical LoRA A/B
 values (seeded per (layer, proj, adapter, A|B), independent of parameter order),
 so the first-step loss, LoRA grad norm and mixed-batch logits must agree.
 
-    python bench/lora_step.py --quick            # smoke test, seconds
-    python bench/lora_step.py --dtype both       # full shape, several minutes
+    python bench/lora_step.py --quick     # smoke test, ~45 s (8 workers x ~4 s of imports)
+    python bench/lora_step.py             # full shape, fp32 + bf16, ~3-4 min on 2 cores
+
+Columns: ms = median step time (min-max over the timed steps), rate = tok/s (train) or
+rows/s (mixed), cpu% = process CPU time / (wall * threads) over the timed steps (well
+below ~90: other load on the machine, rerun), flt/step = minor page faults per step,
+rss = the worker's peak RSS (ru_maxrss), lora = dtype of the LoRA weights.
 """
 import argparse, json, os, re, resource, statistics, subprocess, sys, tempfile, time, zlib
 
@@ -24,7 +29,7 @@ LORA_RE = re.compile(r"layers\.(\d+)\..*?(\w+_proj)\.lora_([AB])\.([^.]+)(?:\.we
 
 
 # ----------------------------------------------------------------------------- worker side
-def build_model(shape, args):
+def build_model(shape):
     """Random-weight Llama built from a config with a fixed seed (same on both sides)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,15 +76,22 @@ def fill_lora(params):
 
 
 def timed(fn, warmup, steps):
+    """-> (result of the first call, median s, (min s, max s), minor page faults per timed step,
+    CPU busy fraction = process CPU time / (wall time * threads); well below 1 means contention)."""
+    import torch
     first, times = None, []
     for i in range(warmup + steps):
+        if i == warmup:
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         res = fn()
         dt = time.perf_counter() - t0
         first = res if i == 0 else first
         if i >= warmup:
             times.append(dt)
-    return first, statistics.median(times)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    busy = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / (sum(times) * torch.get_num_threads())
+    return first, statistics.median(times), (min(times), max(times)), (ru1.ru_minflt - ru0.ru_minflt) / steps, busy
 
 
 def worker(args):
@@ -89,15 +101,18 @@ def worker(args):
     shape = QUICK if args.quick else FULL
     args.layers_n = shape["layers"]
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16)[args.dtype]
-    model = build_model(shape, args)
+    model = build_model(shape)
     adapters = ADAPTERS[:1] if args.case == "train" else ADAPTERS
+    if args.adapter_dtype == "default":  # as a user would: cast the base, then wrap; adapter dtype
+        model.to(dtype)                  # is each library's default (both keep fp32 on a bf16 base)
     lm, params = wrap(args.worker, model, adapters, args)
     fill_lora(params)
-    lm.to(dtype)  # whole wrapped model, LoRA params included, in the bench dtype on both sides
+    if args.adapter_dtype == "model":  # whole wrapped model, LoRA params included, in the bench dtype
+        lm.to(dtype)
     g = torch.Generator().manual_seed(1)
     out = dict(side=args.worker, case=args.case, dtype=args.dtype, torch=torch.__version__,
                threads=torch.get_num_threads(),
-               jemalloc_env="jemalloc" in os.environ.get("LD_PRELOAD", ""),
+               lora_dtype={torch.float32: "fp32", torch.bfloat16: "bf16"}[next(iter(params.values())).dtype],
                jemalloc_loaded="libjemalloc" in open("/proc/self/maps").read())
     if args.case == "train":
         b, s = shape["batch"], shape["seq"]
@@ -110,10 +125,10 @@ def worker(args):
                 p.grad = None
             loss = lm(input_ids=ids, labels=ids).loss
             loss.backward()
-            gn = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in lora))
+            gn = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in lora))  # tiny LoRA tensors: negligible
             return loss.item(), gn.item()
 
-        (out["loss"], out["grad_norm"]), sec = timed(step, args.warmup, args.steps)
+        (out["loss"], out["grad_norm"]), sec, spread, faults, busy = timed(step, args.warmup, args.steps)
         out.update(shape=f"{b}x{s}", sec=sec, rate=b * s / sec, unit="tok/s")
     else:
         b, s = 8, shape["mixed_seq"] if args.mixed_seq <= 0 else args.mixed_seq
@@ -125,20 +140,36 @@ def worker(args):
             with torch.no_grad():
                 return lm(input_ids=ids, adapter_names=names).logits
 
-        logits, sec = timed(fwd, args.warmup, args.steps)
+        logits, sec, spread, faults, busy = timed(fwd, args.warmup, args.steps)
         torch.save(logits.float(), args.dump)
         out.update(shape=f"{b}x{s}", sec=sec, rate=b / sec, unit="rows/s")
+    out.update(spread=spread, faults=faults, busy=busy)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out), flush=True)
 
 
 # ----------------------------------------------------------------------------- driver side
+# glibc malloc mmap()s every buffer above its (dynamic) threshold and munmap()s it on free, and
+# jemalloc by default purges freed pages after a few seconds, so each step re-faults its big
+# activation buffers (100k-800k minor faults per full-shape step); in a VM that hands freed pages
+# back to the host (virtio-balloon page reporting) that costs 15-30% of a step and is erratic.
+# These settings keep freed memory in the process; applied identically to both sides, skipped
+# with --no-malloc-tune, and a variable already set in the environment wins.
+MALLOC_TUNE = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184:"
+                                 "glibc.malloc.top_pad=268435456",
+               "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}  # jemalloc, if preloaded
+
+
 def run_worker(args, side, case, dtype, dump):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--case", case,
            "--dtype", dtype, "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--threads", str(args.threads), "--r", str(args.r), "--alpha", str(args.alpha),
-           "--mixed-seq", str(args.mixed_seq), "--dump", dump] + (["--quick"] if args.quick else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           "--mixed-seq", str(args.mixed_seq), "--adapter-dtype", args.adapter_dtype, "--dump", dump]
+    cmd += ["--quick"] if args.quick else []
+    env = dict(os.environ)
+    for var, val in ({} if args.no_malloc_tune else MALLOC_TUNE).items():
+        env.setdefault(var, val)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"worker {side}/{case}/{dtype} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -151,11 +182,16 @@ def main():
     ap.add_argument("--case", choices=["train", "mixed", "both"], default="both")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=1, help="fresh workers per side, interleaved; best median kept")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch default")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--mixed-seq", type=int, default=0, help="seq len of the 8-row mixed batch (0 = shape default)")
+    ap.add_argument("--adapter-dtype", choices=["model", "default"], default="model",
+                    help="model: cast the wrapped model (LoRA too) to --dtype; default: cast the base "
+                         "before wrapping and keep each library's default adapter dtype")
     ap.add_argument("--quick", action="store_true", help="small shape for smoke tests")
+    ap.add_argument("--no-malloc-tune", action="store_true", help="don't set GLIBC_TUNABLES / MALLOC_CONF for the workers")
     ap.add_argument("--worker", choices=["lorakit", "peft"], help=argparse.SUPPRESS)
     ap.add_argument("--dump", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -166,32 +202,41 @@ def main():
     from importlib.metadata import version
     shape = QUICK if args.quick else FULL
     print(f"torch {torch.__version__}  transformers {version('transformers')}  peft {version('peft')}  "
-          f"cpus {os.cpu_count()}  loadavg {os.getloadavg()[0]:.2f}  "
-          f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or '-'}")
+          f"cpus {os.cpu_count()}  loadavg {os.getloadavg()[0]:.2f}")
+    tune = {} if args.no_malloc_tune else MALLOC_TUNE
+    print("  ".join(f"{v}={os.environ.get(v, tune.get(v)) or '-'}" for v in ("LD_PRELOAD", *MALLOC_TUNE)))
     print(f"shape {shape}  r={args.r} alpha={args.alpha} targets={','.join(TARGETS)}  "
-          f"warmup={args.warmup} steps={args.steps} (median)")
+          f"warmup={args.warmup} steps={args.steps} (median, min-max) repeats={args.repeats} "
+          f"adapter-dtype={args.adapter_dtype}")
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     cases = ["train", "mixed"] if args.case == "both" else [args.case]
-    hdr = f"{'case':6} {'dtype':5} {'side':8} {'shape':8} {'thr':>3} {'jemal':>5} {'ms':>9} {'rate':>16} {'rss MiB':>8}  check"
+    hdr = (f"{'case':6} {'dtype':5} {'side':8} {'shape':8} {'lora':5} {'thr':>3} {'jemal':>5} {'ms':>9} {'min-max ms':>15} "
+           f"{'rate':>16} {'cpu%':>4} {'flt/step':>8} {'rss MiB':>8}  check")
     print(hdr + "\n" + "-" * len(hdr))
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
             for dtype in dtypes:
                 res = {}
-                for side in ("lorakit", "peft"):
-                    r = res[side] = run_worker(args, side, case, dtype, os.path.join(tmp, f"{side}.pt"))
-                    check = (f"loss {r['loss']:.6f} gnorm {r['grad_norm']:.6f}" if case == "train" else "")
-                    print(f"{case:6} {dtype:5} {side:8} {r['shape']:8} {r['threads']:>3} "
+                for _ in range(args.repeats):
+                    for side in ("lorakit", "peft"):
+                        r = run_worker(args, side, case, dtype, os.path.join(tmp, f"{side}.pt"))
+                        res[side] = min(res.get(side, r), r, key=lambda x: x["sec"])
+                for side, r in res.items():
+                    check = f"loss {r['loss']:.6f} gnorm {r['grad_norm']:.6f}" if case == "train" else ""
+                    lo, hi = r["spread"]
+                    print(f"{case:6} {dtype:5} {side:8} {r['shape']:8} {r['lora_dtype']:5} {r['threads']:>3} "
                           f"{'yes' if r['jemalloc_loaded'] else 'no':>5} {r['sec'] * 1e3:9.1f} "
-                          f"{r['rate']:10.1f} {r['unit']:5} {r['peak_rss_mib']:8.0f}  {check}", flush=True)
+                          f"{f'{lo * 1e3:.0f}-{hi * 1e3:.0f}':>15} {r['rate']:10.1f} {r['unit']:5} "
+                          f"{r['busy'] * 100:4.0f} {r['faults']:8.0f} {r['peak_rss_mib']:8.0f}  {check}", flush=True)
                 k, p = res["lorakit"], res["peft"]
                 if case == "train":
                     extra = f"|dloss| {abs(k['loss'] - p['loss']):.2e}  |dgnorm| {abs(k['grad_norm'] - p['grad_norm']):.2e}"
-                else:
+                else:  # logits of the last worker of each side (all runs are deterministic)
                     a, b = (torch.load(os.path.join(tmp, f"{s}.pt")) for s in ("lorakit", "peft"))
                     extra = f"logits max|diff| {(a - b).abs().max().item():.2e} (max|logit| {b.abs().max().item():.2f})"
-                print(f"{'':6} {dtype:5} {'ratio':8} lorakit/peft speed = {k['rate'] / p['rate']:.3f}x   "
-                      f"rss = {k['peak_rss_mib'] / p['peak_rss_mib']:.3f}x   {extra}", flush=True)
+                print(f"{'':6} {dtype:5} {'ratio':8} lorakit/peft speed = {k['rate'] / p['rate']:.3f}x "
+                      f"(best step {p['spread'][0] / k['spread'][0]:.3f}x)   "
+                      f"peak rss = {k['peak_rss_mib'] / p['peak_rss_mib']:.3f}x   {extra}", flush=True)
 
 
 if __name__ == "__main__":

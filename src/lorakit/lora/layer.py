@@ -184,16 +184,19 @@ class LoraLayer(nn.Module):
                 )
             return self.base_layer(x, *args, **kwargs)
         base_out = self.base_layer(x, *args, **kwargs)
-        result = base_out
         if routing is not None:
-            # One grouped matmul per adapter present: gather its rows, compute, scatter back.
+            # One grouped matmul per adapter present: gather its rows, compute, add them back in place.
+            # Row groups are disjoint; clone once only when autograd records (base_out may be saved).
+            result = base_out.clone() if torch.is_grad_enabled() else base_out
             for name, rows in routing.groups(x.shape[0], x.device):
                 if name not in self.lora_A:
                     continue
-                delta = self._delta(name, x.index_select(0, rows), base_out.index_select(0, rows))
-                result = result.index_add(0, rows, delta.to(result.dtype))
+                base_rows = base_out.index_select(0, rows) if name in self.lora_magnitude else base_out  # only DoRA reads it
+                delta = self._delta(name, x.index_select(0, rows), base_rows)
+                result.index_add_(0, rows, delta.to(result.dtype))
             return result
         # Each adapter sees the base output, not the running sum: DoRA's term uses W x alone.
+        result = base_out
         for name in self.active_adapters:
             result = result + self._delta(name, x, base_out).to(result.dtype)
         return result
