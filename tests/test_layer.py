@@ -81,6 +81,34 @@ def test_forward_is_base_plus_scaled_BA(kind):
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
 
 
+# adapter dtype on a bf16 base: fp32 by default (unfused path), or bf16 when cast with the model (fused GEMM)
+ADAPTER_DTYPES = {"fp32_adapters": torch.float32, "bf16_adapters": torch.bfloat16}
+
+
+@pytest.mark.parametrize("adapter_dtype", list(ADAPTER_DTYPES))
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_bf16_base_forward_matches_fp32_formula(kind, adapter_dtype):
+    """On a bf16 base the output is bf16 and equals the LoRA formula computed in fp32, within bf16 rounding,
+    whether the adapter is kept in fp32 (the default) or cast to bf16 with the whole model."""
+    family, target, path = KINDS[kind]
+    lora = wrap(build_model(family).to(torch.bfloat16), LoraConfig(target_modules=[target], r=4, lora_alpha=8))
+    layer = lora.model.get_submodule(path)
+    assert layer.lora_A["default"].dtype == torch.float32  # the default keeps adapters in fp32 on a 16-bit base
+    if adapter_dtype == "bf16_adapters":
+        lora.to(torch.bfloat16)  # the base is bf16 already; this casts the adapter too
+    randomize_lora(lora, scale=0.5)
+    assert layer.lora_A["default"].dtype == ADAPTER_DTYPES[adapter_dtype]
+    x = _layer_input(layer).to(torch.bfloat16)
+    with torch.no_grad():
+        A, B = layer.lora_A["default"].float(), layer.lora_B["default"].float()
+        expected = layer.base_layer(x).float() + 2.0 * (x.float() @ A.T) @ B.T
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert not torch.allclose(expected, layer.base_layer(x).float(), atol=1e-2), "adapter had no effect"
+    # bf16 keeps 8 bits of mantissa: allow a few units in the last place of the larger terms
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=6e-2)
+
+
 # ---- init schemes ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_default_init_is_kaiming_uniform_A_and_zero_B(kind):
