@@ -299,3 +299,23 @@ def test_a_lora_layer_cannot_be_saved_in_full_by_another_adapter():
     with pytest.raises(ConfigError, match=r"modules_to_save '.*query' holds LoRA layers"):
         lora.add_adapter("b", LoraConfig(target_modules=["value"], modules_to_save=["query"]))
     _assert_same_state(lora, before)
+
+
+PEFT_REFUSED = {
+    "regex_with_layers_to_transform": dict(target_modules=r".*\.(q_proj|v_proj)", layers_to_transform=[0]),
+    "regex_with_layers_pattern": dict(target_modules=r".*\.q_proj", layers_pattern="layers", layers_to_transform=[0]),
+    "layers_pattern_alone": dict(target_modules=["q_proj"], layers_pattern="layers"),
+}
+
+
+@pytest.mark.parametrize("case", PEFT_REFUSED)
+def test_combinations_peft_refuses_are_refused_up_front(case):
+    """Configs PEFT cannot load are refused when made, not after training when the file goes to PEFT."""
+    with pytest.raises(ConfigError, match="layers_"):
+        LoraConfig(**PEFT_REFUSED[case])
+
+
+def test_all_linear_with_layers_to_transform_is_allowed():
+    lora = wrap(build_model("llama"), LoraConfig(target_modules="all-linear", layers_to_transform=[1]))
+    names = [n for n, _ in lora.lora_layers()]
+    assert names and all(".layers.1." in n for n in names)

@@ -205,12 +205,17 @@ def _integer(t):
     t[KEY] = t[KEY].to(torch.int32)
 
 
+def _float8(t):
+    t[KEY] = t[KEY].to(torch.float8_e4m3fn)  # a float dtype torch.isfinite cannot handle
+
+
 BAD_TENSORS = {
     "nan": (_nan, rf"{KEY}.*NaN"),
     "wrong_shape": (_wrong_shape, rf"{KEY}.*shape \(16, 4\).*expects \(16, 8\)"),
     "missing_key": (_missing, rf"missing tensor '{KEY}'"),
     "unexpected_key": (_unexpected, r"'base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight' does not belong"),
-    "integer_dtype": (_integer, rf"{KEY}.*floating-point"),
+    "integer_dtype": (_integer, rf"{KEY}.*int32.*must be dense float16, bfloat16, float32 or float64"),
+    "float8_dtype": (_float8, rf"{KEY}.*float8_e4m3fn.*must be dense float16"),
 }
 
 
@@ -330,3 +335,97 @@ def test_saving_a_pissa_adapter_warns_that_it_needs_the_residual_base(tmp_path):
     lora = lorakit.wrap(build_model("llama"), lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
     with pytest.warns(UserWarning, match="PiSSA"):
         lora.save_adapter(tmp_path)
+
+
+def test_failed_load_into_a_lora_model_leaves_its_modules_and_weights_as_they_were(tmp_path):
+    """The rollback removes the wrappers the failed load created, not only its tensors."""
+    path, _ = _saved(tmp_path, "gpt2", target_modules=["c_fc"], modules_to_save=["lm_head"])
+    _edit_tensors(path, lambda t: t.__setitem__(
+        "base_model.model.transformer.h.0.mlp.c_fc.lora_B.weight",
+        torch.full_like(t["base_model.model.transformer.h.0.mlp.c_fc.lora_B.weight"], float("nan"))))
+    lora = wrap(build_model("gpt2"), LoraConfig(target_modules=["c_attn"]))
+    keys_before = list(lora.state_dict())
+    with pytest.raises(AdapterError, match="NaN"):
+        lora.load_adapter(path, "x")
+    assert list(lora.state_dict()) == keys_before
+    assert "x" not in lora.adapter_configs
+
+
+@pytest.mark.parametrize("saved_with_other_adapter", [True, False])
+def test_bias_all_file_loads_whatever_other_adapters_wrap(saved_with_other_adapter, tmp_path):
+    """A bias is spelled X.bias or X.base_layer.bias depending on wrapping by *other* adapters; loading accepts
+    both, so a bias="all" file moves between a plain model and one where X is wrapped, both ways."""
+    def two_adapter_model():
+        lora = wrap(build_model("gpt2"), LoraConfig(target_modules=["c_fc"]), adapter_name="a")
+        lora.add_adapter("d", LoraConfig(target_modules=["c_attn"], bias="all"))
+        return lora
+
+    if saved_with_other_adapter:
+        source = two_adapter_model()
+    else:
+        source = wrap(build_model("gpt2"), LoraConfig(target_modules=["c_attn"], bias="all"), adapter_name="d")
+    randomize_lora(source)
+    with torch.no_grad():
+        for n, p in source.model.named_parameters():
+            if n.endswith("bias"):
+                p.add_(0.3)
+    source.save_adapter(tmp_path, ["d"])
+    path = tmp_path / "d"
+    target = lorakit.load_adapter(build_model("gpt2"), path) if saved_with_other_adapter else two_adapter_model()
+    if not saved_with_other_adapter:
+        target.delete_adapter("d")
+        target.load_adapter(path, "d")
+    source_biases = {n.replace(".base_layer", ""): p for n, p in source.model.named_parameters() if n.endswith("bias")}
+    for n, p in target.model.named_parameters():
+        if n.endswith("bias") and ".original_module." not in n:
+            torch.testing.assert_close(p, source_biases[n.replace(".base_layer", "")], rtol=0, atol=0, msg=n)
+
+
+def test_oversize_pickle_file_is_refused_before_reading(tmp_path):
+    """The size check covers adapter_model.bin too (the pickle is never opened)."""
+    path, _ = _saved(tmp_path)
+    (path / WEIGHTS).unlink()
+    with open(path / "adapter_model.bin", "wb") as f:
+        f.truncate(50 << 20)
+    with pytest.raises(AdapterError, match="refusing to read"):
+        lorakit.load_adapter(build_model("llama"), path)
+
+
+def test_unknown_config_key_set_to_zero_is_refused(tmp_path):
+    """0 is a setting, not "feature off": an unknown option with value 0 is not silently dropped."""
+    path, _ = _saved(tmp_path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["some_future_option"] = 0
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="some_future_option=0"):
+        lorakit.load_adapter(build_model("llama"), path)
+
+
+def test_saving_onto_a_file_path_gives_a_clear_error(tmp_path):
+    lora = wrap(build_model("llama"), LoraConfig(target_modules=["q_proj"]), adapter_name="other")
+    (tmp_path / "other").write_text("in the way")
+    with pytest.raises(AdapterError, match="not a directory"):
+        lora.save_adapter(tmp_path)
+
+
+def test_bias_keys_in_the_other_spelling_load(tmp_path):
+    """A file that spells a bias X.bias where we write X.base_layer.bias (or the reverse), as a PEFT model
+    wrapped by other adapters would, loads into the same parameters."""
+    path, source = _saved(tmp_path, "gpt2", target_modules=["c_attn"], bias="all")
+    with torch.no_grad():
+        for n, p in source.model.named_parameters():
+            if n.endswith("bias"):
+                p.add_(0.3)
+    source.save_adapter(path)
+
+    def swap(t):
+        for key in [k for k in t if k.endswith(".bias")]:
+            alt = key.replace(".base_layer.bias", ".bias") if ".base_layer." in key else key[: -len(".bias")] + ".base_layer.bias"
+            t[alt] = t.pop(key)
+
+    _edit_tensors(path, swap)
+    loaded = lorakit.load_adapter(build_model("gpt2"), path)
+    expected = {n: p for n, p in source.model.named_parameters() if n.endswith("bias")}
+    for n, p in loaded.model.named_parameters():
+        if n.endswith("bias"):
+            torch.testing.assert_close(p, expected[n], rtol=0, atol=0, msg=n)

@@ -189,3 +189,19 @@ def test_disable_adapters_gives_base_output_and_restores_state(case, merged, inp
         torch.testing.assert_close(_logits(lora, input_ids), original, rtol=1e-5, atol=1e-5)
     assert lora.merged_adapters == (lora.active_adapters if merged else [])
     torch.testing.assert_close(_logits(lora, input_ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_refuses_a_target_whose_weight_is_tied_to_another_module():
+    """GPT-2 ties wte to lm_head: merging into wte would change lm_head too, so wrap warns and merge refuses."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32,
+                                       tie_word_embeddings=True)).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with pytest.warns(UserWarning, match="tied"):
+        lora = wrap(model, LoraConfig(target_modules=["wte"]))
+    before = model.lm_head.weight.detach().clone()
+    with pytest.raises(AdapterError, match="tied to.*lm_head"):
+        lora.merge()
+    torch.testing.assert_close(model.lm_head.weight, before, rtol=0, atol=0)

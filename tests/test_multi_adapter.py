@@ -94,11 +94,29 @@ def test_delete_adapter_removes_its_weights_and_keeps_the_others(input_ids):
     assert "b" in lora.adapter_configs
 
 
-def test_deleting_the_active_adapter_leaves_the_base_model(input_ids):
+def test_deleting_the_active_adapter_activates_another_with_a_warning(input_ids):
+    """As PEFT: another adapter takes over (said in a warning), so the model keeps computing an adapter."""
+    lora = _two_adapters()
+    lora.set_adapter("b")
+    only_b = _logits(lora, input_ids)
+    lora.set_adapter("a")
+    with pytest.warns(UserWarning, match="'b' is active now"):
+        lora.delete_adapter("a")
+    assert lora.active_adapters == ["b"]
+    torch.testing.assert_close(_logits(lora, input_ids), only_b, rtol=0, atol=0)
+
+
+def test_deleting_every_adapter_puts_the_original_modules_back(input_ids):
+    """Deleting undoes injecting: with no adapter left, no lorakit module remains and outputs equal the base."""
+    from lorakit.lora.layer import LoraLayer
+
     base_out = _logits(build_model("llama"), input_ids)
     lora = _two_adapters()
+    lora.set_adapter("a")
+    lora.delete_adapter("b")
     lora.delete_adapter("a")
-    assert lora.active_adapters == []
+    assert not any(isinstance(m, LoraLayer) for m in lora.model.modules())
+    assert all(".base_layer." not in n for n, _ in lora.model.named_parameters())
     torch.testing.assert_close(_logits(lora, input_ids), base_out, rtol=0, atol=0)
 
 

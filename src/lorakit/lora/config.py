@@ -84,8 +84,10 @@ class LoraConfig:
     """When true, adapter weights are created frozen."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = list(dict.fromkeys(self.target_modules))
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple, set)):
+                setattr(self, name, list(dict.fromkeys(sorted(value) if isinstance(value, set) else value)))
         if isinstance(self.modules_to_save, (tuple, set)):
             self.modules_to_save = list(self.modules_to_save)
         problems = self.problems()
@@ -109,6 +111,14 @@ class LoraConfig:
             items = [ltt] if _is_int(ltt) else ltt
             if not isinstance(items, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in items):
                 out.append(f"layers_to_transform must be a non-negative integer or a list of them, got {ltt!r}")
+        # PEFT refuses these combinations; refusing them here keeps every saved config loadable there.
+        # ("all-linear" is fine: it is saved as the list of layers it resolved to.)
+        regex_targets = isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR
+        if regex_targets and (self.layers_to_transform is not None or self.layers_pattern is not None):
+            out.append("layers_to_transform and layers_pattern cannot be used with a regex target_modules; "
+                       "put the layer index in the regex, or give target_modules as a list of names")
+        if self.layers_pattern and self.layers_to_transform is None:
+            out.append("layers_pattern needs layers_to_transform: name the layer indices to adapt")
         for name, kind in (("rank_pattern", "rank"), ("alpha_pattern", "alpha")):
             pattern = getattr(self, name)
             if not isinstance(pattern, dict):
@@ -137,10 +147,6 @@ class LoraConfig:
 
     def alpha_for(self, module_name: str) -> float:
         return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
-
-    def scaling_for(self, module_name: str) -> float:
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
-        return alpha / (r**0.5) if self.use_rslora else alpha / r
 
     # ---- dict round trip ----------------------------------------------------------------------------
     @classmethod

@@ -168,7 +168,7 @@ def plan_injection(model: nn.Module, config: LoraConfig, *, init: bool | str | N
             problems.append(
                 f"init_lora_weights={init!r} is not supported for embedding layers ({name!r}); target linear layers"
             )
-    full_copies = [name for name in modules if saved and is_saved(name) and not _inside_any(name, modules, is_saved)]
+    full_copies = [name for name in modules if saved and is_saved(name) and not _inside_any(name, is_saved)]
     missing = [m for m in saved if not any(n == m or n.endswith("." + m) for n in full_copies)]
     if missing:
         problems.append(f"modules_to_save names {missing} that are not in the model")
@@ -181,7 +181,7 @@ def plan_injection(model: nn.Module, config: LoraConfig, *, init: bool | str | N
     return InjectionPlan(targets=targets, full_copies=full_copies, target_suffixes=suffixes)
 
 
-def _inside_any(name: str, modules: dict[str, nn.Module], is_saved: Callable[[str], bool]) -> bool:
+def _inside_any(name: str, is_saved: Callable[[str], bool]) -> bool:
     """True when an enclosing module is itself saved in full (only the outermost one is copied)."""
     parts = name.split(".")
     return any(is_saved(".".join(parts[:i])) for i in range(1, len(parts)))

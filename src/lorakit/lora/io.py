@@ -33,6 +33,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 DEFAULT_NAME = "default"
+FILE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # PEFT config keys that describe the file, not the adapter; any value is fine.
 INFORMATIONAL_KEYS = {"peft_type", "auto_mapping", "revision", "inference_mode", "peft_version",
                       "megatron_core", "qalora_group_size", "library_name"}
@@ -50,16 +51,36 @@ def adapter_tensors(model: "LoraModel", name: str) -> dict[str, nn.Parameter]:
         if name in module.copies:
             for pname, param in module.copies[name].named_parameters():
                 out[f"{PREFIX}{path}.{pname}"] = param
-    bias = model.adapter_configs[name].bias
-    if bias != "none":
-        lora_paths = {path for path, layer in model.lora_layers() if name in layer.lora_A}
-        for pname, param in model.model.named_parameters():
-            if not pname.endswith("bias") or ".lora_" in pname or ".original_module." in pname or ".copies." in pname:
-                continue
-            on_lora = pname.removesuffix(".base_layer.bias") in lora_paths
-            if bias == "all" or on_lora:
-                out[PREFIX + pname] = param
+    for key, _, param in _bias_tensors(model, name):
+        out[key] = param
     return out
+
+
+def _bias_tensors(model: "LoraModel", name: str) -> list[tuple[str, str, nn.Parameter]]:
+    """(file key, alternative spelling, parameter) for the biases adapter `name` trains.
+
+    A bias is spelled `X.base_layer.bias` when this adapter adapts layer X (as PEFT writes it) and `X.bias`
+    otherwise, whatever other adapters happen to wrap; loading accepts either spelling, so a file does not
+    depend on which unrelated adapters were present when it was written or are present when it is read.
+    """
+    bias = model.adapter_configs[name].bias
+    if bias == "none":
+        return []
+    wrapped = {path: layer for path, layer in model.lora_layers()}
+    own = {path for path, layer in wrapped.items() if name in layer.lora_A}
+    found = []
+    for pname, param in model.model.named_parameters():
+        if not pname.endswith("bias") or ".lora_" in pname or ".original_module." in pname or ".copies." in pname:
+            continue
+        module_path = pname.removesuffix(".bias")
+        layer_path = module_path.removesuffix(".base_layer")
+        if layer_path == module_path or layer_path not in wrapped:
+            layer_path = module_path  # not the base of a LoRA wrapper
+        if bias == "lora_only" and layer_path not in own:
+            continue
+        long_key, short_key = f"{PREFIX}{layer_path}.base_layer.bias", f"{PREFIX}{layer_path}.bias"
+        found.append((long_key, short_key, param) if layer_path in own else (short_key, long_key, param))
+    return found
 
 
 def _optional_tensors(model: "LoraModel", name: str) -> dict[str, nn.Parameter]:
@@ -114,6 +135,8 @@ def save_adapters(model: "LoraModel", path: Path, names: list[str]) -> None:
                 stacklevel=3,
             )
         directory = path if name == DEFAULT_NAME else path / name
+        if directory.exists() and not directory.is_dir():
+            raise AdapterError(f"cannot save adapter {name!r}: {directory} exists and is not a directory")
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: p.detach().to("cpu").contiguous().clone() for k, p in adapter_tensors(model, name).items()}
         write_atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
@@ -143,7 +166,7 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
     for key, value in raw.items():
         if key in known:
             values[key] = value
-        elif key in INFORMATIONAL_KEYS or value in (None, False, {}, [], ""):
+        elif key in INFORMATIONAL_KEYS or value is None or value is False or value in ({}, [], ""):
             continue  # describes the file, or a PEFT feature left off
         else:
             unsupported.append(f"{key}={value!r}")
@@ -157,19 +180,26 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
         raise AdapterError(str(err)) from None
 
 
+def _check_size(path: Path, budget_bytes: int) -> None:
+    # Refuse before reading: a file much larger than its config implies is corrupt or hostile.
+    size = path.stat().st_size
+    if size > budget_bytes:
+        raise AdapterError(
+            f"{path}: {size:,} bytes, more than this adapter's config allows ({budget_bytes:,} at most); "
+            "refusing to read it"
+        )
+
+
 def _read_tensors(directory: Path, budget_bytes: int) -> tuple[Path, dict[str, torch.Tensor]]:
     st, pickle_file = directory / WEIGHTS_FILE, directory / PICKLE_FILE
     if st.is_file():
-        if st.stat().st_size > budget_bytes:
-            raise AdapterError(
-                f"{st}: {st.stat().st_size:,} bytes, far more than this adapter's config implies "
-                f"(about {budget_bytes:,} at most); refusing to read it"
-            )
+        _check_size(st, budget_bytes)
         try:
             return st, load_file(str(st))
         except (SafetensorError, OSError, ValueError) as err:
             raise AdapterError(f"{st}: not a valid safetensors file ({err})") from None
     if pickle_file.is_file():
+        _check_size(pickle_file, budget_bytes)
         try:
             # Never anything but weights_only: a pickle can run code (CVE-2025-32434 and kin).
             tensors = torch.load(pickle_file, map_location="cpu", weights_only=True)
@@ -185,6 +215,8 @@ def _read_tensors(directory: Path, budget_bytes: int) -> tuple[Path, dict[str, t
 
 
 def _check_and_copy(model: "LoraModel", name: str, source: Path, tensors: dict[str, torch.Tensor]) -> None:
+    aliases = {alt: key for key, alt, _ in _bias_tensors(model, name)}
+    tensors = {aliases.get(k, k): v for k, v in tensors.items()}
     expected = adapter_tensors(model, name)
     optional = _optional_tensors(model, name)
     unexpected = [k for k in tensors if k not in expected and k not in optional]
@@ -198,8 +230,11 @@ def _check_and_copy(model: "LoraModel", name: str, source: Path, tensors: dict[s
         raise AdapterError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all); the file is incomplete")
     for key, tensor in tensors.items():
         target = expected.get(key, optional.get(key))
-        if tensor.layout != torch.strided or not tensor.dtype.is_floating_point:
-            raise AdapterError(f"{source}: tensor {key!r} must be a dense floating-point tensor, got {tensor.dtype} {tensor.layout}")
+        if tensor.layout != torch.strided or tensor.dtype not in FILE_DTYPES:
+            raise AdapterError(
+                f"{source}: tensor {key!r} is {tensor.dtype} ({tensor.layout}); adapter tensors must be dense "
+                "float16, bfloat16, float32 or float64"
+            )
         if tuple(tensor.shape) != tuple(target.shape):
             raise AdapterError(
                 f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}; "
@@ -215,8 +250,8 @@ def _check_and_copy(model: "LoraModel", name: str, source: Path, tensors: dict[s
 
 def _size_budget(model: "LoraModel", name: str) -> int:
     params = [*adapter_tensors(model, name).values(), *_optional_tensors(model, name).values()]
-    # Room for a wider dtype in the file (fp64) and the JSON header.
-    return sum(p.numel() * 8 for p in params) + (16 << 20)
+    # Every tensor in fp32 (what PEFT writes for fp32 adapters) plus 10%, and room for the header.
+    return int(sum(p.numel() * 4 for p in params) * 1.1) + (1 << 20)
 
 
 def _drop_absent_modules_to_save(model: nn.Module, config: LoraConfig, directory: Path) -> LoraConfig:

@@ -25,6 +25,7 @@ class LoraLayer(nn.Module):
 
     in_features: int
     out_features: int
+    uses_dropout = True  # False where dropout on the input makes no sense (token ids)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -85,7 +86,7 @@ class LoraLayer(nn.Module):
         self._init_weights(name, A, B, init)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
-        if dropout > 0:
+        if dropout > 0 and self.uses_dropout:
             self.lora_dropout[name] = nn.Dropout(p=dropout).train(self.training)
         if use_dora:
             with torch.no_grad():
@@ -148,8 +149,10 @@ class LoraLayer(nn.Module):
         return torch.linalg.vector_norm(self.base_weight().float() + self.delta_weight(name), dim=1)
 
     def _dora_scale(self, name: str) -> torch.Tensor:
-        # The norm is treated as a constant (DoRA sec. 4.3): it gets no gradient.
-        return self.lora_magnitude[name] / self._weight_norm(name).detach()
+        # The norm is treated as a constant (DoRA sec. 4.3): it gets no gradient, so build no graph for it.
+        with torch.no_grad():
+            norm = self._weight_norm(name)
+        return self.lora_magnitude[name] / norm
 
     def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """What adapter `name` adds to the base output `base_out` for input x."""
@@ -243,15 +246,14 @@ class LoraLayer(nn.Module):
             raise AdapterError(f"merging adapter(s) {names} gives NaN or inf weights; the base weights were left unchanged")
 
     @torch.no_grad()
-    def merge(self, names: list[str], *, safe: bool = False) -> None:
+    def merge(self, names: list[str]) -> None:
+        """Fold `names` into the base weight (LoraModel.merge runs check_merge first for safe_merge)."""
         names = [n for n in names if n in self.lora_A]
         if not names:
             return
         if self.merged_adapters:
             raise AdapterError(f"adapters {self.merged_adapters} are already merged; call unmerge() first")
         merged, norms = self._merged_weight(names)
-        if safe and not torch.isfinite(merged).all():
-            raise AdapterError(f"merging adapter(s) {names} gives NaN or inf weights; the base weights were left unchanged")
         self._set_base_weight(merged)
         self._merge_norms = norms
         self.merged_adapters = list(names)
@@ -294,8 +296,9 @@ class LoraLinear(LoraLayer):
             return super()._add_adapter(name, x, base_out, result)
         x, _ = self._adapter_input(name, x)
         down = self._down(x, name) * self.scaling[name]  # (..., r)
-        # "+ down B^T" fused into the GEMM (beta=1): no separate pass over the (..., out) output to add it,
-        # and in bf16 the sum is rounded once. Measured ~5% faster per training step (bench/lora_step.py).
+        # "+ down B^T" fused into the GEMM (beta=1): no separate pass over the (..., out) output to add it.
+        # Taken when adapter and base share a dtype (fp32, or a model cast to bf16 whole); then in bf16 the
+        # sum is rounded once. Measured ~5% faster per training step (bench/lora_step.py).
         fused = torch.addmm(result.reshape(-1, self.out_features), down.reshape(-1, down.shape[-1]), B.t())
         return fused.view(result.shape)
 
@@ -309,6 +312,8 @@ class LoraLinear(LoraLayer):
 class LoraEmbedding(LoraLayer):
     """LoRA on nn.Embedding. In (out, in) terms out = embedding_dim and in = num_embeddings,
     so A is (r, num_embeddings) and the lookup x -> A^T[x] plays the role of x A^T."""
+
+    uses_dropout = False  # dropout on token ids makes no sense; PEFT skips it for embeddings too
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
@@ -339,7 +344,6 @@ class LoraEmbedding(LoraLayer):
         return out * scale.to(out.dtype) if isinstance(scale, torch.Tensor) else out
 
     def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        # Dropout on token ids makes no sense; PEFT skips it for embeddings too.
         down = self._down(x, name) * self.scaling[name]
         update = F.linear(down, self.lora_B[name])
         if name not in self.lora_magnitude:

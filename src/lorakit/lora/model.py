@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -82,7 +83,7 @@ class LoraModel(nn.Module):
         """Inject a new adapter (inactive until set_adapter) into the targets of `config`."""
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not ADAPTER_NAME.match(adapter_name) or adapter_name == BASE:
+        if not isinstance(adapter_name, str) or not ADAPTER_NAME.match(adapter_name):  # also refuses "__base__"
             raise AdapterError(
                 f"invalid adapter name {adapter_name!r}: use 1-64 letters, digits, '_' or '-', "
                 "starting with a letter or digit"
@@ -93,8 +94,17 @@ class LoraModel(nn.Module):
             raise AdapterError("cannot add an adapter while adapters are merged; call unmerge() first")
         config = with_task_heads(self.model, config)
         plan = inject(self.model, config, adapter_name, init=_init)
+        init = config.init_lora_weights if _init is None else _init
+        if isinstance(init, str) and init.startswith("pissa") and self.adapter_configs:
+            warnings.warn(
+                "PiSSA rewrote the base weights it targets (to the residual), so the other adapters on those "
+                "layers, and the model with adapters disabled, no longer see the original weights", stacklevel=2)
         self.adapter_configs[adapter_name] = config
         self.target_suffixes[adapter_name] = plan.target_suffixes
+        for name, others in self.tied_targets():
+            warnings.warn(f"LoRA target {name!r} shares its weight with {others} (tied weights): merging this "
+                          "adapter would change those too, so merge() will refuse until the weights are untied",
+                          stacklevel=2)
         self._refresh_trainable()
 
     def load_adapter(self, path: str | Path, adapter_name: str = "default", *, is_trainable: bool = False) -> "LoraModel":
@@ -132,8 +142,35 @@ class LoraModel(nn.Module):
             module.delete_adapter(adapter_name)
         del self.adapter_configs[adapter_name]
         del self.target_suffixes[adapter_name]
+        self._drop_empty_wrappers()
+        was_active = adapter_name in self.active_adapters
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+        if was_active and not self.active_adapters and self.adapter_configs:
+            fallback = next(iter(self.adapter_configs))  # as PEFT: another adapter takes over, said aloud
+            warnings.warn(f"deleted the active adapter {adapter_name!r}; {fallback!r} is active now", stacklevel=2)
+            self.set_adapter(fallback)
         self._refresh_trainable()
+
+    def _drop_empty_wrappers(self) -> None:
+        """Put back the original module wherever no adapter is left, so deleting undoes injecting."""
+        for name, layer in list(self.lora_layers()):
+            if len(layer.lora_A) == 0:
+                replace_module(self.model, name, layer.base_layer)
+        for name, module in list(self.full_copies()):
+            if len(module.copies) == 0:
+                replace_module(self.model, name, module.original_module)
+
+    def tied_targets(self) -> list[tuple[str, list[str]]]:
+        """LoRA layers whose base weight is also used by another module (e.g. an embedding tied to lm_head)."""
+        owners: dict[int, list[str]] = {}
+        for pname, param in self.model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(param), []).append(pname)
+        tied = []
+        for name, layer in self.lora_layers():
+            others = [p for p in owners.get(id(layer.base_layer.weight), []) if not p.startswith(name + ".")]
+            if others:
+                tied.append((name, others))
+        return tied
 
     def _refresh_trainable(self) -> None:
         """Only the active adapters' weights (and the biases their configs name) train."""
@@ -160,7 +197,11 @@ class LoraModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator["LoraModel"]:
-        """Within the block the model computes as the plain base model."""
+        """Within the block no adapter applies: the model computes with its base weights.
+
+        Those are the original weights unless an adapter changed them on purpose: PiSSA keeps the residual
+        in the base, and bias="all"/"lora_only" adapters train biases that live in the base layers.
+        """
         merged = self.merged_adapters
         if merged:
             self.unmerge()
@@ -231,6 +272,14 @@ class LoraModel(nn.Module):
             raise AdapterError("cannot merge while the model is in training mode; call model.eval() first")
         if self.merged_adapters:
             raise AdapterError(f"adapters {self.merged_adapters} are already merged; call unmerge() first")
+        tied = [(n, others) for n, others in self.tied_targets()
+                if any(a in self.model.get_submodule(n).lora_A for a in names)]
+        if tied:
+            name, others = tied[0]
+            raise AdapterError(
+                f"cannot merge into {name!r}: its weight is tied to {others}, which would change too; "
+                f"untie it first (give {others[0].rsplit('.', 1)[0]} its own copy of the weight), or keep the adapter unmerged"
+            )
         layers = [layer for _, layer in self.lora_layers()]
         if safe_merge:
             for layer in layers:  # every layer is checked before any is written
