@@ -57,7 +57,7 @@ def test_several_problems_are_reported_together():
 
 @pytest.mark.parametrize("how", ["kwargs", "from_dict"])
 def test_unknown_option_suggests_the_close_one(how):
-    with pytest.raises(ConfigError, match=r"unknown option 'lora_aplha' \(did you mean 'lora_alpha'\?\)"):
+    with pytest.raises(ConfigError, match=r"lora_aplha: unknown option \(did you mean 'lora_alpha'\?\)"):
         if how == "kwargs":
             LoraConfig(lora_aplha=16)
         else:

@@ -155,13 +155,14 @@ class LoraConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"expected a mapping of LoRA options, got {type(values).__name__}", where=where)
         known = field_names()
-        unknown = [k for k in values if k not in known]
-        if unknown:
-            raise ConfigError([_unknown_key_message(k, known) for k in unknown], where=where)
+        problems = [_unknown_key_message(k, known) for k in values if k not in known]
         try:
-            return cls(**values)
+            config = cls(**{k: v for k, v in values.items() if k in known})
         except ConfigError as err:
-            raise ConfigError(err.problems, where=where) from None
+            problems += err.problems
+        if problems:  # unknown keys and bad values reported together
+            raise ConfigError(problems, where=where)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,7 +194,7 @@ def field_names() -> set[str]:
 def _unknown_key_message(key: str, known: set[str]) -> str:
     close = difflib.get_close_matches(key, sorted(known), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown option {key!r}{hint}; known options: {', '.join(sorted(known))}"
+    return f"{key}: unknown option{hint}; known options: {', '.join(sorted(known))}"
 
 
 def _pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:

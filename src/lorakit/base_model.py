@@ -1,0 +1,102 @@
+"""Loading the frozen base model and its tokenizer, with the device and dtype chosen for the machine.
+
+The real `from_pretrained` path: a local directory or a hub id (users have internet; tests use local
+directories saved from tiny configs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import ConfigError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """auto: CUDA, then Apple MPS, then the CPU. An explicit choice that is not available is an error."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if requested == "auto":
+        return torch.device(next(name for name in ("cuda", "mps", "cpu") if available[name]))
+    if not available.get(requested, False):
+        raise ConfigError(f"model.device: {requested!r} is not available on this machine; use auto or cpu", where="run config")
+    return torch.device(requested)
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """True on CPUs with bf16 matrix units (Intel AMX or AVX-512-BF16), where bf16 matmul is several times fp32's."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None:
+            try:
+                if check():
+                    return True
+            except RuntimeError:
+                pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA (when supported) and on CPUs with bf16 matrix units; fp32 elsewhere (MPS included)."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16_matmul():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+
+    def describe(self) -> str:
+        name = getattr(getattr(self.model, "config", None), "_name_or_path", "") or type(self.model).__name__
+        params = sum(p.numel() for p in self.model.parameters())
+        return f"base model {name}: {params / 1e6:.1f}M parameters, {str(self.dtype).removeprefix('torch.')} on {self.device}"
+
+
+def load_base_model(config: ModelConfig) -> LoadedModel:
+    """Load model and tokenizer as `config` says; errors name the field and what to change."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    source = config.name_or_path
+    local = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or local.exists()
+    if looks_local and not (local / "config.json").is_file():
+        raise ConfigError(
+            f"model.name_or_path: {source!r} is not a model directory (no config.json there); "
+            "give a directory saved with save_pretrained, or a hub id such as 'Qwen/Qwen2.5-0.5B'",
+            where="run config",
+        )
+    options = dict(trust_remote_code=config.trust_remote_code, revision=config.revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=config.attn_implementation, **options
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path: cannot load {source!r}: {err}", where="run config") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding positions carry no loss; any real token will do
+    model.to(device)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)

@@ -1,0 +1,287 @@
+"""The run config: one YAML file describes a run (model, adapter, data, training, output).
+
+Typed dataclasses, validated once at the edge: every problem (unknown key, wrong type, missing
+required field, value out of range) is collected and reported together with the field's dotted path
+and what is expected, before any model loads. `--set train.lr=2e-4` style overrides are applied to
+the raw mapping first, so they are validated exactly like the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+from .lora.config import LoraConfig
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name_or_path: str
+    """A local directory or a Hugging Face hub id (e.g. "Qwen/Qwen2.5-0.5B")."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Compute dtype of the frozen base. auto: bfloat16 on GPUs and on CPUs with bf16 matrix units
+    (AMX / AVX-512-BF16), float32 elsewhere. Trainable LoRA weights stay float32 either way."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto picks CUDA, then MPS, then the CPU."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub checkpoint. Off unless you trust its author."""
+    attn_implementation: str | None = None
+    """transformers attention backend ("sdpa", "eager", "flash_attention_2"); None lets transformers choose."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: str
+    """Training data: a JSON, JSONL, CSV or Parquet file, or a hub dataset name."""
+    validation: str | None = None
+    """Validation data file; or leave empty and set validation_fraction."""
+    validation_fraction: float = 0.0
+    """Fraction of the training records held out for validation (fixed seed) when no file is given."""
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = "auto"
+    """Record format; auto detects it from the first valid record."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Map the format's field names to your column names, e.g. {instruction: question, output: answer}."""
+    template: Literal["auto", "chatml", "llama3", "alpaca", "plain"] = "auto"
+    """Prompt template; auto uses the tokenizer's chat template when it has one, else chatml."""
+    max_seq_len: int = 2048
+    """Longer examples are truncated (or dropped, see truncation)."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    train_on_prompt: bool = False
+    """Compute the loss on every token, not only on the assistant's responses."""
+    packing: bool | None = None
+    """Several examples per row with no attention across them; None: on for text, off for chat data."""
+    skip_bad_records: bool = False
+    """Skip and count malformed records instead of stopping at the first one."""
+    max_drop_fraction: float = 0.01
+    """Stop when more than this fraction of records is dropped, naming the reasons."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int | None = None
+    """Optimizer steps to run; None: run `epochs` epochs."""
+    epochs: float = 1.0
+    batch_size: int = 4
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size x grad_accum)."""
+    lr: float = 2e-4
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this; None disables clipping."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: learning rate of B = lr x this ratio (e.g. 16); None trains A and B at the same rate."""
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int | None = None
+    """Evaluate every N optimizer steps (and always at the end); None: only at the end."""
+    save_every: int | None = None
+    """Checkpoint every N optimizer steps (and at the end)."""
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss: stop keeping the last good checkpoint, or skip the step."""
+    resume: str = "never"
+    """"never", "auto" (the latest complete checkpoint in output_dir), or a checkpoint directory."""
+    tensorboard: bool = False
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/lorakit"
+    """Where the adapter, checkpoints, metrics and plots go."""
+
+
+# ---- loading --------------------------------------------------------------------------------------------
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply `key.path=value` overrides, validate everything at once."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file", where="run config") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})", where="run config") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, lora, data, train, output_dir)", where="run config")
+    for override in overrides:
+        apply_override(raw, override)
+    return run_config_from_dict(raw, where=str(path))
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set `a.b.c=value` in a nested mapping; the value is parsed as YAML (2e-4, true, [q_proj, v_proj])."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} must look like section.field=value, e.g. train.lr=2e-4", where="--set")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({err})", where="--set") from None
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section", where="--set")
+    node[parts[-1]] = value
+
+
+def run_config_from_dict(raw: dict, *, where: str = "run config") -> RunConfig:
+    problems: list[str] = []
+    config = _build(RunConfig, raw, "", problems)
+    if problems:
+        raise ConfigError(problems, where=where)
+    return config
+
+
+def _build(cls: type, values: Any, path: str, problems: list[str]) -> Any:
+    """Instantiate dataclass `cls` from `values`, appending a message per problem; None if any."""
+    if cls is LoraConfig:
+        try:
+            return LoraConfig.from_dict(values if values is not None else {}, where="lora")
+        except ConfigError as err:
+            problems.extend(f"lora.{p}" for p in err.problems)  # each LoraConfig problem starts with its field
+            return None
+    if not isinstance(values, dict):
+        problems.append(f"{path or 'the config'}: expected a mapping, got {_describe(values)}")
+        return None
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{_join(path, key)}: unknown key{hint}; known keys: {', '.join(fields)}")
+    kwargs = {}
+    before = len(problems)
+    for name, f in fields.items():
+        where = _join(path, name)
+        if name not in values:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required:
+                problems.append(f"{where}: required{_field_doc(cls, name)}")
+            continue
+        kwargs[name] = _coerce(hints[name], values[name], where, problems)
+        if len(problems) == before:
+            _check_range(cls, name, kwargs[name], where, problems)
+    return cls(**kwargs) if len(problems) == before else None
+
+
+# Ranges beyond the type: (section class, field) -> (test, what is allowed). None passes (optional fields).
+RANGES = {
+    ("TrainConfig", "max_steps"): (lambda v: v > 0, "a positive integer"),
+    ("TrainConfig", "epochs"): (lambda v: v > 0, "a positive number"),
+    ("TrainConfig", "batch_size"): (lambda v: v > 0, "a positive integer"),
+    ("TrainConfig", "grad_accum"): (lambda v: v > 0, "a positive integer"),
+    ("TrainConfig", "lr"): (lambda v: v > 0, "a positive number"),
+    ("TrainConfig", "warmup_steps"): (lambda v: v >= 0, "0 or more"),
+    ("TrainConfig", "weight_decay"): (lambda v: v >= 0, "0 or more"),
+    ("TrainConfig", "max_grad_norm"): (lambda v: v > 0, "a positive number, or null for no clipping"),
+    ("TrainConfig", "loraplus_lr_ratio"): (lambda v: v > 0, "a positive number"),
+    ("TrainConfig", "eval_every"): (lambda v: v > 0, "a positive integer"),
+    ("TrainConfig", "save_every"): (lambda v: v > 0, "a positive integer"),
+    ("TrainConfig", "keep_checkpoints"): (lambda v: v > 0, "a positive integer"),
+    ("TrainConfig", "log_every"): (lambda v: v > 0, "a positive integer"),
+    ("DataConfig", "max_seq_len"): (lambda v: v > 0, "a positive integer"),
+    ("DataConfig", "validation_fraction"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("DataConfig", "max_drop_fraction"): (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+}
+
+
+def _check_range(cls: type, name: str, value: Any, where: str, problems: list[str]) -> None:
+    rule = RANGES.get((cls.__name__, name))
+    if rule is not None and value is not None and not rule[0](value):
+        problems.append(f"{where}: must be {rule[1]}, got {value!r}")
+
+
+def _coerce(kind: Any, value: Any, where: str, problems: list[str]) -> Any:
+    origin, args = get_origin(kind), get_args(kind)
+    if dataclasses.is_dataclass(kind) or kind is LoraConfig:
+        return _build(kind, value, where, problems)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            trial: list[str] = []
+            result = _coerce(option, value, where, trial)
+            if not trial:
+                return result
+        problems.append(f"{where}: expected {' or '.join(_name(a) for a in args)}, got {_describe(value)}")
+        return value
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{where}: must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            problems.append(f"{where}: expected a mapping of names to names, got {_describe(value)}")
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where}: expected true or false, got {_describe(value)}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where}: expected an integer, got {_describe(value)}")
+        return value
+    if kind is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 2e-4 as a string (it wants 2.0e-4); accept what users write.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}: expected a number, got {_describe(value)}")
+            return value
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            problems.append(f"{where}: expected a string, got {_describe(value)}")
+        return value
+    return value
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _name(kind: Any) -> str:
+    if kind is type(None):
+        return "null"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
+
+
+def _field_doc(cls: type, name: str) -> str:
+    return f" ({FIELD_HINTS[(cls.__name__, name)]})" if (cls.__name__, name) in FIELD_HINTS else ""
+
+
+FIELD_HINTS = {
+    ("RunConfig", "model"): "a section with at least name_or_path",
+    ("RunConfig", "data"): "a section with at least train: path/to/train.jsonl",
+    ("ModelConfig", "name_or_path"): "a local model directory or a hub id",
+    ("DataConfig", "train"): "a JSON, JSONL, CSV or Parquet file",
+}

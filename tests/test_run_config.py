@@ -1,0 +1,99 @@
+"""The run config: the issue's minimal YAML runs as written; every bad field is reported with its path."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorakit import ConfigError
+from lorakit.config import RunConfig, load_run_config
+
+MINIMAL = """\
+model:
+  name_or_path: ./tiny-llama        # a local directory or a hub id
+  dtype: auto
+lora:
+  r: 16
+  lora_alpha: 32
+  lora_dropout: 0.0
+  target_modules: [q_proj, k_proj, v_proj, o_proj]
+data:
+  train: data/train.jsonl
+  validation: data/val.jsonl
+  format: auto
+  max_seq_len: 512
+train:
+  max_steps: 20
+  batch_size: 4
+  grad_accum: 1
+  lr: 2.0e-4
+  seed: 0
+  eval_every: 10
+  save_every: 10
+output_dir: runs/demo
+"""
+
+
+@pytest.fixture
+def minimal(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(MINIMAL)
+    return path
+
+
+def test_the_minimal_config_loads_as_written(minimal):
+    config = load_run_config(minimal)
+    assert isinstance(config, RunConfig)
+    assert config.model.name_or_path == "./tiny-llama"
+    assert config.lora.r == 16 and config.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert config.data.max_seq_len == 512 and config.data.validation == "data/val.jsonl"
+    assert (config.train.max_steps, config.train.lr, config.train.save_every) == (20, 2e-4, 10)
+    assert config.output_dir == "runs/demo"
+
+
+def test_overrides_replace_values_and_parse_as_yaml(minimal):
+    config = load_run_config(minimal, ["train.lr=1e-3", "lora.target_modules=[q_proj, v_proj]", "train.eval_every=null"])
+    assert config.train.lr == 1e-3  # "1e-3" is a string to YAML 1.1; numbers are accepted as written
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.train.eval_every is None
+
+
+def test_every_problem_is_reported_together_with_its_path(minimal):
+    bad = ["train.lrr=1", "train.batch_size=abc", "lora.r=0", "lora.rr=3", "data.format=json",
+           "model.dtype=fp8", "train.max_steps=-1", "output_dir=[1]"]
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(minimal, bad)
+    message = str(caught.value)
+    for expected in ["train.lrr: unknown key (did you mean 'lr'?)", "train.batch_size: expected an integer",
+                     "lora.r must be a positive integer", "lora.rr: unknown option (did you mean 'r'?)",
+                     "data.format: must be one of auto, alpaca, messages, sharegpt, text; got 'json'",
+                     "model.dtype: must be one of", "train.max_steps: must be a positive integer, got -1",
+                     "output_dir: expected a string"]:
+        assert expected in message
+    assert "(8 problems)" in message
+
+
+def test_missing_required_fields_say_what_to_give(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(path)
+    assert "model.name_or_path: required (a local model directory or a hub id)" in str(caught.value)
+    assert "data: required (a section with at least train: path/to/train.jsonl)" in str(caught.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("model: [unclosed\n", "not valid YAML"),
+    ("- just\n- a list\n", "expected a mapping of sections"),
+])
+def test_unreadable_files_are_named(tmp_path, text, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        load_run_config(path)
+
+
+def test_missing_file_and_malformed_override_are_clear(minimal, tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_run_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="must look like section.field=value"):
+        load_run_config(minimal, ["train.lr"])
