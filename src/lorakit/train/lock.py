@@ -1,0 +1,102 @@
+"""A PID lockfile on a run's output directory, so two runs never write checkpoints into the same place.
+
+The lock itself is an advisory `flock` on `<out>/.lorakit.lock`: the kernel drops it when its process dies,
+however it dies, so a lock left by a killed run is stale by construction. The file's text (the holder's PID)
+is for people and error messages. Where `fcntl` does not exist, the PID alone decides: a lock naming a
+running process is refused, one naming a dead process is taken over.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
+
+LOCK_FILE = ".lorakit.lock"
+
+# realpath of the output directory -> (pid that took the lock, open file descriptor). The pid is kept
+# because a forked child inherits this dict but not the right to write.
+_held: dict[str, tuple[int, int]] = {}
+
+
+def _key(out_dir: Path) -> str:
+    return os.path.realpath(out_dir)
+
+
+def _read_pid(fd: int) -> int | None:
+    text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def holds_lock(out_dir: str | os.PathLike) -> bool:
+    """Whether this process holds the lock on `out_dir`."""
+    held = _held.get(_key(Path(out_dir)))
+    return held is not None and held[0] == os.getpid()
+
+
+def acquire_lock(out_dir: str | os.PathLike) -> None:
+    """Lock `out_dir` for this process, or raise CheckpointError naming the PID of the run that holds it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if holds_lock(out_dir):
+        raise CheckpointError(f"{out_dir}: this process already holds the lock on this output directory")
+    path = out_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        previous = _read_pid(fd)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                busy = False
+            except BlockingIOError:
+                busy = True
+        else:
+            busy = previous is not None and previous != os.getpid() and _alive(previous)
+        if busy:
+            raise CheckpointError(
+                f"{out_dir} is in use by another run (pid {previous if previous is not None else 'unknown'}, "
+                f"lock file {path}); stop that run or choose another output directory"
+            )
+        if previous is not None and previous != os.getpid():
+            warnings.warn(f"{path}: taking over a stale lock left by pid {previous}, which no longer holds it "
+                          "(the run ended without releasing it)", stacklevel=3)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    _held[_key(out_dir)] = (os.getpid(), fd)
+
+
+def release_lock(out_dir: str | os.PathLike) -> None:
+    """Release the lock taken by acquire_lock (a no-op if this process does not hold it)."""
+    key = _key(Path(out_dir))
+    held = _held.get(key)
+    if held is None or held[0] != os.getpid():
+        return
+    del _held[key]
+    fd = held[1]
+    try:
+        # Empty the file rather than delete it: unlinking a flock'ed file lets a waiting opener lock the
+        # old inode while a third process creates and locks a new one, and both believe they hold it.
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing drops the flock
