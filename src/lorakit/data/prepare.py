@@ -1,0 +1,237 @@
+"""prepare(): a data file (or records) + tokenizer + DataOptions -> tokenized examples and a summary.
+
+One pass per record: read, detect/validate the format, render and tokenize, apply the length policy.
+Problems are collected with their location and reason, then the run either fails (strict, the default)
+or continues with the bad records counted. Either way it fails when more than max_drop_fraction of the
+records were lost, and when nothing is left (RELIABILITY.md §5: never "succeed" on no data).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import DataError
+from .collate import LengthGroupedBatchSampler, PackedMask, collate, collate_packed
+from .formats import describe_keys, detect_format, normalise
+from .options import DataOptions
+from .packing import PackedRow, pack
+from .records import BadRecord, Record, read_records, records_from_objects
+from .templates import IGNORE_INDEX, ChatTemplate, Tokenized, resolve_template, tokenize_conversation, tokenize_text
+
+MAX_LISTED = 20  # problems quoted in full in an error; the rest are counted by reason
+# Reasons that are a property of the data's shape (an error in strict mode), as opposed to policy drops.
+POLICY_REASONS = ("too_long", "no_supervised_tokens")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized training example, with the place it came from (for errors and debugging)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str
+
+
+@dataclass
+class DataSummary:
+    """What happened to the records: the numbers behind the one-line summary."""
+
+    source: str
+    format: str = "unknown"
+    template: str = "-"
+    records_read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)  # reason -> count (bad records and policy drops)
+    supervised_tokens: int = 0
+    total_tokens: int = 0
+    problems: list[str] = field(default_factory=list)  # the first MAX_LISTED, as "location: reason"
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def line(self) -> str:
+        """One human line, e.g. for the training log's header."""
+        drops = ", ".join(f"{r}: {n}" for r, n in sorted(self.dropped.items())) or "none"
+        return (f"{self.source}: {self.records_read} records read, {self.kept} kept ({self.truncated} truncated), "
+                f"{self.dropped_total} dropped ({drops}); {self.total_tokens} tokens, {self.supervised_tokens} "
+                f"supervised; format={self.format} template={self.template}")
+
+
+@dataclass
+class PreparedData:
+    """Tokenized examples ready for batching, and how they were made."""
+
+    examples: list[Example]
+    summary: DataSummary
+    packing: bool
+    max_seq_len: int
+    pad_token_id: int
+
+
+Source = str | os.PathLike[str] | Iterable[Mapping[str, Any] | Record]
+
+
+def prepare(source: Source, tokenizer: Any, options: DataOptions | None = None, *, name: str | None = None) \
+        -> PreparedData:
+    """Read, validate, render and tokenize every record of `source` (a local file path, or records in
+    memory / from `read_hub`). Raises DataError naming file, line and reason for bad data. `name` labels
+    the summary (default: the path, or "records")."""
+    opts = options or DataOptions()
+    if isinstance(source, (str, os.PathLike)):
+        name, records = name or str(source), read_records(source)
+    else:
+        name, records = name or "records", records_from_objects(source, name=name or "records")
+    summary = DataSummary(source=name)
+    fmt = None if opts.format == "auto" else opts.format
+    template: ChatTemplate | None = None
+    examples: list[Example] = []
+    strict_failures = 0
+    for rec in records:
+        summary.records_read += 1
+        try:
+            if rec.problem is not None:
+                raise rec.problem
+            assert rec.data is not None
+            if fmt is None:
+                fmt = detect_format(rec.data, opts.columns)
+                if fmt is None:
+                    raise BadRecord("unknown_format", f"fits no format: keys {sorted(map(str, rec.data))[:8]}; "
+                                                      f"expected {describe_keys(opts.columns)}")
+            if fmt != "text" and template is None:
+                template = resolve_template(tokenizer, opts.template)  # DataError: stops at once, not per record
+            item = normalise(rec.data, fmt, opts.columns)
+            if isinstance(item, str):
+                tok = tokenize_text(item, tokenizer)
+            else:
+                assert template is not None
+                tok = tokenize_conversation(item, tokenizer, template, train_on_prompt=opts.train_on_prompt)
+        except BadRecord as e:
+            where = e if e.location else e.at(rec.location)
+            _drop(summary, e.reason, str(where))
+            if not opts.skip_bad_records:
+                strict_failures += 1
+                if strict_failures >= MAX_LISTED:
+                    break
+            continue
+        example = _apply_length_policy(tok, rec.location, opts, summary)
+        if example is not None:
+            examples.append(example)
+    summary.format = fmt or "unknown"
+    summary.template = "-" if fmt == "text" or template is None else template.name
+    if strict_failures:
+        raise DataError(_strict_message(summary, stopped=strict_failures >= MAX_LISTED))
+    _check_losses(summary, opts)
+    summary.kept = len(examples)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError("the tokenizer has neither a pad_token nor an eos_token to pad batches with")
+    return PreparedData(examples, summary, opts.packing_for(summary.format), opts.max_seq_len, pad)
+
+
+def _apply_length_policy(tok: Tokenized, location: str, opts: DataOptions, summary: DataSummary) -> Example | None:
+    """Truncate or drop an over-long example; drop one left with nothing to learn."""
+    ids, labels = tok.input_ids, tok.labels
+    if len(ids) > opts.max_seq_len:
+        if opts.truncation == "drop":
+            _drop(summary, "too_long", f"{location}: {len(ids)} tokens > max_seq_len={opts.max_seq_len}")
+            return None
+        # Cut after the last assistant turn that fits whole, so every kept turn ends with its end-of-turn
+        # token; if none fits, a plain cut (the partial reply is trained without an end-of-turn token).
+        cut = max((e for e in tok.assistant_ends if e <= opts.max_seq_len), default=opts.max_seq_len)
+        ids, labels = ids[:cut], labels[:cut]
+        summary.truncated += 1
+    supervised = sum(1 for x in labels if x != IGNORE_INDEX)
+    if supervised == 0:
+        after = f" (after truncation to {opts.max_seq_len})" if len(ids) < len(tok.input_ids) else ""
+        _drop(summary, "no_supervised_tokens", f"{location}: no supervised token left{after}")
+        return None
+    summary.supervised_tokens += supervised
+    summary.total_tokens += len(ids)
+    return Example(list(ids), list(labels), location)
+
+
+def _drop(summary: DataSummary, reason: str, message: str) -> None:
+    summary.dropped[reason] += 1
+    if len(summary.problems) < MAX_LISTED:
+        summary.problems.append(message)
+
+
+def _strict_message(summary: DataSummary, *, stopped: bool) -> str:
+    bad = {r: n for r, n in summary.dropped.items() if r not in POLICY_REASONS}
+    counts = ", ".join(f"{r}: {n}" for r, n in sorted(bad.items()))
+    total = sum(bad.values())
+    head = f"{summary.source}: {total} bad record{'s' if total != 1 else ''} ({counts})"
+    if stopped:
+        head += f"; stopped after {MAX_LISTED}"
+    listed = "\n".join(f"  {p}" for p in summary.problems)
+    return f"{head}:\n{listed}\nfix them, or set skip_bad_records to skip and count them"
+
+
+def _check_losses(summary: DataSummary, opts: DataOptions) -> None:
+    """Fail when nothing is left or too much was lost; both name the reasons."""
+    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(summary.dropped.items()))
+    kept = summary.records_read - summary.dropped_total
+    if kept <= 0:
+        what = "no records" if summary.records_read == 0 else f"all {summary.records_read} records dropped ({reasons})"
+        raise DataError(f"{summary.source}: no valid samples: {what}" +
+                        ("".join(f"\n  {p}" for p in summary.problems)))
+    fraction = summary.dropped_total / summary.records_read
+    if fraction > opts.max_drop_fraction:
+        raise DataError(f"{summary.source}: {summary.dropped_total} of {summary.records_read} records dropped "
+                        f"({fraction:.1%} > max_drop_fraction={opts.max_drop_fraction:g}): {reasons}"
+                        + "".join(f"\n  {p}" for p in summary.problems)
+                        + "\nfix the data, or raise max_drop_fraction if this loss is intended")
+
+
+def split_validation(examples: Sequence[Example], fraction: float, seed: int = 0) \
+        -> tuple[list[Example], list[Example]]:
+    """Split off `fraction` of the examples (at least one) as a validation set, fixed by `seed`.
+
+    Both parts keep the original order; the choice depends only on (len(examples), fraction, seed).
+    """
+    if not 0 < fraction < 1:
+        raise DataError(f"validation fraction must be in (0, 1), got {fraction}")
+    n = len(examples)
+    k = max(1, round(n * fraction))
+    if n < 2 or k >= n:
+        raise DataError(f"cannot split {fraction:g} of {n} examples for validation and keep any for training")
+    chosen = set(random.Random(f"lorakit-split:{seed}").sample(range(n), k))
+    train = [e for i, e in enumerate(examples) if i not in chosen]
+    val = [e for i, e in enumerate(examples) if i in chosen]
+    return train, val
+
+
+def packed_rows(data: PreparedData) -> list[PackedRow]:
+    """The packed rows of `data` (deterministic; compute once per run)."""
+    return pack(data.examples, data.max_seq_len)
+
+
+def iter_batches(data: PreparedData, batch_size: int, *, seed: int = 0, epoch: int = 0,
+                 rows: Sequence[PackedRow] | None = None, mask: PackedMask = "float",
+                 dtype: torch.dtype = torch.float32, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of one epoch, ready for `model(**batch)`; order fixed by (seed, epoch).
+
+    Packed: rows (pass `rows=packed_rows(data)` to avoid re-packing each epoch) in shuffled batches, with
+    position_ids and a block-diagonal mask. Unpacked: length-grouped batches, dynamically padded.
+    """
+    if data.packing:
+        rows = packed_rows(data) if rows is None else rows
+        sampler = LengthGroupedBatchSampler([len(r) for r in rows], batch_size, seed=seed, drop_last=drop_last,
+                                            group_by_length=False)
+        for idx in sampler.batches(epoch):
+            yield collate_packed([rows[i] for i in idx], data.pad_token_id, mask=mask, dtype=dtype)
+    else:
+        sampler = LengthGroupedBatchSampler([len(e.input_ids) for e in data.examples], batch_size, seed=seed,
+                                            drop_last=drop_last)
+        for idx in sampler.batches(epoch):
+            yield collate([data.examples[i] for i in idx], data.pad_token_id)
+

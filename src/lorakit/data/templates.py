@@ -1,0 +1,270 @@
+"""Chat templates: a conversation -> token ids + labels, with loss on the assistant turns only.
+
+Two kinds of template, one masking procedure:
+- the tokenizer's own Jinja `chat_template` (used whenever the tokenizer has one and `template="auto"`),
+- a named built-in (`chatml`, `llama3`, `alpaca`, `plain`) for tokenizers without one.
+
+Both are "render a list of messages to a string". The mask is then built by rendering incrementally: for
+assistant turn i, the prompt `render(turns[:i], add_generation_prompt=True)` and the turn end
+`render(turns[:i+1])` are tokenized alone and must be token prefixes of the whole conversation. If they
+are not, the template does not round-trip, i.e. what inference would feed the model differs from what
+it was trained on, and we raise instead of training on a silently shifted mask. Inside the turn, tokens
+up to and including the last end-of-turn special token are supervised; anything the template puts after
+it (chatml's "\\n") is not. A turn with no end-of-turn token is an error: the model would never learn to
+stop (axolotl#3754, the Gemma end-of-turn token masked out while the loss "looked healthy").
+
+Special-token strings typed inside message content (a user writing "<|im_end|>") are tokenized as text:
+such content is cut out of the rendered string (via a sentinel render) and encoded with
+`split_special_tokens=True`, so users cannot inject control tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import DataError
+from .formats import Turn
+from .records import BadRecord
+
+IGNORE_INDEX = -100  # labels value meaning "no loss here" (torch.nn.CrossEntropyLoss default ignore_index)
+BUILTIN_TEMPLATES = ("chatml", "llama3", "alpaca", "plain")
+Messages = list[dict[str, str]]
+RenderFn = Callable[[Messages, bool], str]
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A resolved template: how to render messages, and which token ids end an assistant turn."""
+
+    name: str
+    render: RenderFn
+    end_of_turn_ids: frozenset[int]
+    literal_strings: tuple[str, ...] = field(default=())  # special-token strings kept literal in content
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """One tokenized example. Both lists have the same length; labels use IGNORE_INDEX for "no loss"."""
+
+    input_ids: list[int]
+    labels: list[int]
+    assistant_ends: tuple[int, ...] = ()  # token index just past each assistant turn's end-of-turn token
+
+
+def resolve_template(tokenizer: Any, name: str = "auto") -> ChatTemplate:
+    """The template to use: the tokenizer's own for `auto` (an error if it has none), else a built-in.
+
+    Raises DataError at startup, not per record, when the tokenizer cannot express the template.
+    """
+    literals = _special_strings(tokenizer)
+    if name == "auto":
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("the tokenizer has no chat_template; set template to one of "
+                            f"{', '.join(BUILTIN_TEMPLATES)} (plain for a base model)")
+
+        def render(messages: Messages, add_generation_prompt: bool) -> str:
+            out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            if not isinstance(out, str):
+                raise DataError(f"apply_chat_template returned {type(out).__name__}, expected a string")
+            return out
+
+        eot = {tid for tid, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+        if tokenizer.eos_token_id is not None:
+            eot.add(tokenizer.eos_token_id)
+        return ChatTemplate("tokenizer", render, frozenset(eot), literals)
+    if name not in BUILTIN_TEMPLATES:
+        raise DataError(f"unknown template {name!r}; expected auto or one of {', '.join(BUILTIN_TEMPLATES)}")
+    bos = _bos(tokenizer)
+    if name == "chatml":
+        _, end = _need_tokens(tokenizer, name, "<|im_start|>", "<|im_end|>")
+        return ChatTemplate(name, _chatml, frozenset({end}), literals)
+    if name == "llama3":
+        ids = _need_tokens(tokenizer, name, "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                           "<|eot_id|>")
+        return ChatTemplate(name, _llama3, frozenset({ids[-1]}), literals)
+    eos = tokenizer.eos_token
+    if eos is None or tokenizer.eos_token_id is None:
+        raise DataError(f"template {name!r} ends each reply with the EOS token, but the tokenizer has no eos_token")
+    render = _alpaca_renderer(bos, eos) if name == "alpaca" else _plain_renderer(bos, eos)
+    return ChatTemplate(name, render, frozenset({tokenizer.eos_token_id}), literals)
+
+
+def tokenize_conversation(turns: Sequence[Turn], tokenizer: Any, template: ChatTemplate, *,
+                          train_on_prompt: bool = False) -> Tokenized:
+    """Token ids and labels for one conversation; labels supervise each assistant turn and its end-of-turn
+    token (or everything with `train_on_prompt`). Raises BadRecord when the template does not round-trip."""
+    messages = [{"role": t.role, "content": t.content} for t in turns]
+    ids = _encode_rendered(tokenizer, template, messages, False)
+    labels = [IGNORE_INDEX] * len(ids)
+    ends = []
+    for i, t in enumerate(turns):
+        if t.role != "assistant":
+            continue
+        prompt = _encode_rendered(tokenizer, template, messages[:i], True)
+        upto = _encode_rendered(tokenizer, template, messages[:i + 1], False)
+        for part, what in ((prompt, "prompt before"), (upto, "conversation up to")):
+            if ids[:len(part)] != part:
+                at = next((k for k, (a, b) in enumerate(zip(ids, part)) if a != b), min(len(ids), len(part)))
+                raise BadRecord("template_roundtrip",
+                                f"template {template.name!r} does not round-trip: the tokens of the {what} "
+                                f"assistant turn {i + 1} rendered alone differ from the full conversation at "
+                                f"token {at}, so the loss mask would not match inference")
+        last = max((k for k in range(len(prompt), len(upto)) if ids[k] in template.end_of_turn_ids), default=None)
+        if last is None:
+            raise BadRecord("no_end_of_turn", f"template {template.name!r} put no end-of-turn token after assistant "
+                                              f"turn {i + 1}; the model would never learn to stop")
+        labels[len(prompt):last + 1] = ids[len(prompt):last + 1]
+        ends.append(last + 1)
+    if train_on_prompt:
+        labels = list(ids)
+    _mask_first(labels)
+    return Tokenized(ids, labels, tuple(ends))
+
+
+def tokenize_text(text: str, tokenizer: Any) -> Tokenized:
+    """Raw text for continued pre-training: [BOS] text EOS, every token supervised; special-token strings
+    in the text stay text."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("text data needs an eos_token to mark where a document ends; the tokenizer has none")
+    bos_id = tokenizer.bos_token_id if _bos(tokenizer) else None
+    body = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ids = ([bos_id] if bos_id is not None else []) + list(body) + [tokenizer.eos_token_id]
+    labels = list(ids)
+    _mask_first(labels)
+    return Tokenized(ids, labels, (len(ids),))
+
+
+def _mask_first(labels: list[int]) -> None:
+    """A causal LM never predicts token 0 (the loss shifts labels left by one), so its label is dead
+    weight; clearing it keeps supervised-token counts honest and lets packed rows match unpacked loss
+    (otherwise the previous example's last token would be trained to predict this one)."""
+    if labels:
+        labels[0] = IGNORE_INDEX
+
+
+def _encode_rendered(tokenizer: Any, template: ChatTemplate, messages: Messages, add_generation_prompt: bool) \
+        -> list[int]:
+    """Render and tokenize, keeping special-token strings inside message content literal."""
+    ids: list[int] = []
+    for text, literal in _render_segments(template, messages, add_generation_prompt):
+        if text:
+            ids += tokenizer(text, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
+    return ids
+
+
+def _render_segments(template: ChatTemplate, messages: Messages, add_generation_prompt: bool) \
+        -> list[tuple[str, bool]]:
+    """The rendered string cut into (text, is_literal_content) pieces.
+
+    Only content that contains a special-token string is cut out, so ordinary conversations tokenize
+    exactly as `apply_chat_template(..., tokenize=True)` would. The cut points come from rendering with
+    a sentinel in place of that content; if the template transforms content (e.g. `| trim`) the pieces
+    would not reassemble to the real render and we refuse rather than guess.
+    """
+    try:
+        real = template.render(messages, add_generation_prompt)
+        protect = [i for i, m in enumerate(messages) if any(s in m["content"] for s in template.literal_strings)]
+        if not protect:
+            return [(real, False)]
+        sentinel = {i: f"\ue000lorakit{i}\ue001" for i in protect}
+        masked = [dict(m, content=sentinel[i]) if i in sentinel else m for i, m in enumerate(messages)]
+        rendered = template.render(masked, add_generation_prompt)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a Jinja template may raise anything (raise_exception, TypeError)
+        raise BadRecord("template_error", f"template {template.name!r} failed to render: {e}") from None
+    pieces: list[tuple[str, bool]] = []
+    pos = 0
+    for i in protect:
+        at = rendered.find(sentinel[i], pos)
+        if at < 0 or rendered.count(sentinel[i]) != 1:
+            raise BadRecord("template_error", f"cannot keep special-token text in turn {i + 1} literal: the "
+                                              f"template {template.name!r} does not emit message content verbatim")
+        pieces += [(rendered[pos:at], False), (messages[i]["content"], True)]
+        pos = at + len(sentinel[i])
+    pieces.append((rendered[pos:], False))
+    if "".join(text for text, _ in pieces) != real:
+        raise BadRecord("template_error", f"cannot keep special-token text literal: the template {template.name!r} "
+                                          "transforms message content")
+    return pieces
+
+
+def _special_strings(tokenizer: Any) -> tuple[str, ...]:
+    """Strings the tokenizer would turn into special tokens if they appeared in raw text."""
+    found = {tok.content for tok in tokenizer.added_tokens_decoder.values() if tok.special}
+    found.update(t for t in tokenizer.all_special_tokens if t)
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def _need_tokens(tokenizer: Any, name: str, *markers: str) -> list[int]:
+    """Each marker must be one token of the tokenizer; otherwise the template's markup would be plain
+    text pieces and no single end-of-turn id would exist."""
+    ids, missing = [], []
+    for m in markers:
+        enc = tokenizer(m, add_special_tokens=False)["input_ids"]
+        if len(enc) != 1:
+            missing.append(m)
+        else:
+            ids.append(enc[0])
+    if missing:
+        raise DataError(f"template {name!r} needs {', '.join(markers)} as single tokens, but the tokenizer lacks "
+                        f"{', '.join(missing)}; add them as special tokens (and resize the model's embeddings) or "
+                        f"choose another template ({', '.join(BUILTIN_TEMPLATES)})")
+    return ids
+
+
+def _bos(tokenizer: Any) -> str:
+    """The BOS string to prepend, or "" when there is none or it doubles as EOS (GPT-2 style)."""
+    bos = tokenizer.bos_token
+    return bos if bos and bos != tokenizer.eos_token else ""
+
+
+def _chatml(messages: Messages, add_generation_prompt: bool) -> str:
+    """<|im_start|>role\\ncontent<|im_end|>\\n per message (Qwen / OpenAI ChatML); no BOS."""
+    out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def _llama3(messages: Messages, add_generation_prompt: bool) -> str:
+    """Llama 3 headers; content is not trimmed (Meta's template trims) so text is kept byte for byte."""
+    out = "<|begin_of_text|>" + "".join(
+        f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in messages)
+    return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+
+
+def _alpaca_renderer(bos: str, eos: str) -> RenderFn:
+    """Stanford Alpaca's "### Instruction:/### Response:" blocks, one per exchange, each reply ending in EOS."""
+
+    def render(messages: Messages, add_generation_prompt: bool) -> str:
+        out = [bos]
+        for m in messages:
+            if m["role"] == "system":
+                out.append(f"{m['content']}\n\n")
+            elif m["role"] == "user":
+                out.append(f"### Instruction:\n{m['content']}\n\n")
+            else:
+                out.append(f"### Response:\n{m['content']}{eos}")
+        if add_generation_prompt:
+            out.append("### Response:\n")
+        return "".join(out)
+
+    return render
+
+
+def _plain_renderer(bos: str, eos: str) -> RenderFn:
+    """For base models: system and user text, a newline, then the reply and EOS; no markup at all."""
+
+    def render(messages: Messages, add_generation_prompt: bool) -> str:
+        out = [bos]
+        for m in messages:
+            if m["role"] == "system":
+                out.append(f"{m['content']}\n\n")
+            elif m["role"] == "user":
+                out.append(f"{m['content']}\n")
+            else:
+                out.append(f"{m['content']}{eos}")
+        return "".join(out)
+
+    return render
