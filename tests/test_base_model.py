@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_model
+from tiny_models import build_model
 from lorakit import ConfigError
 from lorakit.base_model import cpu_has_bf16_matmul, load_base_model, pick_dtype, pick_device
 from lorakit.config import ModelConfig

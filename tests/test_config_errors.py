@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import build_model
+from tiny_models import build_model
 from lorakit import ConfigError, LoraConfig, TargetNotFoundError, wrap
 from lorakit.lora.full_copy import FullCopy
 from lorakit.lora.layer import LoraLayer

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import build_model, randomize_lora
+from tiny_models import build_model, randomize_lora
 
 peft = pytest.importorskip("peft")
 

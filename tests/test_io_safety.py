@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorakit
-from conftest import build_model, randomize_lora
+from tiny_models import build_model, randomize_lora
 from lorakit import AdapterError, LoraConfig, wrap
 from lorakit.lora import io as lora_io
 from lorakit.lora.full_copy import FullCopy

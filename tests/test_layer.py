@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import build_model, randomize_lora
+from tiny_models import build_model, randomize_lora
 from lorakit import ConfigError, LoraConfig, wrap
 from lorakit.lora.layer import LoraEmbedding, LoraLayer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_model, randomize_lora
+from tiny_models import build_model, randomize_lora
 from lorakit import AdapterError, LoraConfig, wrap
 from lorakit.lora.layer import LoraLayer
 

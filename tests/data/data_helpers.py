@@ -1,6 +1,5 @@
 """Helpers and fixtures for the data tests: tokenizers trained in-process on a few lines (no network, well
-under a second), and file writers. Test modules import the fixtures by name: a tests/data/conftest.py
-would shadow tests/conftest.py, which other test modules import as `conftest`.
+under a second), and file writers. Test modules import the fixtures by name, like tests/tiny_models.py.
 
 The pre-tokenizer is Llama 3's split regex followed by byte-level encoding, as in Llama 3's
 tokenizer.json, so whitespace after template headers round-trips as it does for the real model.

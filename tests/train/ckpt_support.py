@@ -15,7 +15,7 @@ VOCAB = 96
 
 
 def tiny_llama(seed: int = 0) -> torch.nn.Module:
-    """The tiny Llama of tests/conftest.py, built here: `from conftest import` is ambiguous once tests/*/ has its own."""
+    """A tiny seeded Llama (as tests/tiny_models.py builds), with the sizes the resume tests rely on."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
