@@ -107,6 +107,16 @@ class RunConfig:
     """Where the adapter, checkpoints, metrics and plots go."""
 
 
+def data_options(data: DataConfig):
+    """The data pipeline's options from the run config's data section (same names and meanings)."""
+    from .data import DataOptions
+
+    return DataOptions(format=data.format, columns=dict(data.columns), template=data.template,
+                       max_seq_len=data.max_seq_len, truncation=data.truncation, train_on_prompt=data.train_on_prompt,
+                       packing=data.packing, skip_bad_records=data.skip_bad_records,
+                       max_drop_fraction=data.max_drop_fraction)
+
+
 # ---- loading --------------------------------------------------------------------------------------------
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config, apply `key.path=value` overrides, validate everything at once."""
@@ -285,3 +295,35 @@ FIELD_HINTS = {
     ("ModelConfig", "name_or_path"): "a local model directory or a hub id",
     ("DataConfig", "train"): "a JSON, JSONL, CSV or Parquet file",
 }
+
+
+# ---- reference text (lorakit train --help) ----------------------------------------------------------------
+def field_reference() -> str:
+    """Every run-config field with its type, default and docstring, read from the dataclasses' source."""
+    import ast
+    import inspect
+
+    sections = [("model", ModelConfig), ("lora", LoraConfig), ("data", DataConfig), ("train", TrainConfig),
+                ("", RunConfig)]
+    lines = []
+    for section, cls in sections:
+        docs: dict[str, str] = {}
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for node, after in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(after.value.value).split())
+        lines.append(f"{section}:" if section else "top level:")
+        for f in dataclasses.fields(cls):
+            if section == "" and f.name != "output_dir":
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f" = {f.default!r}"
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f" = {f.default_factory()!r}"
+            else:
+                default = " (required)"
+            kind = str(f.type).replace("typing.", "")
+            lines.append(f"  {f.name}: {kind}{default}")
+            if f.name in docs:
+                lines.append(f"      {docs[f.name]}")
+    return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""`lorakit` subcommands. The library never prints errors or exits; this is the one place that turns
+its exceptions into `error: ...` plus `hint: ...` and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Sequence
+
+from ..errors import AdapterError, CheckpointError, ConfigError, DataError, LorakitError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+HINTS = {
+    ConfigError: "fix the field named above; `lorakit train --help` lists every field with its allowed values",
+    DataError: "fix the record at the location shown, or set data.skip_bad_records: true to skip and count bad records",
+    AdapterError: "check that the adapter directory was written by lorakit or PEFT for this base model",
+    CheckpointError: "resume from another checkpoint (--resume PATH), or start fresh with --resume never",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_ERROR
+    try:
+        return args.handler(args)
+    except LorakitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        hint = next((h for kind, h in HINTS.items() if isinstance(err, kind)), None)
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..config import field_reference
+
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning: train, evaluate, merge, generate.")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train an adapter from a YAML run config",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="run config fields (see examples/run.yaml):\n\n" + field_reference())
+    train.add_argument("config", help="the run config (YAML)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                       help="override a config field, e.g. --set train.lr=2e-4 (repeatable)")
+    train.add_argument("--resume", default=None, help="auto (latest complete checkpoint), never, or a checkpoint directory")
+    train.set_defaults(handler=_train)
+
+    evaluate = sub.add_parser("eval", help="loss and perplexity of a model, with or without an adapter, on a dataset")
+    evaluate.add_argument("config", nargs="?", help="a run config (its model, data.validation or data.train, output adapter)")
+    evaluate.add_argument("--model", help="base model directory or hub id")
+    evaluate.add_argument("--adapter", help="adapter directory (omit for the base model alone)")
+    evaluate.add_argument("--data", help="data file to evaluate on")
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--max-seq-len", type=int, default=None)
+    evaluate.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"])
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object (loss, perplexity, tokens)")
+    evaluate.set_defaults(handler=_eval)
+
+    merge = sub.add_parser("merge", help="fold an adapter into its base and save a plain transformers model")
+    merge.add_argument("--model", "--base", dest="model", required=True, help="base model directory or hub id")
+    merge.add_argument("--adapter", required=True, help="adapter directory")
+    merge.add_argument("--out", required=True, help="output directory for the merged model")
+    merge.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    merge.add_argument("--max-shard-size", default="2GB")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    merge.set_defaults(handler=_merge)
+
+    for name, helptext in (("generate", "generate a completion for one prompt, streamed"),
+                           ("chat", "chat interactively (the tokenizer's chat template)")):
+        p = sub.add_parser(name, help=helptext)
+        if name == "generate":
+            p.add_argument("prompt", help="the prompt text")
+            p.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user turn")
+        else:
+            p.add_argument("--system", default=None, help="a system message")
+        p.add_argument("--model", required=True, help="base model directory or hub id")
+        p.add_argument("--adapter", help="adapter directory")
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+        p.set_defaults(handler=_generate if name == "generate" else _chat)
+    return parser
+
+
+# ---- handlers -------------------------------------------------------------------------------------------
+def _train(args: argparse.Namespace) -> int:
+    from ..config import load_run_config
+    from ..train.run import run_training
+
+    config = load_run_config(args.config, args.overrides)
+    result = run_training(config, resume=args.resume, log=print)
+    print(result.summary)
+    return 0
+
+
+def _load(model: str, adapter: str | None, dtype: str | None):
+    from ..base_model import load_base_model
+    from ..config import ModelConfig
+    from ..lora import load_adapter
+
+    loaded = load_base_model(ModelConfig(name_or_path=model, dtype=dtype or "auto"))
+    if adapter:
+        loaded.model = load_adapter(loaded.model, adapter)
+    return loaded
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ..config import data_options, load_run_config
+    from ..data import prepare
+    from ..train.evaluate import evaluate
+
+    if args.config:
+        config = load_run_config(args.config)
+        model = args.model or config.model.name_or_path
+        data_path = args.data or config.data.validation or config.data.train
+        options = data_options(config.data)
+    else:
+        if not (args.model and args.data):
+            raise ConfigError("give a run config, or both --model and --data", where="lorakit eval")
+        from ..data import DataOptions
+
+        model, data_path, options = args.model, args.data, DataOptions()
+    if args.max_seq_len:
+        options = dataclasses.replace(options, max_seq_len=args.max_seq_len)
+    loaded = _load(model, args.adapter, args.dtype)
+    data = prepare(data_path, loaded.tokenizer, options)
+    result = evaluate(loaded.model, data, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens}))
+    else:
+        print(f"{data.summary.line()}\nloss {result.loss:.4f}  perplexity {result.perplexity:.3f}  ({result.tokens} tokens)")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from ..base_model import load_base_model
+    from ..config import ModelConfig
+    from ..export import merge_to_directory
+
+    loaded = load_base_model(ModelConfig(name_or_path=args.model, dtype=args.dtype, device="cpu"))
+    print(loaded.describe())
+    out = merge_to_directory(loaded, args.adapter, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(f"merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.manual_seed(args.seed)
+    if args.temperature <= 0:
+        return dict(do_sample=False, max_new_tokens=args.max_new_tokens)
+    return dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+
+
+def _stream(loaded, input_ids, args) -> str:
+    import torch
+    from transformers import TextStreamer
+
+    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        out = loaded.model.generate(input_ids=input_ids.to(loaded.device), attention_mask=torch.ones_like(input_ids).to(loaded.device),
+                                    streamer=streamer, pad_token_id=loaded.tokenizer.pad_token_id, **_sampling(args))
+    return loaded.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def _chat_ids(tokenizer, messages):
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("this tokenizer has no chat template; use `lorakit generate` with a plain prompt",
+                          where="lorakit chat")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    loaded = _load(args.model, args.adapter, args.dtype)
+    if args.chat_template:
+        ids = _chat_ids(loaded.tokenizer, [{"role": "user", "content": args.prompt}])
+    else:
+        ids = loaded.tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    _stream(loaded, ids, args)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    loaded = _load(args.model, args.adapter, args.dtype)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        messages.append({"role": "user", "content": text})
+        reply = _stream(loaded, _chat_ids(loaded.tokenizer, messages), args)
+        messages.append({"role": "assistant", "content": reply})
+    return 0

@@ -1,0 +1,45 @@
+"""Merged checkpoints: base + adapter -> a plain transformers model directory.
+
+The result loads with `AutoModelForCausalLM.from_pretrained` alone: sharded safetensors with an index,
+config, generation config and the tokenizer files. Written to a temporary sibling directory and renamed
+into place, so an interrupted export never leaves a half-written model where the real one should be.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..atomic import fsync_dir
+from ..base_model import LoadedModel
+from ..errors import LorakitError
+from ..lora import load_adapter
+
+
+def merge_to_directory(loaded: LoadedModel, adapter_dir: str | Path, out_dir: str | Path, *,
+                       max_shard_size: str = "2GB", overwrite: bool = False) -> Path:
+    """Load `adapter_dir` onto the loaded base, fold it into the weights, save a plain model to `out_dir`."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise LorakitError(f"{out} already exists; choose another --out or pass --overwrite")
+    lora = load_adapter(loaded.model, adapter_dir)
+    lora.eval()
+    merged = lora.merge_and_unload(safe_merge=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        merged.save_pretrained(staging, max_shard_size=max_shard_size, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(staging)
+        for path in staging.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

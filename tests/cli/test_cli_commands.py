@@ -1,0 +1,130 @@
+"""The CLI in-process: `lorakit.cli.main([...])` on a tiny model saved to disk, as a user would run it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import lorakit
+from data_helpers import CHATML_JINJA, build_tokenizer
+from lorakit.cli import main
+from tiny_models import randomize_lora
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama with a real (in-process trained) tokenizer and chat template, saved like a hub model."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer(chat_template=CHATML_JINJA)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir, tmp_path_factory):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora = lorakit.wrap(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(lora, scale=0.3)
+    path = tmp_path_factory.mktemp("adapter")
+    lora.save_adapter(path)
+    return path
+
+
+def _adapted(model_dir, adapter_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return lorakit.load_adapter(model, adapter_dir)
+
+
+def test_merge_writes_a_plain_transformers_model_with_the_adapted_outputs(model_dir, adapter_dir, tmp_path):
+    out = tmp_path / "merged"
+    code = main(["merge", "--model", str(model_dir), "--adapter", str(adapter_dir), "--out", str(out),
+                 "--dtype", "float32", "--max-shard-size", "20KB"])
+    assert code == 0
+    assert (out / "model.safetensors.index.json").is_file()  # sharded, with an index
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        expected = _adapted(model_dir, adapter_dir)(input_ids=ids).logits
+        assert not torch.allclose(expected, base(ids).logits, atol=1e-4), "adapter had no effect"
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no staging directory left behind
+
+
+def test_merge_refuses_to_overwrite_and_says_how(model_dir, adapter_dir, tmp_path, capsys):
+    (tmp_path / "merged").mkdir()
+    code = main(["merge", "--model", str(model_dir), "--adapter", str(adapter_dir), "--out", str(tmp_path / "merged")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "already exists" in err and "--overwrite" in err
+
+
+def test_generate_streams_the_adapted_models_greedy_completion(model_dir, adapter_dir, capsys):
+    from transformers import AutoTokenizer
+
+    code = main(["generate", "hello world", "--model", str(model_dir), "--adapter", str(adapter_dir),
+                 "--max-new-tokens", "6", "--dtype", "float32"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer("hello world", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = _adapted(model_dir, adapter_dir).generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                       max_new_tokens=6, do_sample=False,
+                                                       pad_token_id=tokenizer.eos_token_id)
+    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert printed.strip() == expected.strip()
+
+
+def test_chat_applies_the_template_and_quits_on_eof(model_dir, adapter_dir, monkeypatch, capsys):
+    answers = iter(["hi there"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    code = main(["chat", "--model", str(model_dir), "--adapter", str(adapter_dir), "--max-new-tokens", "4",
+                 "--dtype", "float32", "--system", "be brief"])
+    assert code == 0
+
+
+def test_bad_adapter_path_is_an_error_with_a_hint(model_dir, tmp_path, capsys):
+    code = main(["generate", "x", "--model", str(model_dir), "--adapter", str(tmp_path / "missing")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "not a directory" in err and "hint:" in err
+
+
+def test_train_help_documents_every_config_field(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    from dataclasses import fields
+
+    from lorakit.config import DataConfig, ModelConfig, TrainConfig
+
+    for cls in (ModelConfig, DataConfig, TrainConfig, lorakit.LoraConfig):
+        for f in fields(cls):
+            assert f"  {f.name}:" in text, f"{cls.__name__}.{f.name} missing from --help"
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_python_dash_m_lorakit_runs():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lorakit", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "train" in done.stdout
