@@ -69,7 +69,8 @@ class LoadedModel:
     def describe(self) -> str:
         name = getattr(getattr(self.model, "config", None), "_name_or_path", "") or type(self.model).__name__
         params = sum(p.numel() for p in self.model.parameters())
-        return f"base model {name}: {params / 1e6:.1f}M parameters, {str(self.dtype).removeprefix('torch.')} on {self.device}"
+        size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M" if params >= 1e6 else f"{params:,}"
+        return f"base model {name}: {size} parameters, {str(self.dtype).removeprefix('torch.')} on {self.device}"
 
 
 def load_base_model(config: ModelConfig) -> LoadedModel:

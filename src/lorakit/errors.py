@@ -35,3 +35,12 @@ class DataError(LorakitError):
 
 class CheckpointError(LorakitError):
     """A training checkpoint is missing, incomplete or corrupt."""
+
+
+class TrainingError(LorakitError):
+    """Training cannot go on (non-finite loss or gradients under the configured nan_policy).
+    The message names the step; the last good checkpoint is kept."""
+
+    def __init__(self, message: str, *, step: int | None = None):
+        self.step = step
+        super().__init__(message)

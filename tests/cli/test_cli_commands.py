@@ -128,3 +128,83 @@ def test_python_dash_m_lorakit_runs():
 
     done = subprocess.run([sys.executable, "-m", "lorakit", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "train" in done.stdout
+
+
+def _write_chat_data(path, n, seed):
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                             {"role": "assistant", "content": f"It is {a + b}."}]}) + "\n")
+
+
+@pytest.fixture
+def run_config(model_dir, tmp_path):
+    _write_chat_data(tmp_path / "train.jsonl", 48, seed=0)
+    _write_chat_data(tmp_path / "val.jsonl", 8, seed=1)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""\
+model:
+  name_or_path: {model_dir}
+  dtype: float32
+lora:
+  r: 4
+  lora_alpha: 8
+  target_modules: [q_proj, k_proj, v_proj, o_proj]
+data:
+  train: {tmp_path / "train.jsonl"}
+  validation: {tmp_path / "val.jsonl"}
+  format: auto
+  max_seq_len: 64
+train:
+  max_steps: 8
+  batch_size: 4
+  lr: 5.0e-3
+  seed: 0
+  eval_every: 4
+  save_every: 4
+output_dir: {tmp_path / "run"}
+""")
+    return config
+
+
+def test_train_then_eval_through_the_cli(run_config, tmp_path, capsys):
+    """`lorakit train run.yaml` writes the adapter, metrics and state; `lorakit eval run.yaml --json` scores it,
+    and the trained adapter scores better than the base model on the validation data."""
+    import json
+
+    assert main(["train", str(run_config)]) == 0
+    out = tmp_path / "run"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+    assert any("eval_loss" in r for r in rows)
+    json.loads((out / "trainer_state.json").read_text())
+    capsys.readouterr()
+
+    assert main(["eval", str(run_config), "--json"]) == 0
+    adapted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(adapted) == {"loss", "perplexity", "tokens"} and adapted["tokens"] > 0
+    model_dir = run_config.read_text().split("name_or_path: ")[1].split("\n")[0]
+    assert main(["eval", "--model", model_dir, "--data", str(tmp_path / "val.jsonl"), "--json",
+                 "--dtype", "float32"]) == 0
+    base = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert adapted["loss"] < base["loss"]
+
+
+def test_bad_data_stops_the_run_naming_file_and_line(run_config, tmp_path, capsys):
+    with open(tmp_path / "train.jsonl", "a") as f:
+        f.write('{"messages": [oops\n')
+    assert main(["train", str(run_config)]) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:49:" in err and "hint:" in err
+
+
+def test_bad_config_value_is_reported_before_loading_anything(run_config, capsys):
+    assert main(["train", str(run_config), "--set", "train.batch_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert "train.batch_size: must be a positive integer" in err and "hint:" in err

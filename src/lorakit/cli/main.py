@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from ..errors import AdapterError, CheckpointError, ConfigError, DataError, LorakitError
@@ -101,8 +102,7 @@ def _train(args: argparse.Namespace) -> int:
     from ..train.run import run_training
 
     config = load_run_config(args.config, args.overrides)
-    result = run_training(config, resume=args.resume, log=print)
-    print(result.summary)
+    run_training(config, resume=args.resume, log=print)  # fit logs its own closing summary
     return 0
 
 
@@ -119,12 +119,15 @@ def _load(model: str, adapter: str | None, dtype: str | None):
 
 def _eval(args: argparse.Namespace) -> int:
     from ..config import data_options, load_run_config
-    from ..data import prepare
+    from ..data import iter_batches, prepare
     from ..train.evaluate import evaluate
 
+    adapter = args.adapter
     if args.config:
         config = load_run_config(args.config)
         model = args.model or config.model.name_or_path
+        trained = Path(config.output_dir) / "adapter"
+        adapter = adapter or (str(trained) if trained.is_dir() else None)
         data_path = args.data or config.data.validation or config.data.train
         options = data_options(config.data)
     else:
@@ -135,9 +138,9 @@ def _eval(args: argparse.Namespace) -> int:
         model, data_path, options = args.model, args.data, DataOptions()
     if args.max_seq_len:
         options = dataclasses.replace(options, max_seq_len=args.max_seq_len)
-    loaded = _load(model, args.adapter, args.dtype)
+    loaded = _load(model, adapter, args.dtype)
     data = prepare(data_path, loaded.tokenizer, options)
-    result = evaluate(loaded.model, data, batch_size=args.batch_size)
+    result = evaluate(loaded.model, iter_batches(data, args.batch_size, dtype=loaded.dtype))
     if args.json:
         print(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens}))
     else:

@@ -1,4 +1,4 @@
-"""Training: checkpoints and resume (the loop itself lives beside them)."""
+"""Training: the loop (fit), schedules, evaluation, metrics, checkpoints and resume."""
 
 from .checkpoint import (
     checkpoint_lock,
@@ -9,9 +9,16 @@ from .checkpoint import (
     trainable_parameters,
     verify_checkpoint,
 )
+from .evaluate import EvalResult, evaluate
+from .loop import FitResult, build_optimizer, fit
+from .metrics import read_metrics
 from .restore import Resumed, compare_fingerprints, load_checkpoint, resume
+from .run import run_training
+from .schedule import build_scheduler, lr_multiplier
 
 __all__ = [
+    "EvalResult",
+    "FitResult",
     "Resumed",
     "checkpoint_lock",
     "compare_fingerprints",
@@ -23,4 +30,11 @@ __all__ = [
     "save_checkpoint",
     "trainable_parameters",
     "verify_checkpoint",
+    "build_optimizer",
+    "build_scheduler",
+    "evaluate",
+    "fit",
+    "lr_multiplier",
+    "read_metrics",
+    "run_training",
 ]

@@ -1,0 +1,37 @@
+"""run_training(RunConfig): load the base model, wrap it, prepare the data, fit. What `lorakit train` calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Callable
+
+import torch
+
+from ..base_model import load_base_model
+from ..config import RunConfig, data_options
+from ..data import prepare, split_validation
+from ..lora import wrap
+from .loop import FitResult, fit
+
+
+def run_training(config: RunConfig, *, resume: str | None = None, log: Callable[[str], None] = print) -> FitResult:
+    """Train the adapter `config` describes; `resume` ("never", "auto" or a checkpoint) overrides train.resume."""
+    torch.manual_seed(config.train.seed)  # the LoRA A init draws from it
+    random.seed(config.train.seed)
+    loaded = load_base_model(config.model)
+    log(loaded.describe())
+    lora_model = wrap(loaded.model, config.lora)
+    log(str(lora_model.trainable_parameters()))
+    options = data_options(config.data)
+    train = prepare(config.data.train, loaded.tokenizer, options)
+    log(train.summary.line())
+    validation = None
+    if config.data.validation:
+        validation = prepare(config.data.validation, loaded.tokenizer, options)
+        log(validation.summary.line())
+    elif config.data.validation_fraction > 0:
+        kept, held = split_validation(train.examples, config.data.validation_fraction, seed=config.train.seed)
+        train, validation = dataclasses.replace(train, examples=kept), dataclasses.replace(train, examples=held)
+        log(f"validation: {len(held)} of {len(kept) + len(held)} examples held out (seed {config.train.seed})")
+    return fit(lora_model, train, config.train, config.output_dir, eval_data=validation, log=log, resume=resume)
