@@ -184,6 +184,7 @@ def test_train_then_eval_through_the_cli(run_config, tmp_path, capsys):
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
     assert any("eval_loss" in r for r in rows)
     json.loads((out / "trainer_state.json").read_text())
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the loss curve, train and validation
     capsys.readouterr()
 
     assert main(["eval", str(run_config), "--json"]) == 0
@@ -208,3 +209,16 @@ def test_bad_config_value_is_reported_before_loading_anything(run_config, capsys
     assert main(["train", str(run_config), "--set", "train.batch_size=0"]) == 2
     err = capsys.readouterr().err
     assert "train.batch_size: must be a positive integer" in err and "hint:" in err
+
+
+def test_tensorboard_logs_are_written_when_asked(run_config, tmp_path):
+    """train.tensorboard: true writes event files with the train and eval scalars."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["train", str(run_config), "--set", "train.tensorboard=true", "--set", "train.max_steps=4"]) == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "eval/loss"} <= set(tags)
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]

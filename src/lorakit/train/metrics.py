@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from ..atomic import write_text_atomic
+from ..atomic import write_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -86,6 +86,6 @@ def plot_losses(rows: list[dict], target: str | os.PathLike) -> bool:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(target)
+    write_atomic(target, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return True

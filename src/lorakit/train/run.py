@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -13,6 +14,7 @@ from ..config import RunConfig, data_options
 from ..data import prepare, split_validation
 from ..lora import wrap
 from .loop import FitResult, fit
+from .tensorboard import TensorBoardHook
 
 
 def run_training(config: RunConfig, *, resume: str | None = None, log: Callable[[str], None] = print) -> FitResult:
@@ -34,4 +36,12 @@ def run_training(config: RunConfig, *, resume: str | None = None, log: Callable[
         kept, held = split_validation(train.examples, config.data.validation_fraction, seed=config.train.seed)
         train, validation = dataclasses.replace(train, examples=kept), dataclasses.replace(train, examples=held)
         log(f"validation: {len(held)} of {len(kept) + len(held)} examples held out (seed {config.train.seed})")
-    return fit(lora_model, train, config.train, config.output_dir, eval_data=validation, log=log, resume=resume)
+    hooks = []
+    if config.train.tensorboard:
+        hooks.append(TensorBoardHook(Path(config.output_dir) / "tensorboard"))
+    try:
+        return fit(lora_model, train, config.train, config.output_dir, eval_data=validation, log=log, resume=resume,
+                   hooks=hooks)
+    finally:
+        for hook in hooks:
+            hook.close()
