@@ -222,3 +222,15 @@ def test_tensorboard_logs_are_written_when_asked(run_config, tmp_path):
     tags = events.Tags()["scalars"]
     assert {"train/loss", "train/lr", "eval/loss"} <= set(tags)
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_quickstart_runs_every_stage_offline(tmp_path, capsys):
+    """`lorakit quickstart` on the shipped model and data: before answers, training with evaluation, after
+    answers, a merged model that loads with plain transformers. (A few steps here; the real run is longer.)"""
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "4"]) == 0
+    printed = capsys.readouterr().out
+    for stage in ("1/4", "2/4", "3/4", "4/4", "validation loss:", "before:", "after:"):
+        assert stage in printed
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "qs" / "merged")
+    assert merged.config.model_type == "llama"
+    assert (tmp_path / "qs" / "adapter" / "adapter_config.json").is_file()

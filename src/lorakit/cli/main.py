@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     merge.set_defaults(handler=_merge)
 
+    quick = sub.add_parser("quickstart", help="the whole workflow on a shipped tiny model and dataset, offline")
+    quick.add_argument("--out", default="lorakit-quickstart", help="output directory (adapter, metrics, merged model)")
+    quick.add_argument("--steps", type=int, default=150, help="training steps")
+    quick.set_defaults(handler=_quickstart)
+
     for name, helptext in (("generate", "generate a completion for one prompt, streamed"),
                            ("chat", "chat interactively (the tokenizer's chat template)")):
         p = sub.add_parser(name, help=helptext)
@@ -103,6 +108,13 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_run_config(args.config, args.overrides)
     run_training(config, resume=args.resume, log=print)  # fit logs its own closing summary
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from ..quickstart import run_quickstart
+
+    run_quickstart(args.out, max_steps=args.steps, log=print)
     return 0
 
 
