@@ -234,8 +234,12 @@ def _llama3(messages: Messages, add_generation_prompt: bool) -> str:
     return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
 
 
-def _alpaca_renderer(bos: str, eos: str) -> RenderFn:
-    """Stanford Alpaca's "### Instruction:/### Response:" blocks, one per exchange, each reply ending in EOS."""
+def _block_renderer(bos: str, eos: str, *, user: str, reply: str, generation_prompt: str) -> RenderFn:
+    """Markup-light templates: system text, then each user turn and each reply (ending in EOS) in a block.
+
+    `user` and `reply` are str.format patterns for the turn's content (content is an argument, so braces
+    in it are kept as they are).
+    """
 
     def render(messages: Messages, add_generation_prompt: bool) -> str:
         out = [bos]
@@ -243,28 +247,22 @@ def _alpaca_renderer(bos: str, eos: str) -> RenderFn:
             if m["role"] == "system":
                 out.append(f"{m['content']}\n\n")
             elif m["role"] == "user":
-                out.append(f"### Instruction:\n{m['content']}\n\n")
+                out.append(user.format(m["content"]))
             else:
-                out.append(f"### Response:\n{m['content']}{eos}")
+                out.append(reply.format(m["content"]) + eos)
         if add_generation_prompt:
-            out.append("### Response:\n")
+            out.append(generation_prompt)
         return "".join(out)
 
     return render
+
+
+def _alpaca_renderer(bos: str, eos: str) -> RenderFn:
+    """Stanford Alpaca's "### Instruction:/### Response:" blocks, one per exchange, each reply ending in EOS."""
+    return _block_renderer(bos, eos, user="### Instruction:\n{}\n\n", reply="### Response:\n{}",
+                           generation_prompt="### Response:\n")
 
 
 def _plain_renderer(bos: str, eos: str) -> RenderFn:
     """For base models: system and user text, a newline, then the reply and EOS; no markup at all."""
-
-    def render(messages: Messages, add_generation_prompt: bool) -> str:
-        out = [bos]
-        for m in messages:
-            if m["role"] == "system":
-                out.append(f"{m['content']}\n\n")
-            elif m["role"] == "user":
-                out.append(f"{m['content']}\n")
-            else:
-                out.append(f"{m['content']}{eos}")
-        return "".join(out)
-
-    return render
+    return _block_renderer(bos, eos, user="{}\n", reply="{}", generation_prompt="")
