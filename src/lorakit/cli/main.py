@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     quick = sub.add_parser("quickstart", help="the whole workflow on a shipped tiny model and dataset, offline")
     quick.add_argument("--out", default="lorakit-quickstart", help="output directory (adapter, metrics, merged model)")
-    quick.add_argument("--steps", type=int, default=150, help="training steps")
+    quick.add_argument("--steps", type=int, default=1000, help="training steps")
     quick.set_defaults(handler=_quickstart)
 
     for name, helptext in (("generate", "generate a completion for one prompt, streamed"),

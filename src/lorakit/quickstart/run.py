@@ -18,15 +18,19 @@ from ..lora import LoraConfig, load_adapter
 ASSETS = Path(__file__).parent / "assets"
 
 
-def quickstart_config(output_dir: str | Path, *, max_steps: int = 150) -> RunConfig:
+def quickstart_config(output_dir: str | Path, *, max_steps: int = 1000) -> RunConfig:
     """The run the quickstart makes; `lorakit quickstart --print-config` shows it as YAML."""
     return RunConfig(
-        model=ModelConfig(name_or_path=str(ASSETS / "model"), dtype="auto"),
+        # fp32: at 1.3M parameters bf16 rounding costs this copy task most of its accuracy (measured: 1/5 exact in
+        # bf16 against 5/5 in fp32 on the demo prompts), and matmuls this small gain nothing from AMX (the fp32
+        # run was the faster one, 108 s against 142 s end to end).
+        model=ModelConfig(name_or_path=str(ASSETS / "model"), dtype="float32"),
         lora=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
         data=DataConfig(train=str(ASSETS / "data" / "train.jsonl"), validation=str(ASSETS / "data" / "val.jsonl"),
                         max_seq_len=96),
-        train=TrainConfig(max_steps=max_steps, batch_size=16, lr=3e-3, warmup_steps=15, lr_schedule="cosine",
-                          eval_every=25, save_every=max_steps, keep_checkpoints=1, seed=0, log_every=10),
+        train=TrainConfig(max_steps=max_steps, batch_size=16, lr=3e-3, warmup_steps=max_steps // 10, lr_schedule="linear",
+                          eval_every=max(1, max_steps // 5), save_every=max_steps, keep_checkpoints=1, seed=0,
+                          log_every=50),
         output_dir=str(output_dir),
     )
 
@@ -63,7 +67,7 @@ def _answers(loaded: LoadedModel, model: torch.nn.Module, prompts: list[str], ma
     return out
 
 
-def run_quickstart(output_dir: str | Path = "lorakit-quickstart", *, max_steps: int = 150,
+def run_quickstart(output_dir: str | Path = "lorakit-quickstart", *, max_steps: int = 1000,
                    log: Callable[[str], None] = print) -> QuickstartResult:
     from ..train.run import run_training
 
