@@ -18,7 +18,10 @@ rows/s (mixed), cpu% = process CPU time / (wall * threads) over the timed steps 
 below ~90: other load on the machine, rerun), flt/step = minor page faults per step,
 rss = the worker's peak RSS (ru_maxrss), lora = dtype of the LoRA weights.
 """
-import argparse, json, os, re, resource, statistics, subprocess, sys, tempfile, time, zlib
+import argparse, json, os, re, resource, statistics, sys, tempfile, time, zlib
+
+import harness
+from harness import MALLOC_TUNE
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ADAPTERS = ["a0", "a1", "a2", "a3"]
@@ -149,15 +152,7 @@ def worker(args):
 
 
 # ----------------------------------------------------------------------------- driver side
-# glibc malloc mmap()s every buffer above its (dynamic) threshold and munmap()s it on free, and
-# jemalloc by default purges freed pages after a few seconds, so each step re-faults its big
-# activation buffers (100k-800k minor faults per full-shape step); in a VM that hands freed pages
-# back to the host (virtio-balloon page reporting) that costs 15-30% of a step and is erratic.
-# These settings keep freed memory in the process; applied identically to both sides, skipped
-# with --no-malloc-tune, and a variable already set in the environment wins.
-MALLOC_TUNE = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184:"
-                                 "glibc.malloc.top_pad=268435456",
-               "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}  # jemalloc, if preloaded
+# Allocator settings and the fresh-process runner are shared with the other benchmarks: see harness.py.
 
 
 def run_worker(args, side, case, dtype, dump):
@@ -166,14 +161,7 @@ def run_worker(args, side, case, dtype, dump):
            "--threads", str(args.threads), "--r", str(args.r), "--alpha", str(args.alpha),
            "--mixed-seq", str(args.mixed_seq), "--adapter-dtype", args.adapter_dtype, "--dump", dump]
     cmd += ["--quick"] if args.quick else []
-    env = dict(os.environ)
-    for var, val in ({} if args.no_malloc_tune else MALLOC_TUNE).items():
-        env.setdefault(var, val)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"worker {side}/{case}/{dtype} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return harness.run_worker(cmd, f"{side}/{case}/{dtype}", malloc_tune=not args.no_malloc_tune)
 
 
 def main():

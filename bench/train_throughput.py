@@ -41,7 +41,10 @@ cpu% = process CPU time / (wall * threads) over the timed steps (well below ~90:
 the cores, rerun); rss = the worker's peak RSS (ru_maxrss, model loading included); loss first/last = train
 loss of step 1 and of the last step.
 """
-import argparse, json, os, random, resource, subprocess, sys, tempfile, time
+import argparse, json, os, random, resource, sys, tempfile, time
+
+import harness
+from harness import MALLOC_TUNE
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PRESETS = {
@@ -260,12 +263,7 @@ def worker(args):
 
 
 # ----------------------------------------------------------------------------- driver side
-# The same allocator settings as bench/lora_step.py (see the note there): this VM hands freed pages back to
-# the host, so without them each step re-faults its large buffers. Applied identically to every worker,
-# skipped with --no-malloc-tune; a variable already set in the environment wins.
-MALLOC_TUNE = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184:"
-                                 "glibc.malloc.top_pad=268435456",
-               "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}  # jemalloc, if preloaded
+# Allocator settings and the fresh-process runner: see harness.py.
 
 
 def run_worker(args, config: str, model_dir: str, data: str, pad_id: int) -> dict:
@@ -273,15 +271,8 @@ def run_worker(args, config: str, model_dir: str, data: str, pad_id: int) -> dic
            "--tmp", args.tmp, "--pad-id", str(pad_id), "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--threads", str(args.threads), "--r", str(args.r), "--alpha", str(args.alpha),
            "--batch", str(args.batch), "--max-seq-len", str(args.max_seq_len)]
-    env = dict(os.environ)
-    for var, val in ({} if args.no_malloc_tune else MALLOC_TUNE).items():
-        env.setdefault(var, val)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"worker {config} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return harness.run_worker(cmd, config, malloc_tune=not args.no_malloc_tune,
+                              extra_env={"TOKENIZERS_PARALLELISM": "false"})
 
 
 def main():
