@@ -65,16 +65,36 @@ class LoadedModel:
     tokenizer: object
     device: torch.device
     dtype: torch.dtype
+    quantization: str | None = None
+    """How the base is quantized (e.g. "4-bit NF4 + double quantization"), None when it is not."""
 
     def describe(self) -> str:
         name = getattr(getattr(self.model, "config", None), "_name_or_path", "") or type(self.model).__name__
-        params = sum(p.numel() for p in self.model.parameters())
+        params = count_parameters(self.model)
         size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M" if params >= 1e6 else f"{params:,}"
-        return f"base model {name}: {size} parameters, {str(self.dtype).removeprefix('torch.')} on {self.device}"
+        how = self.quantization or str(self.dtype).removeprefix("torch.")
+        return f"base model {name}: {size} parameters, {how} on {self.device}"
 
 
-def load_base_model(config: ModelConfig) -> LoadedModel:
-    """Load model and tokenizer as `config` says; errors name the field and what to change."""
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters as the model defines them: a 4-bit layer counts in x out, not its packed storage."""
+    total, seen = 0, set()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            packed = type(param).__name__ == "Params4bit" and hasattr(module, "in_features")
+            total += module.in_features * module.out_features if packed else param.numel()
+    return total
+
+
+def load_base_model(config: ModelConfig, *, log=lambda _: None) -> LoadedModel:
+    """Load model and tokenizer as `config` says; errors name the field and what to change.
+
+    With `config.quantization` the linear layers are loaded in 4 or 8 bits (see lorakit.quant); `log`
+    receives notes about how that was done.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device(config.device)
@@ -89,15 +109,37 @@ def load_base_model(config: ModelConfig) -> LoadedModel:
             where="run config",
         )
     options = dict(trust_remote_code=config.trust_remote_code, revision=config.revision)
+    spec = quant_spec(config, dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=config.attn_implementation, **options
-        )
+        if spec is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, attn_implementation=config.attn_implementation, **options
+            )
+            model.to(device)
+        else:
+            from .quant import load_quantized
+
+            model = load_quantized(source, spec, device=device, log=log,
+                                   options=dict(options, attn_implementation=config.attn_implementation))
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path: cannot load {source!r}: {err}", where="run config") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # padding positions carry no loss; any real token will do
-    model.to(device)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=spec.compute_dtype if spec else dtype,
+                       quantization=spec.describe() if spec else None)
+
+
+def quant_spec(config: ModelConfig, dtype: torch.dtype, device: torch.device):
+    """The resolved quantization settings (a lorakit.quant.QuantSpec), or None for a 16/32-bit base."""
+    q = config.quantization
+    if q is None:
+        return None
+    if device.type == "mps":
+        raise ConfigError("model.quantization: bitsandbytes does not run on Apple MPS; use device cpu, or "
+                          "remove the quantization section", where="run config")
+    from .quant import QuantSpec
+
+    compute = dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
+    return QuantSpec(bits=q.bits, quant_type=q.type, double_quant=q.double_quant, compute_dtype=compute)

@@ -22,12 +22,31 @@ from .lora.config import LoraConfig
 
 
 @dataclass(kw_only=True)
+class QuantizationConfig:
+    bits: Literal[4, 8]
+    """4: QLoRA's 4-bit base (about 0.5 bytes per weight); 8: LLM.int8 (about 1 byte per weight). Needs
+    bitsandbytes: pip install 'lorakit[quant]'."""
+    type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; NF4 (normal float) is what QLoRA recommends."""
+    double_quant: bool = True
+    """4-bit: quantize the per-block scales as well (saves about 0.4 bits per weight)."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """dtype the 4-bit weights are dequantized to for each matmul; auto: the same as model.dtype."""
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     name_or_path: str
     """A local directory or a Hugging Face hub id (e.g. "Qwen/Qwen2.5-0.5B")."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Compute dtype of the frozen base. auto: bfloat16 on GPUs and on CPUs with bf16 matrix units
-    (AMX / AVX-512-BF16), float32 elsewhere. Trainable LoRA weights stay float32 either way."""
+    (AMX / AVX-512-BF16), float32 elsewhere. Trainable LoRA weights follow adapter_dtype."""
+    quantization: QuantizationConfig | None = None
+    """Load the base in 4 or 8 bits, e.g. {bits: 4, type: nf4, double_quant: true}; null: not quantized.
+    The checkpoint is quantized tensor by tensor as it is read, never held whole in 16 bits."""
+    adapter_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the trainable LoRA weights (and so of their optimizer state). float32 keeps small updates
+    from rounding away; bfloat16 halves their memory."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto picks CUDA, then MPS, then the CPU."""
     trust_remote_code: bool = False
@@ -230,6 +249,9 @@ def _coerce(kind: Any, value: Any, where: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        sections = [a for a in options if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:  # an optional section: report its own problems
+            return _coerce(sections[0], value, where, problems)
         for option in options:
             trial: list[str] = []
             result = _coerce(option, value, where, trial)
@@ -303,7 +325,7 @@ def field_reference() -> str:
     import ast
     import inspect
 
-    sections = [("model", ModelConfig), ("lora", LoraConfig), ("data", DataConfig), ("train", TrainConfig),
+    sections = [("model", ModelConfig), ("model.quantization", QuantizationConfig), ("lora", LoraConfig), ("data", DataConfig), ("train", TrainConfig),
                 ("", RunConfig)]
     lines = []
     for section, cls in sections:

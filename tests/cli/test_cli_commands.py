@@ -110,9 +110,9 @@ def test_train_help_documents_every_config_field(capsys):
     text = capsys.readouterr().out
     from dataclasses import fields
 
-    from lorakit.config import DataConfig, ModelConfig, TrainConfig
+    from lorakit.config import DataConfig, ModelConfig, QuantizationConfig, TrainConfig
 
-    for cls in (ModelConfig, DataConfig, TrainConfig, lorakit.LoraConfig):
+    for cls in (ModelConfig, QuantizationConfig, DataConfig, TrainConfig, lorakit.LoraConfig):
         for f in fields(cls):
             assert f"  {f.name}:" in text, f"{cls.__name__}.{f.name} missing from --help"
 
@@ -248,3 +248,40 @@ def test_train_with_packing_and_gradient_checkpointing(run_config, tmp_path):
     assert len(losses) == 6 and all(loss == loss for loss in losses)  # no NaN
     assert losses[-1] < losses[0]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_train_eval_and_merge_through_the_cli(run_config, tmp_path, capsys):
+    """A 4-bit run end to end: train with model.quantization, eval on the same 4-bit base, then merge into a
+    16-bit model that plain transformers loads and that computes what the 4-bit base + adapter computes."""
+    import json
+
+    pytest.importorskip("bitsandbytes")
+    from lorakit.base_model import load_base_model
+    from lorakit.config import ModelConfig, QuantizationConfig
+
+    assert main(["train", str(run_config), "--set", "model.quantization={bits: 4, type: nf4}"]) == 0
+    printed = capsys.readouterr().out
+    assert "4-bit NF4 + double quantization" in printed
+    adapter = tmp_path / "run" / "adapter"
+    model_dir = run_config.read_text().split("name_or_path: ")[1].split("\n")[0]
+    assert main(["eval", "--model", model_dir, "--adapter", str(adapter), "--data", str(tmp_path / "val.jsonl"),
+                 "--json", "--dtype", "float32", "--quantize", "4"]) == 0
+    adapted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "--model", model_dir, "--data", str(tmp_path / "val.jsonl"), "--json", "--dtype", "float32",
+                 "--quantize", "4"]) == 0
+    base = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert adapted["loss"] < base["loss"]
+
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", model_dir, "--adapter", str(adapter), "--out", str(out), "--dtype", "float32",
+                 "--quantize", "4"]) == 0
+    assert "Quantizing it again rounds the adapter" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    quantized = load_base_model(ModelConfig(name_or_path=model_dir, dtype="float32", device="cpu",
+                                            quantization=QuantizationConfig(bits=4))).model
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        expected = lorakit.load_adapter(quantized, adapter).eval()(input_ids=ids).logits
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)

@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+QUANTIZE_HELP = "load the base in 4-bit NF4 or 8-bit (bitsandbytes: pip install 'lorakit[quant]')"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..config import field_reference
 
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.add_argument("--max-seq-len", type=int, default=None)
     evaluate.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"])
+    evaluate.add_argument("--quantize", type=int, choices=[4, 8], help=QUANTIZE_HELP + "; default: the run config's")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object (loss, perplexity, tokens)")
     evaluate.set_defaults(handler=_eval)
 
@@ -73,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="adapter directory")
     merge.add_argument("--out", required=True, help="output directory for the merged model")
     merge.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    merge.add_argument("--quantize", type=int, choices=[4, 8], help="merge into the 4/8-bit base the adapter was "
+                       "trained on (QLoRA): its dequantized weights plus the adapter, written in 16 bits")
     merge.add_argument("--max-shard-size", default="2GB")
     merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     merge.set_defaults(handler=_merge)
@@ -97,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+        p.add_argument("--quantize", type=int, choices=[4, 8], help=QUANTIZE_HELP)
         p.set_defaults(handler=_generate if name == "generate" else _chat)
     return parser
 
@@ -118,12 +125,19 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(model: str, adapter: str | None, dtype: str | None):
+def _model_config(model: str, dtype: str | None, quantize, **extra):
+    """quantize: None, 4 / 8 (from --quantize), or a run config's QuantizationConfig."""
+    from ..config import ModelConfig, QuantizationConfig
+
+    quantization = QuantizationConfig(bits=quantize) if isinstance(quantize, int) else quantize
+    return ModelConfig(name_or_path=model, dtype=dtype or "auto", quantization=quantization, **extra)
+
+
+def _load(model: str, adapter: str | None, dtype: str | None, quantize=None):
     from ..base_model import load_base_model
-    from ..config import ModelConfig
     from ..lora import load_adapter
 
-    loaded = load_base_model(ModelConfig(name_or_path=model, dtype=dtype or "auto"))
+    loaded = load_base_model(_model_config(model, dtype, quantize), log=print)
     if adapter:
         loaded.model = load_adapter(loaded.model, adapter)
     return loaded
@@ -134,10 +148,12 @@ def _eval(args: argparse.Namespace) -> int:
     from ..data import iter_batches, prepare
     from ..train.evaluate import evaluate
 
-    adapter = args.adapter
+    adapter, quantize = args.adapter, args.quantize
     if args.config:
         config = load_run_config(args.config)
         model = args.model or config.model.name_or_path
+        if quantize is None:
+            quantize = config.model.quantization  # as trained: same bits and 4-bit type
         trained = Path(config.output_dir) / "adapter"
         adapter = adapter or (str(trained) if trained.is_dir() else None)
         data_path = args.data or config.data.validation or config.data.train
@@ -150,7 +166,7 @@ def _eval(args: argparse.Namespace) -> int:
         model, data_path, options = args.model, args.data, DataOptions()
     if args.max_seq_len:
         options = dataclasses.replace(options, max_seq_len=args.max_seq_len)
-    loaded = _load(model, adapter, args.dtype)
+    loaded = _load(model, adapter, args.dtype, quantize)
     data = prepare(data_path, loaded.tokenizer, options)
     result = evaluate(loaded.model, iter_batches(data, args.batch_size, dtype=loaded.dtype))
     if args.json:
@@ -162,13 +178,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from ..base_model import load_base_model
-    from ..config import ModelConfig
     from ..export import merge_to_directory
 
-    loaded = load_base_model(ModelConfig(name_or_path=args.model, dtype=args.dtype, device="cpu"))
+    loaded = load_base_model(_model_config(args.model, args.dtype, args.quantize, device="cpu"), log=print)
     print(loaded.describe())
     out = merge_to_directory(loaded, args.adapter, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(f"merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    if loaded.quantization:
+        print(f"note: the merged model is 16-bit: the {loaded.quantization.split(',')[0]} base weights dequantized plus "
+              "the adapter. Quantizing it again rounds the adapter's small update away in part; to run on a "
+              "quantized base without that loss, load the base quantized and keep the adapter separate.")
     return 0
 
 
@@ -200,7 +219,7 @@ def _chat_ids(tokenizer, messages):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    loaded = _load(args.model, args.adapter, args.dtype)
+    loaded = _load(args.model, args.adapter, args.dtype, args.quantize)
     if args.chat_template:
         ids = _chat_ids(loaded.tokenizer, [{"role": "user", "content": args.prompt}])
     else:
@@ -210,7 +229,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    loaded = _load(args.model, args.adapter, args.dtype)
+    loaded = _load(args.model, args.adapter, args.dtype, args.quantize)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
     while True:

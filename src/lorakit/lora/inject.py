@@ -25,8 +25,22 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "weight") and module.weight.dim() == 2
 
 
-# First match wins. Quantized base layers (bitsandbytes) get their entries here in a later module.
+def is_quantized_linear(module: nn.Module) -> bool:
+    # bitsandbytes Linear4bit / Linear8bitLt (subclasses of nn.Linear, so they must be matched first);
+    # recognised by name so that the core never imports bitsandbytes.
+    kind = type(module)
+    return kind.__name__ in ("Linear4bit", "Linear8bitLt") and kind.__module__.startswith("bitsandbytes")
+
+
+def _quantized_wrapper(module: nn.Module) -> LoraLayer:
+    from ..quant.lora_layer import LoraQuantLinear
+
+    return LoraQuantLinear(module)
+
+
+# First match wins.
 WRAPPERS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], LoraLayer]]] = [
+    (is_quantized_linear, _quantized_wrapper),
     (lambda m: isinstance(m, nn.Linear), lambda m: LoraLinear(m)),
     (_is_conv1d, lambda m: LoraLinear(m, fan_in_fan_out=True)),
     (lambda m: isinstance(m, nn.Embedding), lambda m: LoraEmbedding(m)),

@@ -50,6 +50,11 @@ class LoraLayer(nn.Module):
         """Overwrite the base weight in place from an (out, in) tensor."""
         raise NotImplementedError
 
+    def base_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        """dtype and device of the base weight (cheaper than base_weight() where that dequantizes)."""
+        weight = self.base_weight()
+        return weight.dtype, weight.device
+
     def _down(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x -> x A^T, shape (..., r)."""
         raise NotImplementedError
@@ -73,13 +78,12 @@ class LoraLayer(nn.Module):
     ) -> None:
         if name in self.lora_A:
             raise AdapterError(f"adapter {name!r} already exists on this layer")
-        weight = self.base_weight()
+        base_dtype, device = self.base_dtype_device()
         if dtype is None:
             # Keep adapters in fp32 on a 16-bit base: their updates are tiny next to W and would round away.
-            dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        if not weight.dtype.is_floating_point:
+            dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+        if not base_dtype.is_floating_point:
             dtype = torch.float32
-        device = weight.device
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         A = torch.empty(r, self.in_features, dtype=dtype, device=device)
         B = torch.empty(self.out_features, r, dtype=dtype, device=device)
@@ -219,7 +223,7 @@ class LoraLayer(nn.Module):
         Plain LoRA adds s B A. DoRA adapter i contributes (c_i - 1) W + c_i s B_i A_i with
         c_i = m_i / ||W + s B_i A_i||, the exact sum the unmerged forward computes.
         """
-        f = torch.ones(self.out_features, dtype=torch.float32, device=self.base_weight().device)
+        f = torch.ones(self.out_features, dtype=torch.float32, device=self.base_dtype_device()[1])
         D = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=f.device)
         for name in names:
             delta = self.delta_weight(name)
@@ -254,9 +258,13 @@ class LoraLayer(nn.Module):
         if self.merged_adapters:
             raise AdapterError(f"adapters {self.merged_adapters} are already merged; call unmerge() first")
         merged, norms = self._merged_weight(names)
-        self._set_base_weight(merged)
+        self._store_merged(merged)
         self._merge_norms = norms
         self.merged_adapters = list(names)
+
+    def _store_merged(self, merged_out_in: torch.Tensor) -> None:
+        """Make the merged weight the one the base layer computes with (here: written in place)."""
+        self._set_base_weight(merged_out_in)
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -20,7 +20,7 @@ from ..errors import AdapterError
 from .combine import weighted_adapter
 from .config import LoraConfig
 from .full_copy import FullCopy
-from .inject import inject, replace_module
+from .inject import inject, is_quantized_linear, replace_module
 from .layer import LoraLayer
 from .routing import BASE, route_rows
 
@@ -59,6 +59,10 @@ class LoraModel(nn.Module):
                 p.requires_grad_(requires_grad)
             raise
         self.set_adapter(adapter_name)
+        if any(is_quantized_linear(m) for m in model.modules()):
+            from ..quant.bnb import keep_training_layout
+
+            keep_training_layout(model)  # else one eval pass can silently cut gradients (see there)
 
     # ---- iteration ---------------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
@@ -305,13 +309,22 @@ class LoraModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self, *, safe_merge: bool = False) -> nn.Module:
-        """Merge the active adapters and return the plain model, with no lorakit module left in it."""
+        """Merge the active adapters and return the plain model, with no lorakit module left in it.
+
+        On a 4-bit / 8-bit base the result is a 16-bit model: adapted layers get the dequantized weight
+        plus the delta, and every other quantized layer is dequantized too (re-quantizing would round the
+        merged weights to 4 bits again).
+        """
         if not self.merged_adapters:
             self.merge(safe_merge=safe_merge)
         for name, layer in list(self.lora_layers()):
             replace_module(self.model, name, layer.base_layer)
         for name, module in list(self.full_copies()):
             replace_module(self.model, name, module.active_module())
+        if any(is_quantized_linear(m) for m in self.model.modules()):
+            from ..quant.bnb import dequantize_model
+
+            dequantize_model(self.model)
         self.adapter_configs.clear()
         self.active_adapters = []
         return self.model
@@ -326,6 +339,13 @@ class LoraModel(nn.Module):
         self.adapter_configs.clear()
         self.active_adapters = []
         return self.model
+
+    def cast_adapters(self, dtype: torch.dtype) -> None:
+        """Store every adapter weight (A, B, DoRA magnitude) in `dtype`, e.g. bfloat16 to halve their memory."""
+        for _, layer in self.lora_layers():
+            for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
+                for name in list(store):
+                    store[name] = nn.Parameter(store[name].detach().to(dtype), requires_grad=store[name].requires_grad)
 
     # ---- files -------------------------------------------------------------------------------------
     def save_adapter(self, path: str | Path, adapter_names: Sequence[str] | None = None) -> None:

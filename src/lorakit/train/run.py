@@ -21,9 +21,11 @@ def run_training(config: RunConfig, *, resume: str | None = None, log: Callable[
     """Train the adapter `config` describes; `resume` ("never", "auto" or a checkpoint) overrides train.resume."""
     torch.manual_seed(config.train.seed)  # the LoRA A init draws from it
     random.seed(config.train.seed)
-    loaded = load_base_model(config.model)
+    loaded = load_base_model(config.model, log=log)
     log(loaded.describe())
     lora_model = wrap(loaded.model, config.lora)
+    if config.model.adapter_dtype != "float32":
+        lora_model.cast_adapters(getattr(torch, config.model.adapter_dtype))
     log(str(lora_model.trainable_parameters()))
     options = data_options(config.data)
     train = prepare(config.data.train, loaded.tokenizer, options)

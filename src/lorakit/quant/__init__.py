@@ -1,0 +1,6 @@
+"""Quantized base models: bitsandbytes 4-bit / 8-bit layers, memory-lean loading, LoRA on top, dequantization."""
+
+from .bnb import QuantSpec, dequantize_model, is_quantized_linear, require_bitsandbytes
+from .load import load_quantized
+
+__all__ = ["QuantSpec", "dequantize_model", "is_quantized_linear", "load_quantized", "require_bitsandbytes"]
