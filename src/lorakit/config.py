@@ -102,6 +102,11 @@ class TrainConfig:
     loraplus_lr_ratio: float | None = None
     """LoRA+: learning rate of B = lr x this ratio (e.g. 16); None trains A and B at the same rate."""
     gradient_checkpointing: bool = False
+    checkpoint_every: int = 1
+    """With gradient_checkpointing, recompute only every k-th decoder layer: less recomputation, more memory."""
+    loss_chunk_tokens: int | None = 1024
+    """Compute the output projection and loss this many tokens at a time, recomputed in backward, so the full
+    logits are never held; None: all at once."""
     seed: int = 0
     eval_every: int | None = None
     """Evaluate every N optimizer steps (and always at the end); None: only at the end."""
@@ -225,6 +230,8 @@ RANGES = {
     ("TrainConfig", "weight_decay"): (lambda v: v >= 0, "0 or more"),
     ("TrainConfig", "max_grad_norm"): (lambda v: v > 0, "a positive number, or null for no clipping"),
     ("TrainConfig", "loraplus_lr_ratio"): (lambda v: v > 0, "a positive number"),
+    ("TrainConfig", "checkpoint_every"): (lambda v: v >= 1, "a positive integer (1: every layer)"),
+    ("TrainConfig", "loss_chunk_tokens"): (lambda v: v >= 1, "a positive integer, or null for the full logits"),
     ("TrainConfig", "eval_every"): (lambda v: v > 0, "a positive integer"),
     ("TrainConfig", "save_every"): (lambda v: v > 0, "a positive integer"),
     ("TrainConfig", "keep_checkpoints"): (lambda v: v > 0, "a positive integer"),

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data.templates import IGNORE_INDEX
+from .chunked_loss import lm_loss_sum, token_loss_sum  # noqa: F401 (token_loss_sum lived here; kept importable)
 
 
 @dataclass(frozen=True)
@@ -21,17 +20,6 @@ class EvalResult:
     """exp(loss); inf when that overflows."""
     tokens: int
     """Supervised tokens scored."""
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over supervised tokens and their count, shifted as transformers does:
-    position t's logits predict labels[t + 1]. Computed in float32 whatever the model's dtype."""
-    logits = logits[:, :-1, :].float()  # (batch, seq - 1, vocab)
-    targets = labels[:, 1:].to(logits.device)  # (batch, seq - 1)
-    count = int((targets != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss, count
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict:
@@ -45,10 +33,12 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> EvalResult:
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *,
+             loss_chunk_tokens: int | None = 1024) -> EvalResult:
     """Score `batches` (dicts from `lorakit.data.iter_batches`) under no_grad in eval mode; the model's
     previous mode is restored afterwards. The loss is summed over tokens and divided once, so batches of
-    different sizes weigh by their supervised tokens, not equally."""
+    different sizes weigh by their supervised tokens, not equally. `loss_chunk_tokens` is
+    TrainConfig.loss_chunk_tokens (same default): the logits are computed that many tokens at a time."""
     was_training = model.training
     device = model_device(model)
     total, tokens = 0.0, 0
@@ -56,8 +46,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> Ev
     try:
         with torch.no_grad():
             for batch in batches:
-                logits = model(**model_inputs(batch, device)).logits
-                loss, count = token_loss_sum(logits, batch["labels"])
+                loss, count = lm_loss_sum(model, model_inputs(batch, device), batch["labels"], loss_chunk_tokens)
                 total += float(loss)
                 tokens += count
     finally:

@@ -30,7 +30,9 @@ from ..data import LengthGroupedBatchSampler, PreparedData, iter_batches, packed
 from ..data.templates import IGNORE_INDEX
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError
 from .checkpoint import checkpoint_lock, save_checkpoint, trainable_parameters
-from .evaluate import EvalResult, evaluate, model_device, model_inputs, token_loss_sum
+from .checkpointing import enable_checkpointing
+from .chunked_loss import lm_loss_sum, split_head
+from .evaluate import EvalResult, evaluate, model_device, model_inputs
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
 from .restore import compare_fingerprints, resume as resume_checkpoint
 from .schedule import build_scheduler
@@ -194,15 +196,11 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
     fingerprints = run_fingerprints(train_data, config)
     max_norm = config.max_grad_norm
 
-    checkpointing_set = False
-    if config.gradient_checkpointing:
-        if not hasattr(base, "gradient_checkpointing_enable"):
-            raise ConfigError("train.gradient_checkpointing: this model does not support gradient checkpointing; "
-                              "set it to false", where="train config")
-        # Non-reentrant checkpointing computes grads for the LoRA weights even though the frozen embeddings'
-        # outputs do not require grad, so no enable_input_require_grads() is needed (reentrant would need it).
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        checkpointing_set = True
+    if config.loss_chunk_tokens is not None and split_head(model) is None:
+        log("note: train.loss_chunk_tokens has no effect on this model (its logits are not just lm_head of the "
+            "last hidden state); the loss is computed from the full logits")
+    disable_checkpointing = (enable_checkpointing(base, config.checkpoint_every) if config.gradient_checkpointing
+                             else None)
     was_training = model.training
     model.train()
 
@@ -238,7 +236,8 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
     def run_eval() -> EvalResult:
         nonlocal last_eval_step
         result = evaluate(model, iter_batches(eval_data, config.batch_size, seed=config.seed, epoch=0,
-                                              rows=eval_rows, dtype=mask_dtype))
+                                              rows=eval_rows, dtype=mask_dtype),
+                          loss_chunk_tokens=config.loss_chunk_tokens)
         last_eval_step = state.step
         state.last_eval_loss, state.last_eval_perplexity = result.loss, result.perplexity
         if math.isfinite(result.loss) and (state.best_eval_loss is None or result.loss < state.best_eval_loss):
@@ -302,12 +301,13 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
                             continue
 
                         # forward + backward; each micro-batch's summed loss is divided by the WINDOW's
-                        # supervised tokens, so the gradient is that of the token-weighted mean over the window
+                        # supervised tokens, so the gradient is that of the token-weighted mean over the window.
+                        # The loss is taken loss_chunk_tokens at a time where the model allows (chunked_loss.py).
                         lr = scheduler.get_last_lr()[0]
                         loss_sum, tokens = 0.0, 0
                         for batch in window:
-                            logits = model(**model_inputs(batch, device)).logits  # (batch, seq, vocab)
-                            micro_loss, _ = token_loss_sum(logits, batch["labels"])
+                            micro_loss, _ = lm_loss_sum(model, model_inputs(batch, device), batch["labels"],
+                                                        config.loss_chunk_tokens)
                             (micro_loss / supervised).backward()
                             loss_sum += float(micro_loss.detach())
                             tokens += _tokens(batch)
@@ -412,8 +412,8 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
         if metrics is not None:
             metrics.close()
         model.train(was_training)
-        if checkpointing_set:
-            base.gradient_checkpointing_disable()
+        if disable_checkpointing is not None:
+            disable_checkpointing()
 
     train_loss = next((x for x in reversed(result_losses) if math.isfinite(x)), None)
     seconds = time.perf_counter() - started

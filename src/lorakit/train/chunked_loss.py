@@ -1,0 +1,145 @@
+"""The language-model loss without the full logits: project and score a chunk of tokens at a time.
+
+A causal LM's forward ends with `logits = lm_head(hidden)`, a (batch, seq, vocab) tensor; with a 32k-152k
+vocabulary it, its float32 copy and their gradients are the largest allocation of a LoRA training step.
+Here the decoder runs alone, only the positions with a supervised target are projected, and each chunk of
+`chunk_tokens` rows goes through lm_head and cross-entropy inside torch.utils.checkpoint: the forward keeps
+no logits and the backward recomputes them one chunk at a time.
+
+This is only exact when the model's logits are lm_head(decoder(...)) and nothing else, so `split_head`
+refuses models that post-process their logits (then the caller computes the full logits as usual).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..data.templates import IGNORE_INDEX
+from ..lora import LoraModel
+
+# Config attributes of transformers 5.x models whose forward changes the logits after (or the hidden states
+# before) lm_head; any of them set (not None) on the config or its text config means the split is not exact.
+LOGIT_POSTPROCESSING = (
+    "final_logit_softcapping",  # Gemma 2/3/3n, VaultGemma, nanochat, PaliGemma: cap * tanh(logits / cap)
+    "logits_soft_cap",  # RecurrentGemma: the same cap, another name
+    "logit_scale",  # Cohere, Cohere2: logits * scale (MPT's config has the name too)
+    "logits_scaling",  # Granite: logits / s; HyperCLOVA X: logits * s; MiniCPM3: hidden / s
+    "lm_head_multiplier",  # Falcon-H1: logits * m
+    "output_multiplier",  # logits * m
+    "output_mult",  # muP-style remote-code models: logits * m
+    "logits_mup_width_multiplier",  # hidden / m before lm_head
+    "unpadded_vocab_size",  # logits cut to the real vocabulary after a padded lm_head
+)
+
+# hf model -> whether one probe forward reproduced its logits from the split (see _split_reproduces_logits).
+_probed: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over supervised tokens and their count, shifted as transformers does:
+    position t's logits predict labels[t + 1]. Computed in float32 whatever the model's dtype."""
+    logits = logits[:, :-1, :].float()  # (batch, seq - 1, vocab)
+    targets = labels[:, 1:].to(logits.device)  # (batch, seq - 1)
+    count = int((targets != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, count
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder, head) of a causal LM (a LoraModel or a bare transformers model): decoder(**inputs)[0] is the
+    last hidden state (batch, seq, hidden) and head(hidden) the logits. None where that would not give the
+    model's own logits: no output embeddings or decoder, or logits post-processed after lm_head."""
+    hf = model.model if isinstance(model, LoraModel) else model
+    get_head = getattr(hf, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    prefix = getattr(hf, "base_model_prefix", "")  # Llama, Qwen2, Mistral: "model"; GPT-2: "transformer"
+    decoder = getattr(hf, prefix, None) if prefix else None
+    if not isinstance(head, nn.Module) or not isinstance(decoder, nn.Module) or decoder is hf:
+        return None
+    config = getattr(hf, "config", None)
+    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    if any(getattr(c, name, None) is not None for c in configs for name in LOGIT_POSTPROCESSING):
+        return None
+    if hf not in _probed:
+        _probed[hf] = _split_reproduces_logits(hf, decoder, head)
+    return (decoder, head) if _probed[hf] else None
+
+
+def _split_reproduces_logits(hf: nn.Module, decoder: nn.Module, head: nn.Module) -> bool:
+    """Catch post-processing the attribute list misses: in one 2-token forward of the whole model, the head's
+    input must be the decoder's output and the returned logits the head's output, bit for bit. Both sides
+    come from the same forward, so nondeterministic kernels cannot fail it. Eval mode: no dropout, no RNG use."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def on_decoder(_module, _args, out):
+        seen["hidden"] = out[0]
+
+    def on_head(_module, args, out):
+        if args:
+            seen["head_in"], seen["head_out"] = args[0], out
+
+    modes = [(m, m.training) for m in hf.modules()]
+    handles = [decoder.register_forward_hook(on_decoder), head.register_forward_hook(on_head)]
+    hf.eval()
+    try:
+        with torch.no_grad():
+            ids = torch.tensor([[0, 1]], device=next(hf.parameters()).device)
+            logits = hf(input_ids=ids, use_cache=False).logits  # (1, 2, vocab)
+    except Exception:  # a model this call does not suit is one the split is not known to suit either
+        return False
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes:
+            m.training = training
+    # .float(): a model that only upcasts its logits (older transformers did) is still exactly ours.
+    return (len(seen) == 3 and torch.equal(seen["hidden"], seen["head_in"])
+            and torch.equal(seen["head_out"].float(), logits.float()))
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()  # (chunk, vocab)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_token_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+                           chunk_tokens: int) -> tuple[torch.Tensor, int]:
+    """token_loss_sum(head(hidden), labels), computed `chunk_tokens` supervised positions at a time.
+
+    With grad enabled each chunk runs under non-reentrant checkpointing, so only `hidden` is kept for
+    backward and one chunk's logits exist at a time; under no_grad the chunks run plainly."""
+    targets = labels[:, 1:].to(hidden.device)  # (batch, seq - 1): position t predicts labels[t + 1]
+    keep = targets != IGNORE_INDEX  # (batch, seq - 1)
+    # Only supervised positions reach the head: on chat data most positions are masked prompt tokens.
+    h = hidden[:, :-1][keep]  # (count, hidden)
+    t = targets[keep]  # (count,)
+    recompute = torch.is_grad_enabled()
+    total = None
+    # With no supervised token the split is one empty chunk: a loss of 0 that still backpropagates (zero
+    # gradients, as the plain path gives).
+    for h_chunk, t_chunk in zip(h.split(chunk_tokens), t.split(chunk_tokens)):  # (<= chunk, hidden), (<= chunk,)
+        if recompute:
+            part = checkpoint(_chunk_loss, head, h_chunk, t_chunk, use_reentrant=False)
+        else:
+            part = _chunk_loss(head, h_chunk, t_chunk)
+        total = part if total is None else total + part
+    return total, t.numel()
+
+
+def lm_loss_sum(model: nn.Module, inputs: dict, labels: torch.Tensor,
+                chunk_tokens: int | None) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over supervised tokens, their count) of `model` on `inputs` (model_inputs of a
+    batch). Chunked when `chunk_tokens` is set and split_head accepts the model; else from the full logits."""
+    split = split_head(model) if chunk_tokens is not None else None
+    if split is None:
+        return token_loss_sum(model(**inputs).logits, labels)  # logits: (batch, seq, vocab)
+    decoder, head = split
+    # The LoraModel forward only adds per-row adapter routing, which training and evaluation never ask for.
+    hidden = decoder(**inputs)[0]  # (batch, seq, hidden)
+    return chunked_token_loss_sum(hidden, head, labels, chunk_tokens)
