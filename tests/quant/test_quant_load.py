@@ -209,3 +209,15 @@ def test_without_bitsandbytes_the_error_says_how_to_install_it(llama_dir, monkey
     monkeypatch.setattr(importlib, "import_module", no_bnb)
     with pytest.raises(ConfigError, match=r"pip install 'lorakit\[quant\]'"):
         _load(llama_dir)
+
+
+def test_the_lean_allocator_setting_respects_the_users_own(monkeypatch):
+    from lorakit.quant.load import _glibc, lean_allocator
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert lean_allocator() is False
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert lean_allocator() is False
+    monkeypatch.delenv("LD_PRELOAD")
+    assert lean_allocator() is (getattr(_glibc(), "mallopt", None) is not None)

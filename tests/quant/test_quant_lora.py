@@ -187,3 +187,35 @@ def test_adapters_can_be_kept_in_bfloat16(llama_dir):
     ids = _ids()
     lora(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in params.values())
+
+
+def test_fit_on_a_bf16_4bit_base_keeps_no_fp32_copy_of_frozen_weights(llama_dir, tmp_path):
+    """After training with fit (checkpointing + chunked loss), every frozen weight is still 4-bit or bf16, and
+    the optimizer holds state for the adapter weights only."""
+    from lorakit.config import TrainConfig
+    from lorakit.data import DataSummary, Example, PreparedData
+    from lorakit.train import fit
+
+    lora = wrap(_base(llama_dir, dtype="bfloat16"), LoraConfig(r=4, target_modules=TARGETS))
+    examples = [Example(input_ids=list(range(1 + i, 13 + i)), labels=[-100] + list(range(2 + i, 13 + i)),
+                        source=f"toy:{i}") for i in range(8)]
+    data = PreparedData(examples=examples, summary=DataSummary(source="toy", records_read=8, kept=8), packing=False,
+                        max_seq_len=12, pad_token_id=0)
+    optimizers = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        optimizers.append(self)
+        return real_step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = spy
+    try:
+        result = fit(lora, data, TrainConfig(max_steps=2, batch_size=2, lr=1e-3, gradient_checkpointing=True,
+                                             loss_chunk_tokens=5), tmp_path / "run", log=lambda _: None)
+    finally:
+        torch.optim.AdamW.step = real_step
+    assert len(result.losses) == 2
+    frozen = {n: p.dtype for n, p in lora.named_parameters() if not p.requires_grad}
+    assert set(frozen.values()) == {torch.bfloat16, torch.uint8}  # embeddings/norms/head bf16, linear layers 4-bit
+    trainable = {id(p) for p in lora.parameters() if p.requires_grad}
+    assert optimizers and optimizers[0].state and {id(p) for p in optimizers[0].state} <= trainable

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -157,6 +158,7 @@ def stream_quantized(source: str, spec: QuantSpec, files: list[Path], *, device:
             parent, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
             targets.discard(module_name)
+            _return_freed_memory()  # quantizing leaves freed temporaries between the packed weights kept
         else:
             fp32 = any(k in module_name.split(".") for k in keep)
             _set_tensor(model, target, tensor, device, torch.float32 if fp32 else spec.compute_dtype)
@@ -178,13 +180,40 @@ def stream_quantized(source: str, spec: QuantSpec, files: list[Path], *, device:
     return model
 
 
-def _return_freed_memory() -> None:
-    # glibc keeps freed heap below its mmap threshold (up to 32 MiB blocks) for reuse; after reading
-    # hundreds of tensors that can be 0.5 GB the process no longer needs. Hand it back (Linux / glibc only).
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+LEAN_MMAP_THRESHOLD = 4 << 20
+
+
+def _glibc():
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return None
+
+
+def lean_allocator() -> bool:
+    """Serve allocations of 4 MiB and up with mmap, so freed buffers go straight back to the OS.
+
+    glibc's default threshold grows to 32 MiB as large blocks are freed; below it, freed buffers stay in the
+    heap, fragmented between live ones. Quantizing hundreds of weights and then training leaves gigabytes
+    there: the 7B benchmark (bench/memory_7b.py) peaked at 6.53 GB by default and 5.3-5.7 GB with 4 MiB.
+    Lower is leaner but slower: at 1 MiB the 7B peak was 5.22 GB, but a smaller model's step took 1.6x as
+    long, every activation buffer being mapped and faulted in afresh (at 4 MiB: no slower than default).
+    A quantized base is asked for to save memory, so lorakit sets it then; a threshold the user chose
+    (GLIBC_TUNABLES) or another allocator (LD_PRELOAD) is left alone. Returns whether it was set.
+    """
+    if "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "") or os.environ.get("LD_PRELOAD"):
+        return False
+    libc = _glibc()
+    mallopt = getattr(libc, "mallopt", None)
+    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD) == 1)
+
+
+def _return_freed_memory() -> None:
+    # Whatever the heap still holds of freed buffers after loading goes back to the OS (glibc only).
+    trim = getattr(_glibc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def bnb_config(spec: QuantSpec):
@@ -222,6 +251,7 @@ def load_quantized(source: str, spec: QuantSpec, *, device: torch.device, option
     """A 4/8-bit model from `source` (local directory or hub id): streamed when possible, else via transformers."""
     from transformers import AutoConfig
 
+    lean_allocator()
     if spec.bits == 8:
         # bitsandbytes logs a warning on every LLM.int8 matmul whose input is not fp16 (it casts, as it must).
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_warning)
