@@ -259,10 +259,14 @@ def test_qlora_train_eval_and_merge_through_the_cli(run_config, tmp_path, capsys
     from lorakit.base_model import load_base_model
     from lorakit.config import ModelConfig, QuantizationConfig
 
-    assert main(["train", str(run_config), "--set", "model.quantization={bits: 4, type: nf4}"]) == 0
+    assert main(["train", str(run_config), "--set", "model.quantization={bits: 4, type: nf4}",
+                 "--set", "model.adapter_dtype=bfloat16"]) == 0
     printed = capsys.readouterr().out
     assert "4-bit NF4 + double quantization" in printed
     adapter = tmp_path / "run" / "adapter"
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(adapter / "adapter_model.safetensors").values()} == {torch.bfloat16}
     model_dir = run_config.read_text().split("name_or_path: ")[1].split("\n")[0]
     assert main(["eval", "--model", model_dir, "--adapter", str(adapter), "--data", str(tmp_path / "val.jsonl"),
                  "--json", "--dtype", "float32", "--quantize", "4"]) == 0
