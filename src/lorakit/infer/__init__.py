@@ -1,0 +1,7 @@
+"""Generation: a continuous-batching engine with one LoRA adapter (or the base model) per request."""
+
+from .engine import Engine, EngineClosed, InvalidRequest, QueueFull
+from .handle import Event, RequestHandle, Usage
+from .sampling import SamplingParams
+
+__all__ = ["Engine", "EngineClosed", "Event", "InvalidRequest", "QueueFull", "RequestHandle", "SamplingParams", "Usage"]
