@@ -105,6 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
         p.add_argument("--quantize", type=int, choices=[4, 8], help=QUANTIZE_HELP)
         p.set_defaults(handler=_generate if name == "generate" else _chat)
+
+    serve = sub.add_parser("serve", help="serve the base and adapters over an OpenAI-compatible HTTP API "
+                           "(pip install 'lorakit[serve]')")
+    serve.add_argument("--model", required=True, help="base model directory or hub id")
+    serve.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME=PATH",
+                       help="load an adapter at startup, served as model NAME (repeatable)")
+    serve.add_argument("--adapter-dir", default=None, help="allow POST /v1/adapters to load adapters from inside "
+                       "this directory (and DELETE to unload them); off without it")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health "
+                       "(default: $LORAKIT_API_KEY)")
+    serve.add_argument("--served-model-name", default=None, help="the base model's id in requests "
+                       "(default: the model directory's name, or the hub id)")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together at most")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
+    serve.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts get 400")
+    serve.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask for")
+    serve.set_defaults(handler=_serve)
     return parser
 
 
@@ -242,4 +263,24 @@ def _chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": text})
         reply = _stream(loaded, _chat_ids(loaded.tokenizer, messages), args)
         messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from ..serve import require_server_dependencies
+
+    require_server_dependencies()
+    from ..serve.server import ServeOptions, parse_adapter_args, run
+
+    for flag in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1", where="lorakit serve")
+    options = ServeOptions(model=args.model, adapters=parse_adapter_args(args.adapters), adapter_dir=args.adapter_dir,
+                           host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"),
+                           dtype=args.dtype, device=args.device, served_model_name=args.served_model_name,
+                           max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                           max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens)
+    run(options, log_fn=print)
     return 0

@@ -1,0 +1,343 @@
+"""The OpenAI-compatible routes over a `lorakit.infer.engine.Engine`.
+
+`create_app(engine, tokenizer, ...)` builds the FastAPI app; it owns no model loading and no server loop, so
+tests run it in-process and the CLI (`lorakit serve`) wraps it with uvicorn. The request's `model` picks the
+adapter: the base model's name or a loaded adapter's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import AdapterError, ConfigError, LorakitError
+from ..infer.engine import EngineClosed, QueueFull
+from ..infer.sampling import SamplingParams
+from .adapters import check_name, resolve_adapter, scrub
+from .errors import APIError, install_error_handlers, log, model_not_found
+from .guard import BodyTooLarge, GuardMiddleware
+from .schemas import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, parse_body
+from .sse import DONE, EventStreamResponse, sse
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    max_prompt_tokens: int = 2048
+    """Prompt tokens per request at most (after the chat template); longer prompts get 400."""
+    max_tokens: int = 512
+    """`max_tokens` at most; also the default for chat completions."""
+    max_body_bytes: int = 1 << 20
+    """Request bodies above this get 413 before they are read."""
+
+
+class _State:
+    def __init__(self, engine, tokenizer, base_name: str, adapter_dir: Path | None, limits: ServeLimits):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.base_name = base_name
+        self.adapter_dir = adapter_dir
+        self.limits = limits
+        self.tokenizer_lock = threading.Lock()  # fast tokenizers raise "Already borrowed" under concurrent calls
+        self.adapter_lock: asyncio.Lock | None = None
+        self.status_counts: Counter = Counter()
+        self.counts: Counter = Counter()  # completions, chat_completions, streams, disconnects, in_flight
+        self.created = int(time.time())
+
+    def adapter_for(self, model: str) -> str | None:
+        if model == self.base_name:
+            return None
+        if model in self.engine.adapters():
+            return model
+        raise model_not_found(model)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        with self.tokenizer_lock:
+            return list(self.tokenizer(text)["input_ids"])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        with self.tokenizer_lock:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise APIError(400, f"The model `{self.base_name}` has no chat template in its tokenizer; use "
+                                    "/v1/completions with a plain prompt.", param="messages", code="no_chat_template")
+            try:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as err:  # a template may raise on role orders it does not support
+                raise APIError(400, f"messages: the chat template refused them: {err}", param="messages") from None
+            # the template already wrote any BOS it wants
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def create_app(engine, tokenizer, *, base_name: str, adapter_dir: str | Path | None = None,
+               api_key: str | None = None, limits: ServeLimits | None = None) -> FastAPI:
+    """An OpenAI-compatible app serving `engine` (started by the caller) under the model id `base_name`."""
+    limits = limits or ServeLimits()
+    root = Path(adapter_dir).resolve() if adapter_dir is not None else None
+    if root is not None and not root.is_dir():
+        raise ConfigError(f"--adapter-dir {adapter_dir}: not a directory", where="lorakit serve")
+    state = _State(engine, tokenizer, base_name, root, limits)
+    app = FastAPI(title="lorakit", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.lorakit = state
+    install_error_handlers(app)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=limits.max_body_bytes,
+                       status_counts=state.status_counts)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return {**_engine_metrics(engine), "server": dict(state.counts),
+                "http_status": dict(sorted(state.status_counts.items()))}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [_model_card(state, None)] + [_model_card(state, a) for a in engine.adapters()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        return _model_card(state, state.adapter_for(model_id))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = parse_body(await read_body(request, limits.max_body_bytes), CompletionRequest)
+        adapter = state.adapter_for(req.model)
+        ids = await run_in_threadpool(state.encode_prompt, req.prompt)
+        state.counts["completions"] += 1
+        return await _generate(state, request, req, ids, adapter, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatCompletionRequest = parse_body(await read_body(request, limits.max_body_bytes), ChatCompletionRequest)
+        adapter = state.adapter_for(req.model)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        ids = await run_in_threadpool(state.encode_chat, messages)
+        state.counts["chat_completions"] += 1
+        return await _generate(state, request, req, ids, adapter, chat=True)
+
+    @app.post("/v1/adapters")
+    async def load_adapter(request: Request):
+        root = _require_adapter_dir(state)
+        req: AdapterLoadRequest = parse_body(await read_body(request, limits.max_body_bytes), AdapterLoadRequest)
+        async with _adapter_lock(state):
+            if req.name == base_name or req.name in engine.adapters():
+                raise APIError(409, f"A model named `{req.name}` is already served; DELETE /v1/adapters/{req.name} "
+                                    "first to replace it.", param="name", code="adapter_exists")
+            resolved = await run_in_threadpool(resolve_adapter, root, req.name, req.path)
+            try:
+                await run_in_threadpool(engine.load_adapter, resolved.name, str(resolved.directory))
+            except (AdapterError, ConfigError, ValueError) as err:
+                raise APIError(400, f"adapter {resolved.relative!r} could not be loaded: "
+                                    f"{scrub(str(err), resolved.directory, root, resolved.relative)}",
+                               param="path", code="invalid_adapter") from None
+        log.info("loaded adapter %s from %s", resolved.name, resolved.relative)
+        return _model_card(state, resolved.name)
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str):
+        _require_adapter_dir(state)
+        check_name(name)
+        async with _adapter_lock(state):
+            if name not in engine.adapters():
+                raise model_not_found(name)
+            try:
+                await run_in_threadpool(engine.unload_adapter, name)
+            except AdapterError as err:  # still in use by running or waiting requests
+                raise APIError(409, str(err), param="name", code="adapter_in_use") from None
+        log.info("unloaded adapter %s", name)
+        return {"id": name, "object": "model", "deleted": True}
+
+    return app
+
+
+# ---- generation -----------------------------------------------------------------------------------------
+async def _generate(state: _State, request: Request, req, prompt_ids: list[int], adapter: str | None, *, chat: bool):
+    limits = state.limits
+    if not prompt_ids:
+        raise APIError(400, "The prompt is empty.", param="messages" if chat else "prompt")
+    if len(prompt_ids) > limits.max_prompt_tokens:
+        raise APIError(400, f"This server's maximum prompt length is {limits.max_prompt_tokens} tokens; the prompt "
+                            f"has {len(prompt_ids)}.", param="messages" if chat else "prompt",
+                       code="context_length_exceeded")
+    max_tokens = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
+    param = "max_tokens" if req.max_tokens is not None or not chat else "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens = limits.max_tokens if chat else min(COMPLETION_DEFAULT_MAX_TOKENS, limits.max_tokens)
+    if max_tokens > limits.max_tokens:
+        raise APIError(400, f"{param} is {max_tokens}; this server allows at most {limits.max_tokens}.", param=param,
+                       code="invalid_value")
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0 if req.temperature is None else req.temperature,
+                            top_p=1.0 if req.top_p is None else req.top_p, stop=req.stop_list(), seed=req.seed)
+    handle = _submit(state, prompt_ids, adapter, params)
+    state.counts["in_flight"] += 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            state.counts["in_flight"] -= 1
+            handle.cancel()  # a no-op for a finished request; frees the slot of an abandoned one
+
+    reply = _Reply(chat=chat, model=req.model)
+    if req.stream:
+        state.counts["streams"] += 1
+        return EventStreamResponse(_stream(state, handle, reply, len(prompt_ids), req.include_usage()), release)
+    try:
+        text, finish, completion_tokens, disconnected = await _collect(handle, request)
+    finally:
+        release()
+    if disconnected:
+        state.counts["disconnects"] += 1
+        raise APIError(499, "client closed the request")  # nobody reads it; keeps the status count honest
+    return JSONResponse(reply.full(text, finish, _usage(len(prompt_ids), completion_tokens)))
+
+
+def _submit(state: _State, prompt_ids: list[int], adapter: str | None, params):
+    try:
+        return state.engine.submit(prompt_ids, adapter, params)
+    except QueueFull:
+        raise APIError(429, "The server is busy (its request queue is full); retry shortly.",
+                       type="rate_limit_exceeded", code="queue_full", headers={"Retry-After": "1"}) from None
+    except EngineClosed:
+        raise APIError(503, "The server is shutting down.", code="engine_closed") from None
+    except AdapterError:
+        raise model_not_found(adapter or state.base_name) from None  # unloaded between lookup and submit
+    except (ConfigError, ValueError) as err:
+        raise APIError(400, str(err), code="invalid_value") from None
+
+
+async def _collect(handle, request: Request) -> tuple[str, str | None, int, bool]:
+    """Run a non-streaming request to its end, or cancel it if the client disconnects first."""
+    pieces: list[str] = []
+    finish, tokens, disconnected = None, 0, False
+    async with anyio.create_task_group() as group:
+        async def watch() -> None:
+            nonlocal disconnected
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            disconnected = True
+            handle.cancel()
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        async for event in handle.aiter():
+            pieces.append(event.text)
+            tokens += len(event.token_ids)
+            finish = event.finish_reason or finish
+        group.cancel_scope.cancel()
+    return "".join(pieces), finish, tokens, disconnected
+
+
+async def _stream(state: _State, handle, reply: "_Reply", prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+    tokens = 0
+    try:
+        if reply.chat:
+            yield sse(reply.chunk(delta={"role": "assistant", "content": ""}))
+        async for event in handle.aiter():
+            tokens += len(event.token_ids)
+            if event.text:
+                yield sse(reply.chunk(text=event.text))
+            if event.finish_reason:
+                yield sse(reply.chunk(finish=event.finish_reason))
+        if include_usage:
+            yield sse(reply.usage_chunk(_usage(prompt_tokens, tokens)))
+    except LorakitError as err:
+        log.warning("stream failed: %s", err)
+        yield sse(APIError(500, "generation failed").body())
+    except Exception:
+        log.exception("stream failed")
+        yield sse(APIError(500, "The server had an internal error while processing the request.").body())
+    yield DONE
+
+
+class _Reply:
+    """OpenAI's response and chunk shapes for one request."""
+
+    def __init__(self, *, chat: bool, model: str):
+        self.chat = chat
+        self.model = model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def full(self, text: str, finish: str | None, usage: dict) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {**self._head(self.object), "choices": [choice], "usage": usage}
+
+    def chunk(self, *, text: str | None = None, delta: dict | None = None, finish: str | None = None) -> dict:
+        if self.chat:
+            delta = delta if delta is not None else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": usage}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ---- helpers --------------------------------------------------------------------------------------------
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) once more than `limit` bytes arrive: Content-Length may be absent (chunked)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _model_card(state: _State, adapter: str | None) -> dict[str, Any]:
+    card = {"id": adapter or state.base_name, "object": "model", "created": state.created, "owned_by": "lorakit"}
+    if adapter:
+        card["parent"] = state.base_name
+    return card
+
+
+def _engine_metrics(engine) -> dict:
+    try:
+        return dict(engine.metrics())
+    except Exception:
+        log.exception("engine.metrics() failed")
+        return {}
+
+
+def _require_adapter_dir(state: _State) -> Path:
+    if state.adapter_dir is None:
+        raise APIError(403, "Adapters cannot be loaded or unloaded at runtime on this server: start it with "
+                            "--adapter-dir DIR to allow loading adapters from inside DIR.", code="adapters_disabled")
+    return state.adapter_dir
+
+
+def _adapter_lock(state: _State) -> asyncio.Lock:
+    if state.adapter_lock is None:
+        state.adapter_lock = asyncio.Lock()
+    return state.adapter_lock

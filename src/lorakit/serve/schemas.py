@@ -1,0 +1,143 @@
+"""Request bodies, with OpenAI's field names and meanings. Unknown fields are refused rather than ignored
+(an allowlist: nothing a client sends reaches the chat template or the engine unless named here), and
+every bound is checked here so a bad request is a 400 naming its field, never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import APIError
+
+MAX_STOP = 4  # OpenAI's own cap
+MAX_STOP_CHARS = 64
+MAX_MESSAGES = 1024
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+class _Request(BaseModel):
+    # strict: "5" is not a number and 1 is not true; forbid: a misspelt field is an error, not a silent default
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+    """Send one more chunk before [DONE] with `usage` and no choices."""
+
+
+class _Sampling(_Request):
+    model: str = Field(min_length=1, max_length=256)
+    """A served model id: the base model's name or a loaded adapter's (GET /v1/models)."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """New tokens to generate at most; the server's --max-tokens caps it."""
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    """0 picks the most likely token (greedy)."""
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: Union[str, list[str], None] = None
+    """Up to 4 strings; generation ends before the first that appears."""
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    n: int | None = None
+    """Completions per request; only 1 is supported."""
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256)
+    """Accepted for compatibility, ignored."""
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n):
+        if n is not None and n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value):
+        if value not in (None, 0, 0.0):
+            raise ValueError("penalties are not supported; leave it out or set 0")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+        return stops
+
+    def stop_list(self) -> list[str]:
+        return list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str
+    echo: Literal[False] = False
+    logprobs: None = None
+    suffix: None = None
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+    name: str | None = Field(default=None, max_length=64)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    """The newer name of max_tokens; max_tokens wins when both are given."""
+    logprobs: Literal[False] | None = None
+
+
+class AdapterLoadRequest(_Request):
+    name: str = Field(pattern=NAME_PATTERN)
+    """The adapter's model id in requests: letters, digits, '_', '-'; 64 characters at most."""
+    path: str | None = Field(default=None, min_length=1, max_length=512)
+    """A relative path inside --adapter-dir; default: the name."""
+
+
+def _no_constants(value: str):
+    raise ValueError(f"{value} is not valid JSON")
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    """JSON bytes -> `model`, or an APIError 400 that names the offending field."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constants)  # NaN / Infinity are not JSON
+    except (ValueError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise APIError(400, f"The request body is not valid JSON: {reason}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field; this server does not support it"
+        problem = f"{param}: {message}" if param else message
+        more = len(err.errors()) - 1
+        if more:
+            problem += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise APIError(400, problem, param=param, code="invalid_value") from None
+

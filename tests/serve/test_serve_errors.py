@@ -1,0 +1,215 @@
+"""Every refusal is an OpenAI-style error `{"error": {message, type, param, code}}` with the right status,
+never a 500 with a traceback: 401, 404, 400 (malformed JSON, bad fields named, limits), 413, 429, 500."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import openai
+import pytest
+from serve_helpers import API_KEY, Gate, load_tiny, run_server, served, tiny_dirs, wait_for  # noqa: F401
+
+from lorakit.infer import Engine
+from lorakit.serve import ServeLimits, create_app
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    assert "Traceback" not in r.text
+    return body
+
+
+@pytest.fixture(scope="module")
+def keyed(served):
+    app = create_app(served.engine, served.tokenizer, base_name="tiny-llama", adapter_dir=served.root,
+                     api_key=API_KEY, limits=ServeLimits(max_prompt_tokens=64, max_tokens=32))
+    with run_server(app) as url:
+        yield url
+
+
+ROUTES = [("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+          ("POST", "/v1/adapters"), ("DELETE", "/v1/adapters/alpha"), ("GET", "/nope"), ("GET", "//health"),
+          ("GET", "/health/")]
+
+
+@pytest.mark.parametrize("method,path", ROUTES)
+@pytest.mark.parametrize("key", [None, "wrong", API_KEY + "x", API_KEY[:-1]], ids=["none", "wrong", "longer", "prefix"])
+def test_every_route_but_health_needs_the_key(keyed, method, path, key):
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    r = httpx.request(method, keyed + path, headers=headers, json={})
+    body = _error(r, 401)
+    assert body["code"] == "invalid_api_key" and API_KEY not in r.text
+
+
+@pytest.mark.parametrize("target", ["/v1/../health", "/V1/models", "/v1/%2e%2e/health", "http://x/health"])
+def test_unnormalized_paths_do_not_bypass_the_key(keyed, target):
+    """Sent raw (httpx would normalise them): the exemption is for exactly GET /health."""
+    import socket
+
+    host, port = keyed.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x/health?\r\nConnection: close\r\n\r\n".encode())
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status = int(reply.split(b" ", 2)[1])
+    assert status in (400, 401), reply[:200]
+
+
+def test_health_is_open_and_the_key_works(keyed):
+    assert httpx.get(keyed + "/health").status_code == 200
+    client = openai.OpenAI(base_url=keyed + "/v1", api_key=API_KEY, max_retries=0)
+    assert client.completions.create(model="tiny-llama", prompt="hi", max_tokens=2).choices
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=keyed + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_unknown_model_is_404_model_not_found(served):
+    with pytest.raises(openai.NotFoundError) as err:
+        served.client().completions.create(model="gpt-9", prompt="hi")
+    assert err.value.body["code"] == "model_not_found"
+    body = _error(httpx.post(served.url + "/v1/chat/completions",
+                             json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]}), 404)
+    assert body["param"] == "model"
+    _error(httpx.get(served.url + "/no/such/route"), 404)
+
+
+MALFORMED = {"truncated": b'{"model": "tiny-llama", "prompt": "hi"', "not_json": b"hello", "array": b"[1, 2]",
+             "nan": b'{"model": "tiny-llama", "prompt": "hi", "temperature": NaN}',
+             "deep": b"[" * 100_000 + b"]" * 100_000, "bad_utf8": b'{"prompt": "\xff"}'}
+
+
+@pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_json_is_400(served, raw):
+    r = httpx.post(served.url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
+    _error(r, 400)
+
+
+BAD_FIELDS = {
+    "max_tokens_string": ({"max_tokens": "5"}, "max_tokens"),
+    "max_tokens_zero": ({"max_tokens": 0}, "max_tokens"),
+    "temperature_negative": ({"temperature": -1}, "temperature"),
+    "top_p_zero": ({"top_p": 0}, "top_p"),
+    "n_two": ({"n": 2}, "n"),
+    "five_stops": ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    "unknown_field": ({"logit_bias": {"1": 5}}, "logit_bias"),
+    "prompt_list": ({"prompt": ["a", "b"]}, "prompt"),
+    "stream_string": ({"stream": "yes"}, "stream"),
+}
+
+
+@pytest.mark.parametrize("extra,param", BAD_FIELDS.values(), ids=BAD_FIELDS.keys())
+def test_bad_fields_are_400_naming_the_field(served, extra, param):
+    body = {"model": "tiny-llama", "prompt": "hi", **extra}
+    err = _error(httpx.post(served.url + "/v1/completions", json=body), 400)
+    assert err["param"] == param and param in err["message"]
+
+
+def test_missing_and_bad_chat_fields(served):
+    assert _error(httpx.post(served.url + "/v1/completions", json={"model": "tiny-llama"}), 400)["param"] == "prompt"
+    bad_role = {"model": "tiny-llama", "messages": [{"role": "wizard", "content": "hi"}]}
+    assert _error(httpx.post(served.url + "/v1/chat/completions", json=bad_role), 400)["param"] == "messages.0.role"
+    with pytest.raises(openai.BadRequestError):
+        served.client().completions.create(model="tiny-llama", prompt="hi", n=3)
+
+
+def test_limits_long_prompt_and_max_tokens_are_400(served):
+    err = _error(httpx.post(served.url + "/v1/completions",
+                            json={"model": "tiny-llama", "prompt": "hello world " * 100}), 400)
+    assert err["code"] == "context_length_exceeded" and "64" in err["message"]
+    err = _error(httpx.post(served.url + "/v1/completions",
+                            json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 33}), 400)
+    assert err["param"] == "max_tokens" and "32" in err["message"]
+    err = _error(httpx.post(served.url + "/v1/chat/completions",
+                            json={"model": "tiny-llama", "max_completion_tokens": 1000,
+                                  "messages": [{"role": "user", "content": "hi"}]}), 400)
+    assert err["param"] == "max_completion_tokens"
+
+
+def test_body_over_one_mib_is_413(served):
+    big = b'{"model": "tiny-llama", "prompt": "' + b"a" * (1 << 20) + b'"}'
+    _error(httpx.post(served.url + "/v1/completions", content=big, headers={"content-type": "application/json"}), 413)
+
+    def chunked():  # no Content-Length: counted while read
+        yield big[:1000]
+        yield big[1000:]
+
+    _error(httpx.post(served.url + "/v1/completions", content=chunked(), headers={"content-type": "application/json"}),
+           413)
+
+
+def test_no_chat_template_is_a_clear_400(served):
+    from data_helpers import build_tokenizer
+
+    app = create_app(served.engine, build_tokenizer(), base_name="tiny-llama", limits=ServeLimits(max_tokens=32))
+    with run_server(app) as url:
+        err = _error(httpx.post(url + "/v1/chat/completions",
+                                json={"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}), 400)
+    assert err["code"] == "no_chat_template" and "/v1/completions" in err["message"]
+
+
+def test_queue_full_is_429_and_admitted_requests_finish(tiny_dirs):
+    base, _, _ = tiny_dirs
+    loaded = load_tiny(base)
+    gate = Gate(loaded.model)
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_queue=1, max_prompt_tokens=64,
+                    max_new_tokens=8)
+    engine.start()
+    app = create_app(engine, loaded.tokenizer, base_name="tiny-llama", limits=ServeLimits(max_prompt_tokens=64,
+                                                                                          max_tokens=8))
+    results: dict[int, httpx.Response] = {}
+    try:
+        with run_server(app) as url:
+            gate.open.clear()  # the engine thread stops in the first forward
+
+            def send(i):
+                results[i] = httpx.post(url + "/v1/completions", timeout=60,
+                                        json={"model": "tiny-llama", "prompt": "hello world", "max_tokens": 4})
+
+            threads = [threading.Thread(target=send, args=(0,))]
+            threads[0].start()
+            wait_for(lambda: gate.calls >= 1)  # request 0 is running (held in prefill)
+            threads.append(threading.Thread(target=send, args=(1,)))
+            threads[1].start()
+            wait_for(lambda: engine.metrics()["queue_length"] == 1)  # request 1 waits
+            send(2)  # the queue is full
+            err = _error(results[2], 429)
+            assert err["code"] == "queue_full" and results[2].headers["retry-after"] == "1"
+            with pytest.raises(openai.RateLimitError):
+                openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).completions.create(
+                    model="tiny-llama", prompt="hi", max_tokens=2)
+            gate.open.set()
+            for t in threads:
+                t.join(timeout=60)
+            assert results[0].status_code == 200 and results[1].status_code == 200
+    finally:
+        gate.remove()
+        engine.close()
+
+
+class _BrokenEngine:
+    """An engine whose submit fails unexpectedly: the client must get a generic 500, not the exception."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def adapters(self):
+        return []
+
+    def metrics(self):
+        return {}
+
+    def submit(self, *args):
+        raise RuntimeError("secret detail /home/op/models")
+
+
+def test_internal_error_is_a_generic_500(served):
+    app = create_app(_BrokenEngine(served.engine), served.tokenizer, base_name="tiny-llama",
+                     limits=ServeLimits(max_tokens=32))
+    with run_server(app) as url:
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny-llama", "prompt": "hi"})
+    err = _error(r, 500)
+    assert "secret" not in r.text and err["type"] == "internal_error"
