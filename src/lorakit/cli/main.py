@@ -212,24 +212,30 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sampling(args: argparse.Namespace) -> dict:
-    import torch
+def _engine(loaded, args):
+    """The serving engine over the loaded model, one request at a time (what `lorakit serve` batches)."""
+    from ..infer import Engine
 
-    torch.manual_seed(args.seed)
-    if args.temperature <= 0:
-        return dict(do_sample=False, max_new_tokens=args.max_new_tokens)
-    return dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or 1 << 20
+    return Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_queue=1,
+                  max_prompt_tokens=limit, max_new_tokens=max(1, args.max_new_tokens))
 
 
-def _stream(loaded, input_ids, args) -> str:
-    import torch
-    from transformers import TextStreamer
+def _stream(engine, loaded, input_ids, args) -> str:
+    """Print the completion of `input_ids` as it is generated; returns its text."""
+    from ..infer import SamplingParams
+    from ..lora import LoraModel
 
-    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with torch.no_grad():
-        out = loaded.model.generate(input_ids=input_ids.to(loaded.device), attention_mask=torch.ones_like(input_ids).to(loaded.device),
-                                    streamer=streamer, pad_token_id=loaded.tokenizer.pad_token_id, **_sampling(args))
-    return loaded.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    adapter = "default" if isinstance(loaded.model, LoraModel) else None
+    handle = engine.submit(input_ids[0].tolist(), adapter, params)
+    pieces = []
+    for event in handle:
+        print(event.text, end="", flush=True)
+        pieces.append(event.text)
+    print()
+    return "".join(pieces)
 
 
 def _chat_ids(tokenizer, messages):
@@ -245,7 +251,8 @@ def _generate(args: argparse.Namespace) -> int:
         ids = _chat_ids(loaded.tokenizer, [{"role": "user", "content": args.prompt}])
     else:
         ids = loaded.tokenizer(args.prompt, return_tensors="pt")["input_ids"]
-    _stream(loaded, ids, args)
+    with _engine(loaded, args) as engine:
+        _stream(engine, loaded, ids, args)
     return 0
 
 
@@ -253,16 +260,17 @@ def _chat(args: argparse.Namespace) -> int:
     loaded = _load(args.model, args.adapter, args.dtype, args.quantize)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
-    while True:
-        try:
-            text = input("> ")
-        except EOFError:
-            break
-        if not text.strip():
-            break
-        messages.append({"role": "user", "content": text})
-        reply = _stream(loaded, _chat_ids(loaded.tokenizer, messages), args)
-        messages.append({"role": "assistant", "content": reply})
+    with _engine(loaded, args) as engine:
+        while True:
+            try:
+                text = input("> ")
+            except EOFError:
+                break
+            if not text.strip():
+                break
+            messages.append({"role": "user", "content": text})
+            reply = _stream(engine, loaded, _chat_ids(loaded.tokenizer, messages), args)
+            messages.append({"role": "assistant", "content": reply})
     return 0
 
 
