@@ -219,3 +219,23 @@ def test_unwrap_restores_the_original_modules(input_ids):
     assert not any(isinstance(m, LoraLayer) for m in plain.modules())
     assert {n: m for n, m in plain.named_modules()} == originals
     torch.testing.assert_close(_logits(plain, input_ids), expected, rtol=0, atol=0)
+
+
+def test_a_lora_model_can_start_empty_and_take_adapters_later(tmp_path):
+    """LoraModel(model, None): no adapter, outputs are the base's; adapters added later work as usual."""
+    from lorakit import LoraConfig, LoraModel, wrap
+    from tiny_models import build_model, randomize_lora
+
+    source = wrap(build_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(source)
+    source.save_adapter(tmp_path / "a")
+    base = build_model("llama")
+    ids = torch.arange(8)[None]
+    with torch.no_grad():
+        want_base = base(ids).logits
+        empty = LoraModel(base, None)
+        assert empty.adapter_configs == {} and not any(p.requires_grad for p in empty.parameters())
+        assert torch.equal(empty(input_ids=ids).logits, want_base)
+        empty.load_adapter(tmp_path / "a", "a")
+        empty.set_adapter("a")
+        assert torch.allclose(empty(input_ids=ids).logits, source(input_ids=ids).logits, atol=1e-6)

@@ -42,7 +42,9 @@ class TrainableReport:
 
 
 class LoraModel(nn.Module):
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", *, _init=None):
+    def __init__(self, model: nn.Module, config: LoraConfig | None, adapter_name: str = "default", *, _init=None):
+        """Freeze `model` and add adapter `adapter_name` from `config`; config None: no adapter yet (a server
+        that loads its adapters later starts so)."""
         super().__init__()
         self.model = model
         self.train(model.training)  # a fresh nn.Module says "training"; keep the wrapped model's mode
@@ -52,6 +54,9 @@ class LoraModel(nn.Module):
         grads = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in grads:
             p.requires_grad_(False)
+        if config is None:
+            self._keep_training_layout()
+            return
         try:
             self.add_adapter(adapter_name, config, _init=_init)
         except Exception:
@@ -59,10 +64,13 @@ class LoraModel(nn.Module):
                 p.requires_grad_(requires_grad)
             raise
         self.set_adapter(adapter_name)
-        if any(is_quantized_linear(m) for m in model.modules()):
+        self._keep_training_layout()
+
+    def _keep_training_layout(self) -> None:
+        if any(is_quantized_linear(m) for m in self.model.modules()):
             from ..quant.bnb import keep_training_layout
 
-            keep_training_layout(model)  # else one eval pass can silently cut gradients (see there)
+            keep_training_layout(self.model)  # else one eval pass can silently cut gradients (see there)
 
     # ---- iteration ---------------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:

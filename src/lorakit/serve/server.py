@@ -110,19 +110,7 @@ def run(options: ServeOptions, *, log_fn=print) -> None:
 
 
 def empty_lora_model(model):
-    """A LoraModel with no adapters around `model`, so adapters can be added at runtime.
+    """A LoraModel with no adapters around `model`, so adapters can be added at runtime."""
+    from ..lora import LoraModel
 
-    LoraModel is built with a first adapter; inject a throwaway one on a single linear layer and delete it.
-    """
-    import torch
-
-    from ..lora import LoraConfig, wrap
-
-    target = next((name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and name), None)
-    if target is None:
-        raise ConfigError("--adapter-dir: the base model has no linear layer an adapter could target",
-                          where="lorakit serve")
-    lora_model = wrap(model, LoraConfig(r=1, target_modules=[target]), "lorakit-placeholder")
-    lora_model.delete_adapter("lorakit-placeholder")
-    return lora_model.eval()
+    return LoraModel(model, None).eval()
