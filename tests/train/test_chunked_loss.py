@@ -76,19 +76,31 @@ def test_chunked_loss_and_lora_grads_equal_the_full_logits_path(family, chunk):
     _assert_same(model, _batch(), chunk)
 
 
-def test_the_head_sees_only_supervised_positions_in_chunks_of_the_given_size():
+@pytest.mark.parametrize("head_trains", [False, True])  # fused frozen-head path / checkpointed path
+def test_the_head_sees_only_supervised_positions_in_chunks_of_the_given_size(head_trains, monkeypatch):
+    from lorakit.train import chunked_loss
+
     model = _wrapped("llama")
     decoder, head = split_head(model)
+    head.weight.requires_grad_(head_trains)
     batch = _batch()
+    hidden = decoder(**_inputs(batch))[0]
     rows = []
-    handle = head.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
-    try:
-        hidden = decoder(**_inputs(batch))[0]
-        _, count = chunked_token_loss_sum(hidden, head, batch["labels"], 7)
-    finally:
-        handle.remove()
+    real_linear = chunked_loss.F.linear
+
+    def spy(x, weight, bias=None):
+        if weight is head.weight:
+            rows.append(x.shape[0])
+        return real_linear(x, weight, bias)
+
+    monkeypatch.setattr(chunked_loss.F, "linear", spy)
+    loss, count = chunked_token_loss_sum(hidden, head, batch["labels"], 7)
     assert count == int((batch["labels"][:, 1:] != -100).sum()) < batch["labels"].numel()
     assert rows == [7] * (count // 7) + ([count % 7] if count % 7 else [])
+    forward = list(rows)
+    loss.backward()  # the checkpointed path recomputes each chunk (in reverse order); the fused one never
+    assert rows == (forward + forward[::-1] if head_trains else forward)
+    assert (head.weight.grad is not None) == head_trains
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -216,3 +228,16 @@ def test_the_config_field_takes_a_positive_integer_or_null():
     assert run_config_from_dict({**raw, "train": {"loss_chunk_tokens": None}}).train.loss_chunk_tokens is None
     with pytest.raises(ConfigError, match="train.loss_chunk_tokens: must be a positive integer"):
         run_config_from_dict({**raw, "train": {"loss_chunk_tokens": 0}})
+
+
+def test_a_bf16_base_gives_the_plain_loss_and_grads_within_bf16_rounding():
+    """The fused frozen-head path in bf16: logits from a bf16 matmul, the loss in fp32, the hidden-state
+    gradient from a bf16 matmul, as the plain path computes them."""
+    model = wrap(build_model("llama").to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_lora(model, seed=1, scale=0.1)
+    plain_loss, _, plain_grads = _loss_and_grads(model, _batch(), None)
+    loss, _, grads = _loss_and_grads(model, _batch(), 7)
+    torch.testing.assert_close(loss, plain_loss, rtol=2e-3, atol=1e-2)
+    for name, grad in grads.items():
+        scale = plain_grads[name].abs().max()
+        assert (grad - plain_grads[name]).abs().max() <= 2e-2 * scale, name

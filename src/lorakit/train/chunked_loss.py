@@ -3,8 +3,10 @@
 A causal LM's forward ends with `logits = lm_head(hidden)`, a (batch, seq, vocab) tensor; with a 32k-152k
 vocabulary it, its float32 copy and their gradients are the largest allocation of a LoRA training step.
 Here the decoder runs alone, only the positions with a supervised target are projected, and each chunk of
-`chunk_tokens` rows goes through lm_head and cross-entropy inside torch.utils.checkpoint: the forward keeps
-no logits and the backward recomputes them one chunk at a time.
+`chunk_tokens` rows goes through lm_head and cross-entropy: for a frozen linear head (the usual case) the
+gradient for the hidden states is computed in the same pass (_FrozenHeadLoss, no recomputation); a head that
+trains (LoRA on lm_head, modules_to_save) runs each chunk inside torch.utils.checkpoint, and the backward
+recomputes its logits.
 
 This is only exact when the model's logits are lm_head(decoder(...)) and nothing else, so `split_head`
 refuses models that post-process their logits (then the caller computes the full logits as usual).
@@ -103,6 +105,43 @@ def _split_reproduces_logits(hf: nn.Module, decoder: nn.Module, head: nn.Module)
             and torch.equal(seen["head_out"].float(), logits.float()))
 
 
+class _FrozenHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight^T (+ bias)` against `targets`, `chunk` rows at a time, for a
+    frozen head: the gradient for `hidden` is computed in the forward, chunk by chunk, while each chunk's
+    logits exist anyway, so the backward only scales it. Same matmuls as the plain path, no recomputation.
+
+    d loss / d logits = softmax(logits) - onehot(target); d loss / d hidden = that @ weight.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):  # hidden (n, h), weight (vocab, h), targets (n,)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # (n, h)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = F.linear(hidden[rows], weight, bias).float()  # (c, vocab), a fresh tensor either way
+            t = targets[rows]
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1
+                grad[rows] = probs.to(weight.dtype) @ weight  # (c, h)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None, None
+
+
+def _frozen_linear(head: nn.Module) -> bool:
+    """A plain nn.Linear whose weight and bias take no gradient (not a LoRA wrapper, not quantized)."""
+    return (type(head) is nn.Linear and not head.weight.requires_grad
+            and (head.bias is None or not head.bias.requires_grad))
+
+
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()  # (chunk, vocab)
     return F.cross_entropy(logits, targets, reduction="sum")
@@ -119,6 +158,8 @@ def chunked_token_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.
     # Only supervised positions reach the head: on chat data most positions are masked prompt tokens.
     h = hidden[:, :-1][keep]  # (count, hidden)
     t = targets[keep]  # (count,)
+    if _frozen_linear(head) and h.shape[0] > 0:
+        return _FrozenHeadLoss.apply(h, head.weight, head.bias, t, chunk_tokens), t.numel()
     recompute = torch.is_grad_enabled()
     total = None
     # With no supervised token the split is one empty chunk: a loss of 0 that still backpropagates (zero
