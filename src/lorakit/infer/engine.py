@@ -28,7 +28,7 @@ from ..errors import AdapterError, LorakitError
 from ..lora.model import LoraModel
 from ..lora.routing import BASE
 from .handle import Event, RequestHandle, Usage
-from .kv import KVBatch, zero_padding
+from .kv import KVBatch, select_rows, zero_padding
 from .sampling import SamplingParams, choose_token, make_generator
 from .text import TextStream
 
@@ -295,9 +295,7 @@ class Engine:
         keep = [i for i, req in enumerate(new) if not self._sample(req, logits[i])]
         if keep:
             index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            for layer in cache.layers:
-                if getattr(layer, "is_initialized", False) and layer.keys.numel() > 0:
-                    layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+            select_rows(cache, index)
             with self._cond:
                 self._batch.join(cache, lengths.index_select(0, index))
                 self._running += [new[i] for i in keep]
@@ -364,7 +362,8 @@ class Engine:
         """Fail these running rows and drop them (a failed forward may have left the cache half-extended)."""
         for i in rows:
             self._fail(self._running[i], error)
-        self._keep_rows([i for i in range(len(self._running)) if i not in set(rows)])
+        failed = set(rows)
+        self._keep_rows([i for i in range(len(self._running)) if i not in failed])
 
     def _keep_rows(self, keep: list[int]) -> None:
         with self._cond:

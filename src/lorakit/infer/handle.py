@@ -47,10 +47,9 @@ class RequestHandle:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: i < len(self._events) or self._done)
-                if i >= len(self._events):
-                    self._raise_error()
-                    return
-                event = self._events[i]
+                event = self._event_at(i)
+            if event is None:
+                return
             i += 1
             yield event
 
@@ -67,12 +66,19 @@ class RequestHandle:
                 await wake.wait()
                 continue
             with self._cond:
-                if i >= len(self._events):
-                    self._raise_error()
-                    return
-                event = self._events[i]
+                event = self._event_at(i)
+            if event is None:
+                return
             i += 1
             yield event
+
+    def _event_at(self, i: int) -> Event | None:
+        """Event i, or None when the request is done and had no more (raising its error, if it failed).
+        The caller holds the lock and has waited until i exists or the request is done."""
+        if i < len(self._events):
+            return self._events[i]
+        self._raise_error()
+        return None
 
     def result(self, timeout: float | None = None) -> tuple[str, str, Usage]:
         """(full text, finish_reason, usage), blocking until the request is done; raises the request's error."""

@@ -31,6 +31,13 @@ def zero_padding(cache: DynamicCache, mask: torch.Tensor) -> None:
         layer.values = layer.values.masked_fill(~keep, 0.0)
 
 
+def select_rows(cache: DynamicCache, index: torch.Tensor, *, drop_columns: int = 0) -> None:
+    """Keep the rows `index` (in that order) of every layer, minus the first `drop_columns` columns."""
+    for layer in cache_layers(cache):
+        layer.keys = layer.keys.index_select(0, index)[:, :, drop_columns:, :]
+        layer.values = layer.values.index_select(0, index)[:, :, drop_columns:, :]
+
+
 class KVBatch:
     """The cache of the rows being decoded, plus each row's count of real (unpadded) tokens."""
 
@@ -83,10 +90,7 @@ class KVBatch:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.lengths = self.lengths.index_select(0, index)
         # Columns before the longest row's real tokens are padding for every row: cut them.
-        cut = self.seq_len - int(self.lengths.max())
-        for layer in cache_layers(self.cache):
-            layer.keys = layer.keys.index_select(0, index)[:, :, cut:, :]
-            layer.values = layer.values.index_select(0, index)[:, :, cut:, :]
+        select_rows(self.cache, index, drop_columns=self.seq_len - int(self.lengths.max()))
 
 
 def _left_pad(t: torch.Tensor, seq: int) -> torch.Tensor:

@@ -270,11 +270,15 @@ class LoraLayer(nn.Module):
     def unmerge(self) -> None:
         if not self.merged_adapters:
             return
+        self._restore_unmerged()
+        self.merged_adapters = []
+        self._merge_norms = {}
+
+    def _restore_unmerged(self) -> None:
+        """Undo _store_merged (here: W = (W' - D) / f, within float rounding)."""
         W = self.base_weight()
         f, D = self._merge_terms(self.merged_adapters, self._merge_norms)
         self._set_base_weight(((W.float() - D) / f[:, None]).to(W.dtype))
-        self.merged_adapters = []
-        self._merge_norms = {}
 
 
 class LoraLinear(LoraLayer):

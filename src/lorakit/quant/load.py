@@ -109,29 +109,23 @@ def _set_tensor(model: nn.Module, target: str, tensor: torch.Tensor, device: tor
     module_name, _, leaf = target.rpartition(".")
     module = model.get_submodule(module_name)
     if leaf in module._parameters:
-        old = module._parameters[leaf]
-        if tuple(old.shape) != tuple(tensor.shape):
-            raise CheckpointError(f"checkpoint tensor for {target!r} has shape {list(tensor.shape)}, the model "
-                                  f"expects {list(old.shape)}; the checkpoint does not belong to this config")
         value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     else:
         module._buffers[leaf] = tensor.to(device)
 
 
-def stream_quantized(source: str, spec: QuantSpec, files: list[Path], *, device: torch.device,
+def stream_quantized(source: str, config, spec: QuantSpec, files: list[Path], *, device: torch.device,
                      from_config_options: dict) -> nn.Module | tuple[None, str]:
     """Build the model and fill it from `files`, quantizing linear weights as they are read.
 
     Returns the model, or (None, reason) when the checkpoint's tensor names are not the model's own
     (the caller then uses transformers' loader, which knows its renames).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     require_bitsandbytes()
     entries = [entry for path in files for entry in read_header(path)]
-    config = AutoConfig.from_pretrained(source, trust_remote_code=from_config_options.get("trust_remote_code", False),
-                                        revision=from_config_options.get("revision"))
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=spec.compute_dtype,
                                                  trust_remote_code=from_config_options.get("trust_remote_code", False),
@@ -144,13 +138,13 @@ def stream_quantized(source: str, spec: QuantSpec, files: list[Path], *, device:
     for entry, tensor in iter_tensors(files, [e for e in entries if e.name in mapping]):
         target = mapping[entry.name]
         module_name, _, leaf = target.rpartition(".")
+        expected = model.get_submodule(module_name)._parameters.get(leaf)
+        if expected is not None and tuple(tensor.shape) != tuple(expected.shape):
+            raise CheckpointError(f"checkpoint tensor {entry.name!r} in {entry.file} has shape {list(tensor.shape)}, "
+                                  f"the model expects {list(expected.shape)}; it does not belong to this config")
         if module_name in targets and leaf == "weight":
             original = model.get_submodule(module_name)
             conv1d = type(original).__name__ == "Conv1D"
-            expected_shape = tuple(original.weight.shape)
-            if tuple(tensor.shape) != expected_shape:
-                raise CheckpointError(f"checkpoint tensor {entry.name!r} in {entry.file} has shape {list(tensor.shape)}, "
-                                      f"the model expects {list(expected_shape)}")
             weight = tensor.T.contiguous() if conv1d else tensor  # (out, in)
             layer = quantize_linear(weight, None, spec, device, source_cls=type(original))
             if original.bias is not None:
@@ -264,7 +258,7 @@ def load_quantized(source: str, spec: QuantSpec, *, device: torch.device, option
     files = checkpoint_files(source, revision=options.get("revision"))
     reason = "it has no .safetensors weights"
     if files is not None:
-        model = stream_quantized(source, spec, files, device=device, from_config_options=options)
+        model = stream_quantized(source, config, spec, files, device=device, from_config_options=options)
         if not isinstance(model, tuple):
             return model
         reason = model[1]

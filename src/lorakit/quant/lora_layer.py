@@ -45,11 +45,6 @@ class LoraQuantLinear(LoraLinear):
         self._quantized = self.base_layer
         self.base_layer = to_plain_layer(self._quantized, merged_out_in)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self._quantized is None:
-            return
+    def _restore_unmerged(self) -> None:
         self.base_layer = self._quantized  # exactly the original quantized weights
         self._quantized = None
-        self.merged_adapters = []
-        self._merge_norms = {}
