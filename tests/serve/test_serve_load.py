@@ -42,7 +42,10 @@ def test_stream_disconnect_cancels_and_frees_the_slot(served):
         with httpx.stream("POST", served.url + "/v1/chat/completions", timeout=30,
                           json={"model": "alpha", "max_tokens": 32, "stream": True,
                                 "messages": [{"role": "user", "content": "hello"}]}) as r:
-            first = next(line for line in r.iter_lines() if line.startswith("data: "))
+            # Hold the line iterator: a discarded one is finalized at once, and its finalizer closes the
+            # connection, which would disconnect before the engine has begun (a race this test once lost).
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
             assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
             wait_for(lambda: served.engine.metrics()["tokens_generated"] > tokens_before)  # decoding has begun
         # leaving the block closes the connection mid-stream
