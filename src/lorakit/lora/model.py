@@ -355,6 +355,14 @@ class LoraModel(nn.Module):
                 for name in list(store):
                     store[name] = nn.Parameter(store[name].detach().to(dtype), requires_grad=store[name].requires_grad)
 
+    def compute_adapters_in_base_dtype(self, enabled: bool = True) -> None:
+        """Run plain LoRA's matmuls in each layer's base output dtype (bf16 on a bf16 base) while the adapter
+        weights stay as they are (fp32 master copies that the optimizer updates). Faster on a 16-bit base
+        (bench/train_speed.py), rounding the low-rank update to bf16 as the base output already is; off by
+        default, so a fp32 adapter computes in fp32 as PEFT does. fit() turns it on (speed.adapter_compute)."""
+        for _, layer in self.lora_layers():
+            layer.compute_in_base_dtype = enabled
+
     # ---- files -------------------------------------------------------------------------------------
     def save_adapter(self, path: str | Path, adapter_names: Sequence[str] | None = None) -> None:
         """Write adapters in PEFT's layout: "default" in `path`, any other adapter in `path/<name>/`."""
