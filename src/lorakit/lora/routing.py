@@ -9,6 +9,7 @@ A ContextVar (not a global) keeps concurrent threads and asyncio tasks apart.
 from __future__ import annotations
 
 import contextlib
+import threading
 from contextvars import ContextVar
 from typing import Iterator
 
@@ -54,9 +55,15 @@ class RowRouting:
 
 
 _current: ContextVar[RowRouting | None] = ContextVar("lorakit_row_routing", default=None)
+# How many route_rows blocks are open, in any thread. At 0 no routing can be set, so current_routing()
+# answers without the ContextVar, which torch.compile cannot trace (a graph break in every LoRA layer).
+_open_blocks = 0
+_open_lock = threading.Lock()
 
 
 def current_routing() -> RowRouting | None:
+    if _open_blocks == 0:
+        return None
     return _current.get()
 
 
@@ -66,8 +73,13 @@ def route_rows(names: list[str] | None) -> Iterator[None]:
     if names is None:
         yield
         return
+    global _open_blocks
     token = _current.set(RowRouting(names))
+    with _open_lock:
+        _open_blocks += 1
     try:
         yield
     finally:
+        with _open_lock:
+            _open_blocks -= 1
         _current.reset(token)
