@@ -18,9 +18,9 @@ def _nan_at(monkeypatch, steps: set[int]) -> None:
     calls = {"n": 0}
     original = loop.lm_loss_sum
 
-    def loss(*args):
+    def loss(*args, **kwargs):
         calls["n"] += 1
-        value, count = original(*args)
+        value, count = original(*args, **kwargs)
         return (value * math.nan if calls["n"] in steps else value), count
 
     monkeypatch.setattr(loop, "lm_loss_sum", loss)

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from ..atomic import write_text_atomic
-from ..config import TrainConfig
+from ..config import SpeedConfig, TrainConfig
 from ..data import LengthGroupedBatchSampler, PreparedData, iter_batches, packed_rows
 from ..data.templates import IGNORE_INDEX
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -36,6 +36,7 @@ from .evaluate import EvalResult, evaluate, model_device, model_inputs
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
 from .restore import compare_fingerprints, resume as resume_checkpoint
 from .schedule import build_scheduler
+from .speed import setup_speed
 
 Hook = Callable[[str, dict], None]
 ADAPTER_DIR = "adapter"
@@ -160,7 +161,7 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 # ---- the loop -----------------------------------------------------------------------------------------
 def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConfig, output_dir: str | Path, *,
         eval_data: PreparedData | None = None, hooks: Iterable[Hook] = (), log: Callable[[str], None] = print,
-        resume: str | None = None) -> FitResult:
+        resume: str | None = None, speed: SpeedConfig | None = None) -> FitResult:
     """Train the trainable parameters of `lora_model` on `train_data` as `config` says; write checkpoints,
     metrics.jsonl, trainer_state.json and the final adapter (PEFT layout) under `output_dir`.
 
@@ -168,6 +169,7 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
     hook(event, info) with event "step", "eval" or "save". On KeyboardInterrupt a checkpoint of the last
     completed step is saved and the interrupt re-raised. Non-finite loss or gradients follow
     `config.nan_policy`; giving up raises TrainingError and leaves the last good checkpoint in place.
+    `speed` (default: SpeedConfig()'s fast path) is applied for the run and undone when fit returns.
     """
     out = Path(output_dir)
     hooks = tuple(hooks)
@@ -201,6 +203,10 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
             "last hidden state); the loss is computed from the full logits")
     disable_checkpointing = (enable_checkpointing(base, config.checkpoint_every) if config.gradient_checkpointing
                              else None)
+    speed_setup = setup_speed(model, speed if speed is not None else SpeedConfig(), total_steps=total_steps,
+                              checkpointing=config.gradient_checkpointing)
+    for note in speed_setup.notes:
+        log(note)
     was_training = model.training
     model.train()
 
@@ -307,7 +313,7 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
                         loss_sum, tokens = 0.0, 0
                         for batch in window:
                             micro_loss, _ = lm_loss_sum(model, model_inputs(batch, device), batch["labels"],
-                                                        config.loss_chunk_tokens)
+                                                        config.loss_chunk_tokens, compiled=speed_setup.compiled)
                             (micro_loss / supervised).backward()
                             loss_sum += float(micro_loss.detach())
                             tokens += _tokens(batch)
@@ -412,6 +418,7 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
         if metrics is not None:
             metrics.close()
         model.train(was_training)
+        speed_setup.undo()
         if disable_checkpointing is not None:
             disable_checkpointing()
 

@@ -43,7 +43,7 @@ def run_training(config: RunConfig, *, resume: str | None = None, log: Callable[
         hooks.append(TensorBoardHook(Path(config.output_dir) / "tensorboard"))
     try:
         return fit(lora_model, train, config.train, config.output_dir, eval_data=validation, log=log, resume=resume,
-                   hooks=hooks)
+                   hooks=hooks, speed=config.speed)
     finally:
         for hook in hooks:
             hook.close()
