@@ -12,7 +12,14 @@ bench/harness.py's allocator settings:
   lorakit-fp32    fp32 base; the step as lorakit.train.fit runs it: lm_loss_sum(model, inputs, labels,
                   loss_chunk_tokens) (the chunked head + cross-entropy; a frozen head fused, nothing recomputed), the summed
                   loss divided by the supervised tokens, backward, optimizer step, zero_grad
-  lorakit-bf16    base cast to bf16 before lorakit.wrap (adapters stay fp32, as lorakit does)
+  lorakit-fp32-compile  the same with speed.compile: on
+  lorakit-bf16-exact  base cast to bf16 before lorakit.wrap (adapters stay fp32, as lorakit does), LoRA
+                  matmuls in fp32 as PEFT computes them (speed.adapter_compute: adapter)
+  lorakit-bf16    the same with lorakit's default speed section minus compile: LoRA matmuls in bf16 on the
+                  fp32 master weights (speed.adapter_compute: auto)
+  lorakit-bf16-compile  + speed.compile: on (decoder layers and the loss's softmax through torch.compile;
+                  compiling happens in the warm-up steps)
+  The lorakit rows apply the speed section with lorakit.train.speed.setup_speed, as fit does.
 
 fit also computes the grad norm and clips (max_grad_norm 1.0); neither side does that here.
 
@@ -57,12 +64,15 @@ PRESETS = {
     "40m": dict(hidden=512, layers=8, heads=8, inter=1376, vocab=32000),
     "150m": dict(hidden=768, layers=12, heads=12, inter=2048, vocab=32000),
 }
-CONFIGS = {  # name -> (side, base dtype, autocast)
-    "peft-fp32": ("peft", "fp32", False),
-    "peft-bf16": ("peft", "bf16", False),
-    "peft-autocast": ("peft", "fp32", True),
-    "lorakit-fp32": ("lorakit", "fp32", False),
-    "lorakit-bf16": ("lorakit", "bf16", False),
+CONFIGS = {  # name -> (side, base dtype, autocast, lorakit speed section)
+    "peft-fp32": ("peft", "fp32", False, None),
+    "peft-bf16": ("peft", "bf16", False, None),
+    "peft-autocast": ("peft", "fp32", True, None),
+    "lorakit-fp32": ("lorakit", "fp32", False, dict(compile="off")),
+    "lorakit-fp32-compile": ("lorakit", "fp32", False, dict(compile="on")),
+    "lorakit-bf16-exact": ("lorakit", "bf16", False, dict(compile="off", adapter_compute="adapter")),
+    "lorakit-bf16": ("lorakit", "bf16", False, dict(compile="off")),
+    "lorakit-bf16-compile": ("lorakit", "bf16", False, dict(compile="on")),
 }
 
 # ---- profile categories: exact aten op names (self time), checked in order after the optimizer context ----
@@ -169,7 +179,7 @@ def worker(args) -> None:
     import torch
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    side, base_dtype, autocast = CONFIGS[args.worker]
+    side, base_dtype, autocast, speed = CONFIGS[args.worker]
     shape = PRESETS[args.preset]
     model = build_model(shape)
     if base_dtype == "bf16":  # cast the base, then wrap: each library keeps its adapters fp32
@@ -183,9 +193,13 @@ def worker(args) -> None:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, shape["vocab"], (args.batch, args.seq), generator=g)  # (batch, seq); labels = ids
     chunk = None if args.loss_chunk_tokens == "none" else int(args.loss_chunk_tokens)
+    compiled = False
     if side == "lorakit":
+        from lorakit.config import SpeedConfig
         from lorakit.train.chunked_loss import lm_loss_sum, split_head
+        from lorakit.train.speed import setup_speed
         assert chunk is None or split_head(lm) is not None, "the chunked loss path was not taken"
+        compiled = setup_speed(lm, SpeedConfig(**speed), total_steps=10 ** 6, checkpointing=False).compiled
     from torch.profiler import record_function
 
     def step() -> float:
@@ -195,7 +209,7 @@ def worker(args) -> None:
             value = loss.item()
         else:  # as fit: the summed loss over supervised tokens, divided by their count (all of them here)
             with record_function("## forward ##"):
-                loss_sum, count = lm_loss_sum(lm, {"input_ids": ids, "use_cache": False}, ids, chunk)
+                loss_sum, count = lm_loss_sum(lm, {"input_ids": ids, "use_cache": False}, ids, chunk, compiled=compiled)
                 loss = loss_sum / count
             value = float(loss_sum.detach()) / count
         with record_function("## backward ##"):
@@ -215,7 +229,7 @@ def worker(args) -> None:
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     timed = times[args.warmup:]
     busy = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / (sum(timed) * torch.get_num_threads())
-    out = dict(config=args.worker, side=side, base=base_dtype, autocast=autocast, loss=first, last_loss=loss,
+    out = dict(config=args.worker, side=side, speed=speed, base=base_dtype, autocast=autocast, loss=first, last_loss=loss,
                sec=statistics.median(timed), spread=(min(timed), max(timed)), busy=busy,
                threads=torch.get_num_threads(), lora_dtype="fp32", chunk=chunk if side == "lorakit" else None,
                jemalloc_loaded="libjemalloc" in open("/proc/self/maps").read())
