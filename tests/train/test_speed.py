@@ -117,9 +117,14 @@ def test_auto_skips_compiling_small_models_and_says_why():
 def test_auto_compiles_long_runs_of_big_enough_models(monkeypatch):
     monkeypatch.setattr(speed, "COMPILE_MIN_PARAMS", 0)  # the tiny model counts as big enough
     lm = _llama_lora()
+    import torch._dynamo.config as dynamo_config
+
+    before = dynamo_config.suppress_errors
     setup = setup_speed(lm, SpeedConfig(), total_steps=COMPILE_MIN_STEPS, checkpointing=False)
     assert setup.compiled and all(layer._compiled_call_impl is not None for layer in lm.model.model.layers)
+    assert dynamo_config.suppress_errors  # auto falls back to eager rather than failing the run
     setup.undo()
+    assert dynamo_config.suppress_errors == before
 
 
 def test_auto_skips_compiling_short_runs_and_says_why(monkeypatch):

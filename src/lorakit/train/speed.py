@@ -10,11 +10,11 @@ Measured on a Llama-shaped 150M model with a bf16 base (bench/train_speed.py, be
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from torch import nn
 
 from ..config import SpeedConfig
@@ -71,6 +71,14 @@ def setup_speed(model: nn.Module, speed: SpeedConfig, *, total_steps: int, check
         if reasons:
             setup.notes.append("speed: not compiling: " + "; ".join(reasons))
             return setup
+    if speed.compile == "auto":
+        # auto must never fail a run that would train uncompiled: a graph torch.compile cannot handle runs
+        # eagerly instead (torch logs a warning), where compile: on lets the error through.
+        import torch._dynamo.config as dynamo_config
+
+        previous = dynamo_config.suppress_errors
+        dynamo_config.suppress_errors = True
+        setup._undo.append(lambda: setattr(dynamo_config, "suppress_errors", previous))
     for layer in layers:
         layer.compile()
         setup._undo.append(lambda layer=layer: setattr(layer, "_compiled_call_impl", None))
@@ -94,6 +102,8 @@ def compile_obstacles(model: nn.Module, layers: list[nn.Module], device: str, ch
         reasons.append(f"the model is on {device} (compile is used on cpu and cuda only)")
     if device == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
         reasons.append("no C++ compiler found (torch.compile on CPU builds C++ kernels; install g++)")
+    if device == "cuda" and importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed (torch.compile on CUDA generates Triton kernels)")
     return reasons
 
 
