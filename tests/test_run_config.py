@@ -105,11 +105,12 @@ def test_the_commented_example_config_loads_and_names_every_field():
     from pathlib import Path
 
     import lorakit
-    from lorakit.config import DataConfig, ModelConfig, QuantizationConfig, SpeedConfig, TrainConfig
+    from lorakit.config import DataConfig, DistributedConfig, ModelConfig, QuantizationConfig, SpeedConfig, TrainConfig
 
     path = Path(__file__).resolve().parents[1] / "examples" / "run.yaml"
     load_run_config(path)
     text = path.read_text()
-    for cls in (ModelConfig, QuantizationConfig, DataConfig, TrainConfig, SpeedConfig, lorakit.LoraConfig):
+    for cls in (ModelConfig, QuantizationConfig, DataConfig, TrainConfig, SpeedConfig, DistributedConfig,
+                lorakit.LoraConfig):
         for f in fields(cls):
             assert f"  {f.name}:" in text, f"{cls.__name__}.{f.name} is not documented in examples/run.yaml"

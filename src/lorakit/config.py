@@ -134,6 +134,18 @@ class SpeedConfig:
 
 
 @dataclass(kw_only=True)
+class DistributedConfig:
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Used when torchrun starts the run on several processes (WORLD_SIZE > 1), ignored otherwise. ddp: every
+    process holds the whole base model and trains on its share of each step's micro-batches; the LoRA
+    gradients are summed across processes. fsdp (sharding the base across processes) is not available yet."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """auto: nccl when CUDA is available, else gloo (CPU)."""
+    timeout_s: int = 1800
+    """How long a process waits for the others in a collective before failing (instead of hanging)."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -141,6 +153,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     """Training speed options; the defaults are the fast path."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Several processes under torchrun; a single process ignores it."""
     output_dir: str = "runs/lorakit"
     """Where the adapter, checkpoints, metrics and plots go."""
 
@@ -168,7 +182,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model, lora, data, train, speed, output_dir)", where="run config")
+        raise ConfigError(f"{path}: expected a mapping of sections (model, lora, data, train, speed, distributed, output_dir)", where="run config")
     for override in overrides:
         apply_override(raw, override)
     return run_config_from_dict(raw, where=str(path))
@@ -250,6 +264,7 @@ RANGES = {
     ("TrainConfig", "save_every"): (lambda v: v > 0, "a positive integer"),
     ("TrainConfig", "keep_checkpoints"): (lambda v: v > 0, "a positive integer"),
     ("TrainConfig", "log_every"): (lambda v: v > 0, "a positive integer"),
+    ("DistributedConfig", "timeout_s"): (lambda v: v > 0, "a positive number of seconds"),
     ("DataConfig", "max_seq_len"): (lambda v: v > 0, "a positive integer"),
     ("DataConfig", "validation_fraction"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("DataConfig", "max_drop_fraction"): (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
@@ -349,7 +364,7 @@ def field_reference() -> str:
     import inspect
 
     sections = [("model", ModelConfig), ("model.quantization", QuantizationConfig), ("lora", LoraConfig), ("data", DataConfig), ("train", TrainConfig),
-                ("speed", SpeedConfig), ("", RunConfig)]
+                ("speed", SpeedConfig), ("distributed", DistributedConfig), ("", RunConfig)]
     lines = []
     for section, cls in sections:
         docs: dict[str, str] = {}

@@ -51,6 +51,11 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *,
                 tokens += count
     finally:
         model.train(was_training)
+    return eval_result(total, tokens)
+
+
+def eval_result(total: float, tokens: int) -> EvalResult:
+    """The result for a summed loss `total` over `tokens` supervised tokens (NaN for none)."""
     if tokens == 0:
         return EvalResult(loss=math.nan, perplexity=math.nan, tokens=0)
     loss = total / tokens

@@ -10,6 +10,7 @@ Step numbers are 1-based: step n is the n-th optimizer step, and checkpoint step
 from __future__ import annotations
 
 import array
+import contextlib
 import hashlib
 import itertools
 import json
@@ -32,8 +33,9 @@ from ..errors import CheckpointError, ConfigError, DataError, TrainingError
 from .checkpoint import checkpoint_lock, save_checkpoint, trainable_parameters
 from .checkpointing import enable_checkpointing
 from .chunked_loss import lm_loss_sum, split_head
-from .evaluate import EvalResult, evaluate, model_device, model_inputs
-from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
+from .distributed import DistributedRun
+from .evaluate import EvalResult, eval_result, evaluate, model_device, model_inputs
+from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, NullMetricsLog, plot_losses
 from .restore import compare_fingerprints, resume as resume_checkpoint
 from .schedule import build_scheduler
 from .speed import setup_speed
@@ -105,22 +107,24 @@ def batches_per_epoch(data: PreparedData, batch_size: int, rows: Sequence | None
     return len(LengthGroupedBatchSampler(lengths, batch_size))
 
 
-def total_steps_for(config: TrainConfig, n_batches: int) -> int:
+def total_steps_for(config: TrainConfig, n_batches: int, processes: int = 1) -> int:
     """max_steps, or enough steps for `epochs` epochs (a short last window per epoch counts as a step)."""
     if config.max_steps is not None:
         return config.max_steps
-    return max(1, math.ceil(config.epochs * math.ceil(n_batches / config.grad_accum)))
+    return max(1, math.ceil(config.epochs * math.ceil(n_batches / (config.grad_accum * processes))))
 
 
-def run_fingerprints(data: PreparedData, config: TrainConfig) -> dict:
-    """What fixes the sequence of batches; a resume must match it or the data order would silently change."""
+def run_fingerprints(data: PreparedData, config: TrainConfig, processes: int = 1) -> dict:
+    """What fixes the sequence of batches; a resume must match it or the data order would silently change.
+    "grad_accum" is the micro-batches per step, grad_accum x processes: a run checkpointed on 2 processes
+    resumes exactly on 1 with grad_accum doubled (the data position counts micro-batches, not steps)."""
     digest = hashlib.sha256()
     for e in data.examples:
         digest.update(array.array("q", e.input_ids).tobytes())
         digest.update(array.array("q", e.labels).tobytes())
         digest.update(b"|")
     return {"data_sha256": digest.hexdigest(), "examples": len(data.examples), "packing": data.packing,
-            "batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed}
+            "batch_size": config.batch_size, "grad_accum": config.grad_accum * processes, "seed": config.seed}
 
 
 def _windows(batches: Iterator[dict], size: int) -> Iterator[list[dict]]:
@@ -154,6 +158,10 @@ def _progress(total: int, initial: int):
     return bar
 
 
+def _silent(_line: str) -> None:
+    """The log of processes other than rank 0."""
+
+
 def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -161,7 +169,8 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 # ---- the loop -----------------------------------------------------------------------------------------
 def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConfig, output_dir: str | Path, *,
         eval_data: PreparedData | None = None, hooks: Iterable[Hook] = (), log: Callable[[str], None] = print,
-        resume: str | None = None, speed: SpeedConfig | None = None) -> FitResult:
+        resume: str | None = None, speed: SpeedConfig | None = None,
+        distributed: DistributedRun | None = None) -> FitResult:
     """Train the trainable parameters of `lora_model` on `train_data` as `config` says; write checkpoints,
     metrics.jsonl, trainer_state.json and the final adapter (PEFT layout) under `output_dir`.
 
@@ -170,9 +179,15 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
     completed step is saved and the interrupt re-raised. Non-finite loss or gradients follow
     `config.nan_policy`; giving up raises TrainingError and leaves the last good checkpoint in place.
     `speed` (default: SpeedConfig()'s fast path) is applied for the run and undone when fit returns.
+    `distributed` (from init_distributed, under torchrun): this process trains on its share of each step's
+    micro-batches (distributed.py); only rank 0 logs, calls hooks and writes files.
     """
     out = Path(output_dir)
-    hooks = tuple(hooks)
+    processes = distributed.world if distributed is not None else 1
+    main = distributed is None or distributed.is_main
+    hooks = tuple(hooks) if main else ()
+    if not main:
+        log = _silent
     resume_from = str(config.resume if resume is None else resume)
     if config.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"nan_policy: {config.nan_policy!r} is not one of stop, skip", where="train config")
@@ -191,11 +206,11 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
     rows = packed_rows(train_data) if train_data.packing else None
     eval_rows = packed_rows(eval_data) if eval_data is not None and eval_data.packing else None
     n_batches = batches_per_epoch(train_data, config.batch_size, rows)
-    total_steps = total_steps_for(config, n_batches)
+    total_steps = total_steps_for(config, n_batches, processes)
     optimizer = build_optimizer(params, config)
     scheduler = build_scheduler(optimizer, config.lr_schedule, warmup_steps=config.warmup_steps,
                                 total_steps=total_steps)
-    fingerprints = run_fingerprints(train_data, config)
+    fingerprints = run_fingerprints(train_data, config, processes)
     max_norm = config.max_grad_norm
 
     if config.loss_chunk_tokens is not None and split_head(model) is None:
@@ -224,8 +239,11 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
         for hook in hooks:
             hook(event, info)
 
-    def save(why: str) -> Path:
+    def save(why: str) -> Path | None:
         nonlocal last_saved
+        if not main:  # rank 0 writes; the others hold the same parameters and optimizer state
+            last_saved = state.step
+            return None
         for name, p in params.items():
             if not torch.isfinite(p).all():
                 raise TrainingError(f"step {state.step}: parameter {name} holds NaN/inf; not saving it, the last "
@@ -241,9 +259,13 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
 
     def run_eval() -> EvalResult:
         nonlocal last_eval_step
-        result = evaluate(model, iter_batches(eval_data, config.batch_size, seed=config.seed, epoch=0,
-                                              rows=eval_rows, dtype=mask_dtype),
-                          loss_chunk_tokens=config.loss_chunk_tokens)
+        batches = iter_batches(eval_data, config.batch_size, seed=config.seed, epoch=0, rows=eval_rows, dtype=mask_dtype)
+        if distributed is not None:  # each process scores its share; the sums are added up
+            batches = itertools.islice(batches, distributed.rank, None, distributed.world)
+        result = evaluate(model, batches, loss_chunk_tokens=config.loss_chunk_tokens)
+        if distributed is not None:
+            total, tokens = distributed.sum([result.loss * result.tokens if result.tokens else 0.0, result.tokens])
+            result = eval_result(total, int(tokens))
         last_eval_step = state.step
         state.last_eval_loss, state.last_eval_perplexity = result.loss, result.perplexity
         if math.isfinite(result.loss) and (state.best_eval_loss is None or result.loss < state.best_eval_loss):
@@ -261,7 +283,7 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
                 else "no checkpoint had been saved yet")
 
     try:
-        with checkpoint_lock(out):
+        with checkpoint_lock(out) if main else contextlib.nullcontext():
             # ---- resume ----
             if resume_from != "never":
                 resumed = resume_checkpoint(out, params, optimizer, scheduler, checkpoint=resume_from)
@@ -279,11 +301,17 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
                     resumed_from = last_saved = resumed.step
                     log(f"resumed from {resumed.path} at step {resumed.step} "
                         f"(epoch {state.epoch}, batch {state.batches_done} of {n_batches})")
-            metrics = MetricsLog(out, keep_until_step=resumed_from)
+            if distributed is not None:  # resumed or seeded alike, made identical to be sure
+                distributed.broadcast_parameters(list(params.values()))
+            metrics = MetricsLog(out, keep_until_step=resumed_from) if main else NullMetricsLog()
             log(f"training {len(train_data.examples)} examples: {n_batches} batches of {config.batch_size} per epoch, "
                 f"grad_accum {config.grad_accum}, {total_steps} steps; {sum(p.numel() for p in params.values()):,} "
                 f"trainable parameters")
-            bar = _progress(total_steps, state.step)
+            if distributed is not None:
+                log(f"distributed: {processes} processes ({distributed.backend}); each step takes {processes} x "
+                    f"grad_accum {config.grad_accum} micro-batches of {config.batch_size} = a global batch of "
+                    f"{processes * config.grad_accum * config.batch_size}")
+            bar = _progress(total_steps, state.step) if main else None
             window_rng = None
             try:
                 while state.step < total_steps:
@@ -294,7 +322,7 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
                                                  rows=rows, dtype=mask_dtype)
                     # The order is a pure function of (seed, epoch): skipping k batches lands on the exact batch.
                     epoch_batches = itertools.islice(epoch_batches, state.batches_done, None)
-                    for window in _windows(epoch_batches, config.grad_accum):
+                    for window in _windows(epoch_batches, config.grad_accum * processes):
                         # RNG at the window's start: an interrupt mid-window saves this, so the redo draws the same.
                         window_rng = (torch.get_rng_state(), random.getstate())
                         t0 = time.perf_counter()
@@ -311,12 +339,16 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
                         # The loss is taken loss_chunk_tokens at a time where the model allows (chunked_loss.py).
                         lr = scheduler.get_last_lr()[0]
                         loss_sum, tokens = 0.0, 0
-                        for batch in window:
+                        for batch in (distributed.share(window) if distributed is not None else window):
                             micro_loss, _ = lm_loss_sum(model, model_inputs(batch, device), batch["labels"],
                                                         config.loss_chunk_tokens, compiled=speed_setup.compiled)
                             (micro_loss / supervised).backward()
                             loss_sum += float(micro_loss.detach())
                             tokens += _tokens(batch)
+                        if distributed is not None:  # the window's loss and gradient, as one process would have them
+                            loss_sum, tokens = distributed.sum([loss_sum, tokens])
+                            tokens = int(tokens)
+                            distributed.sum_gradients(list(params.values()))
                         loss = loss_sum / supervised
 
                         # grad norm (before clipping), finiteness check, clip, step
@@ -406,12 +438,15 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
             if last_saved != state.step:
                 save("end of training")
             adapter_dir = out / ADAPTER_DIR
-            model.save_adapter(adapter_dir)
             final = {**state.as_dict(), "total_steps": total_steps, "epoch_progress": state.epoch + state.batches_done / n_batches,
                      "resumed_from": resumed_from, "adapter": str(adapter_dir), "metrics": METRICS_FILE}
-            write_text_atomic(out / TRAINER_STATE, json.dumps(final, indent=1, allow_nan=False) + "\n")
-            if plot_losses(metrics.rows(), out / PLOT_FILE):
-                log(f"loss curve: {out / PLOT_FILE}")
+            if main:
+                model.save_adapter(adapter_dir)
+                write_text_atomic(out / TRAINER_STATE, json.dumps(final, indent=1, allow_nan=False) + "\n")
+                if plot_losses(metrics.rows(), out / PLOT_FILE):
+                    log(f"loss curve: {out / PLOT_FILE}")
+            if distributed is not None:
+                distributed.barrier()  # the others return once rank 0's files are complete
     finally:
         if bar is not None:
             bar.close()

@@ -66,6 +66,19 @@ class MetricsLog:
         return read_metrics(self.path)
 
 
+class NullMetricsLog:
+    """What processes other than rank 0 write to: nothing."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def rows(self) -> list[dict]:
+        return []
+
+
 def plot_losses(rows: list[dict], target: str | os.PathLike) -> bool:
     """Train and validation loss against step as a PNG, if matplotlib is installed; False when it is not."""
     try:

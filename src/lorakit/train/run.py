@@ -13,12 +13,30 @@ from ..base_model import load_base_model
 from ..config import RunConfig, data_options
 from ..data import prepare, split_validation
 from ..lora import wrap
+from .distributed import DistributedRun, init_distributed
 from .loop import FitResult, fit
 from .tensorboard import TensorBoardHook
 
 
 def run_training(config: RunConfig, *, resume: str | None = None, log: Callable[[str], None] = print) -> FitResult:
-    """Train the adapter `config` describes; `resume` ("never", "auto" or a checkpoint) overrides train.resume."""
+    """Train the adapter `config` describes; `resume` ("never", "auto" or a checkpoint) overrides train.resume.
+    Under torchrun with several processes, each runs this (distributed.py); only rank 0 logs and writes."""
+    distributed = init_distributed(config.distributed)
+    if distributed is not None and not distributed.is_main:
+        log = _silent
+    try:
+        return _run(config, resume, log, distributed)
+    finally:
+        if distributed is not None:
+            distributed.close()
+
+
+def _silent(_line: str) -> None:
+    pass
+
+
+def _run(config: RunConfig, resume: str | None, log: Callable[[str], None],
+         distributed: DistributedRun | None) -> FitResult:
     torch.manual_seed(config.train.seed)  # the LoRA A init draws from it
     random.seed(config.train.seed)
     loaded = load_base_model(config.model, log=log)
@@ -39,11 +57,11 @@ def run_training(config: RunConfig, *, resume: str | None = None, log: Callable[
         train, validation = dataclasses.replace(train, examples=kept), dataclasses.replace(train, examples=held)
         log(f"validation: {len(held)} of {len(kept) + len(held)} examples held out (seed {config.train.seed})")
     hooks = []
-    if config.train.tensorboard:
+    if config.train.tensorboard and (distributed is None or distributed.is_main):
         hooks.append(TensorBoardHook(Path(config.output_dir) / "tensorboard"))
     try:
         return fit(lora_model, train, config.train, config.output_dir, eval_data=validation, log=log, resume=resume,
-                   hooks=hooks, speed=config.speed)
+                   hooks=hooks, speed=config.speed, distributed=distributed)
     finally:
         for hook in hooks:
             hook.close()

@@ -1,0 +1,173 @@
+"""`torchrun -m lorakit train` on 2 CPU processes (gloo): the same losses, evaluation and adapter as one process
+with twice the gradient accumulation; a 2-process checkpoint resumes on 1 process; a rank that fails stops
+the run. The runs are real torchrun launches of the CLI, kept to a few steps of a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from data_helpers import CHATML_JINJA, build_tokenizer
+from lorakit.config import DistributedConfig
+from lorakit.errors import ConfigError
+from lorakit.train.distributed import DistributedRun, init_distributed
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny Llama with a chat tokenizer, train/val chat data."""
+    root = tmp_path_factory.mktemp("ddp")
+    tokenizer = build_tokenizer(chat_template=CHATML_JINJA)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    for name, n, seed in (("train", 40, 0), ("val", 10, 1)):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for i in range(n):
+                a, b = (seed * 7 + i * 3) % 10, (i * 5 + 1) % 10
+                question = f"What is {a} plus {b}?" + " Please answer." * (i % 3)  # uneven lengths
+                f.write(json.dumps({"messages": [{"role": "user", "content": question},
+                                                 {"role": "assistant", "content": f"It is {a + b}."}]}) + "\n")
+    return root
+
+
+def _config(root, name: str) -> str:
+    path = root / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        model: {{name_or_path: {root / "model"}, dtype: float32}}
+        lora: {{r: 4, lora_alpha: 8, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
+        data: {{train: {root / "train.jsonl"}, validation: {root / "val.jsonl"}, max_seq_len: 64}}
+        train: {{max_steps: {STEPS}, batch_size: 2, grad_accum: 1, lr: 5.0e-3, lr_schedule: constant, seed: 0,
+                eval_every: 3, save_every: 3}}
+        output_dir: {root / name}
+        """))
+    return str(path)
+
+
+def _env() -> dict:
+    # One thread per process in every run: two processes share the 2 cores, and the summation order inside
+    # ops cannot differ between the 1- and 2-process runs.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _torchrun(nproc: int, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def _single(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=timeout,
+                          env=_env())
+
+
+def _ok(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def _metrics(out) -> tuple[dict[int, float], dict[int, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert len(losses) == len(dict(losses))  # one writer: each step logged once
+    return dict(losses), {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    """One process, grad_accum 2: the run two processes with grad_accum 1 must reproduce."""
+    _ok(_single(["train", _config(workdir, "single"), "--set", "train.grad_accum=2"]))
+    return workdir / "single"
+
+
+def test_two_processes_train_like_one_with_double_accumulation(workdir, reference):
+    output = _ok(_torchrun(2, ["-m", "lorakit", "train", _config(workdir, "ddp")]))
+    assert "2 processes (gloo)" in output and "global batch of 4" in output
+    out = workdir / "ddp"
+    losses, evals = _metrics(out)
+    ref_losses, ref_evals = _metrics(reference)
+    assert sorted(losses) == list(range(1, STEPS + 1)) and sorted(evals) == [3, 6]
+    for step in ref_losses:
+        assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
+    for step in ref_evals:  # evaluation is shared out and summed, not rank 0's half
+        assert evals[step] == pytest.approx(ref_evals[step], rel=1e-5), step
+    adapter, ref_adapter = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, reference))
+    assert adapter.keys() == ref_adapter.keys()
+    for name in adapter:
+        torch.testing.assert_close(adapter[name], ref_adapter[name], rtol=1e-4, atol=1e-6)
+    assert not any(torch.equal(adapter[n], torch.zeros_like(adapter[n])) for n in adapter if "lora_B" in n)
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(workdir, reference):
+    config = _config(workdir, "resumed")
+    _ok(_torchrun(2, ["-m", "lorakit", "train", config, "--set", "train.max_steps=3"]))
+    out = workdir / "resumed"
+    assert (out / "checkpoints" / "step-00000003").is_dir()
+    # Same micro-batches per step (1 process x grad_accum 2): picks up at step 4 exactly.
+    output = _ok(_single(["train", config, "--set", "train.grad_accum=2", "--set", "train.resume=auto"]))
+    assert "resumed from" in output
+    losses, _ = _metrics(out)
+    ref_losses, _ = _metrics(reference)
+    for step in range(1, STEPS + 1):
+        assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
+    # A different number of micro-batches per step would change the run: refused, saying what differs.
+    done = _single(["train", config, "--set", "train.resume=auto", "--set", "train.max_steps=8"])
+    assert done.returncode != 0 and "grad_accum: checkpoint 2, now 1" in done.stdout + done.stderr
+
+
+def test_a_failing_rank_stops_every_rank_with_its_error_shown(workdir, tmp_path):
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(textwrap.dedent("""\
+        import os, sys
+        import lorakit.train.loop as loop
+        if os.environ["RANK"] == "1":
+            real, calls = loop.lm_loss_sum, []
+            def failing(*args, **kwargs):
+                calls.append(1)
+                if len(calls) == 3:
+                    raise RuntimeError("injected failure on rank 1")
+                return real(*args, **kwargs)
+            loop.lm_loss_sum = failing
+        from lorakit.cli import main
+        sys.exit(main(sys.argv[1:]))
+        """))
+    done = _torchrun(2, [str(script), "train", _config(workdir, "failing")], timeout=180)  # a hang fails here
+    assert done.returncode != 0
+    assert "injected failure on rank 1" in done.stdout + done.stderr
+
+
+# ---- in-process pieces --------------------------------------------------------------------------------
+def test_each_process_takes_every_world_th_micro_batch():
+    window = list("abcde")
+    shares = [DistributedRun(rank=r, world=2, local_rank=r, backend="gloo").share(window) for r in range(2)]
+    assert shares == [["a", "c", "e"], ["b", "d"]]
+    assert DistributedRun(rank=2, world=3, local_rank=2, backend="gloo").share(["a"]) == []
+
+
+def test_a_single_process_ignores_the_distributed_section(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed(DistributedConfig(strategy="fsdp")) is None
+
+
+def test_bad_launches_are_explained(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ConfigError, match="start the run with torchrun"):
+        init_distributed(DistributedConfig())
+    with pytest.raises(ConfigError, match="fsdp is not available yet; use ddp"):
+        init_distributed(DistributedConfig(strategy="fsdp"))
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="not a number"):
+        init_distributed(DistributedConfig())
