@@ -138,7 +138,8 @@ class DistributedConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Used when torchrun starts the run on several processes (WORLD_SIZE > 1), ignored otherwise. ddp: every
     process holds the whole base model and trains on its share of each step's micro-batches; the LoRA
-    gradients are summed across processes. fsdp (sharding the base across processes) is not available yet."""
+    gradients are summed across processes. fsdp: the same, with each decoder layer's frozen weights sharded
+    across the processes (PyTorch FSDP2), so each holds about 1/N of them; not for 4/8-bit bases."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """auto: nccl when CUDA is available, else gloo (CPU)."""
     timeout_s: int = 1800

@@ -20,7 +20,7 @@ from lorakit.config import DistributedConfig
 from lorakit.errors import ConfigError
 from lorakit.train.distributed import DistributedRun, init_distributed
 
-STEPS = 6
+STEPS = 12  # 21 batches of 2 per epoch: step 11 is a short window (one micro-batch for two processes)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def workdir(tmp_path_factory):
                                          num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128))
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    for name, n, seed in (("train", 40, 0), ("val", 10, 1)):
+    for name, n, seed in (("train", 42, 0), ("val", 10, 1)):
         with open(root / f"{name}.jsonl", "w") as f:
             for i in range(n):
                 a, b = (seed * 7 + i * 3) % 10, (i * 5 + 1) % 10
@@ -50,7 +50,7 @@ def _config(root, name: str) -> str:
         lora: {{r: 4, lora_alpha: 8, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
         data: {{train: {root / "train.jsonl"}, validation: {root / "val.jsonl"}, max_seq_len: 64}}
         train: {{max_steps: {STEPS}, batch_size: 2, grad_accum: 1, lr: 5.0e-3, lr_schedule: constant, seed: 0,
-                eval_every: 3, save_every: 3}}
+                eval_every: 6, save_every: 6}}
         output_dir: {root / name}
         """))
     return str(path)
@@ -97,7 +97,7 @@ def test_two_processes_train_like_one_with_double_accumulation(workdir, referenc
     out = workdir / "ddp"
     losses, evals = _metrics(out)
     ref_losses, ref_evals = _metrics(reference)
-    assert sorted(losses) == list(range(1, STEPS + 1)) and sorted(evals) == [3, 6]
+    assert sorted(losses) == list(range(1, STEPS + 1)) and sorted(evals) == [6, 12]
     for step in ref_losses:
         assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
     for step in ref_evals:  # evaluation is shared out and summed, not rank 0's half
@@ -109,12 +109,29 @@ def test_two_processes_train_like_one_with_double_accumulation(workdir, referenc
     assert not any(torch.equal(adapter[n], torch.zeros_like(adapter[n])) for n in adapter if "lora_B" in n)
 
 
-def test_a_two_process_checkpoint_resumes_on_one_process(workdir, reference):
-    config = _config(workdir, "resumed")
-    _ok(_torchrun(2, ["-m", "lorakit", "train", config, "--set", "train.max_steps=3"]))
-    out = workdir / "resumed"
-    assert (out / "checkpoints" / "step-00000003").is_dir()
-    # Same micro-batches per step (1 process x grad_accum 2): picks up at step 4 exactly.
+def test_fsdp_shards_the_base_and_trains_like_one_process(workdir, reference):
+    output = _ok(_torchrun(2, ["-m", "lorakit", "train", _config(workdir, "fsdp"), "--set", "distributed.strategy=fsdp"]))
+    assert "the frozen weights of 2 decoder layers are sharded over 2 processes" in output
+    out = workdir / "fsdp"
+    losses, evals = _metrics(out)
+    ref_losses, ref_evals = _metrics(reference)
+    for step in ref_losses:
+        assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
+    for step in ref_evals:
+        assert evals[step] == pytest.approx(ref_evals[step], rel=1e-5), step
+    adapter, ref_adapter = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, reference))
+    for name in ref_adapter:  # the saved adapter is whole (not a shard) and equal
+        torch.testing.assert_close(adapter[name], ref_adapter[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_two_process_checkpoint_resumes_on_one_process(workdir, reference, strategy):
+    config = _config(workdir, f"resumed-{strategy}")
+    _ok(_torchrun(2, ["-m", "lorakit", "train", config, "--set", "train.max_steps=6",
+                      "--set", f"distributed.strategy={strategy}"]))
+    out = workdir / f"resumed-{strategy}"
+    assert (out / "checkpoints" / "step-00000006").is_dir()
+    # Same micro-batches per step (1 process x grad_accum 2): picks up at step 7 exactly.
     output = _ok(_single(["train", config, "--set", "train.grad_accum=2", "--set", "train.resume=auto"]))
     assert "resumed from" in output
     losses, _ = _metrics(out)
@@ -122,7 +139,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process(workdir, reference):
     for step in range(1, STEPS + 1):
         assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
     # A different number of micro-batches per step would change the run: refused, saying what differs.
-    done = _single(["train", config, "--set", "train.resume=auto", "--set", "train.max_steps=8"])
+    done = _single(["train", config, "--set", "train.resume=auto", "--set", "train.max_steps=14"])
     assert done.returncode != 0 and "grad_accum: checkpoint 2, now 1" in done.stdout + done.stderr
 
 
@@ -155,6 +172,13 @@ def test_each_process_takes_every_world_th_micro_batch():
     assert DistributedRun(rank=2, world=3, local_rank=2, backend="gloo").share(["a"]) == []
 
 
+def test_fsdp_pads_short_shares_to_the_busiest_process_and_ddp_does_not():
+    runs = [DistributedRun(rank=r, world=2, local_rank=r, backend="gloo", strategy="fsdp") for r in range(2)]
+    assert [run.padding(list("abcde")) for run in runs] == [0, 1]
+    assert [run.padding(["a"]) for run in runs] == [0, 1]
+    assert DistributedRun(rank=1, world=2, local_rank=1, backend="gloo").padding(["a"]) == 0  # ddp
+
+
 def test_a_single_process_ignores_the_distributed_section(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert init_distributed(DistributedConfig(strategy="fsdp")) is None
@@ -166,8 +190,6 @@ def test_bad_launches_are_explained(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(ConfigError, match="start the run with torchrun"):
         init_distributed(DistributedConfig())
-    with pytest.raises(ConfigError, match="fsdp is not available yet; use ddp"):
-        init_distributed(DistributedConfig(strategy="fsdp"))
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ConfigError, match="not a number"):
         init_distributed(DistributedConfig())

@@ -8,6 +8,13 @@ supervised-token count, so summing the LoRA gradients across processes gives exa
 process with grad_accum x N would compute. The LoRA gradients are a few MB, so they are summed with one
 all_reduce per dtype after the backward; a process whose share of a short last window is empty just
 contributes zeros, where DistributedDataParallel would wait for its backward forever.
+
+strategy fsdp also shards the frozen weights of every decoder layer across the processes with PyTorch's
+FSDP2 (`fully_shard`): a layer's full weights exist only while it runs (gathered for its forward and again
+for its backward), so each process holds about 1/N of them. The LoRA weights are left out of the sharding
+(`ignored_params`): they stay plain, replicated tensors, so gradients, optimizer, checkpoints and the saved
+adapter work exactly as with ddp. Every forward gathers, so all processes must run the same number of them:
+a short share is padded with a zero-weight repeat of a micro-batch (training) or a discarded forward (evaluation).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class DistributedRun:
     world: int
     local_rank: int
     backend: str
+    strategy: str = "ddp"
 
     @property
     def is_main(self) -> bool:
@@ -42,6 +50,13 @@ class DistributedRun:
     def share(self, items: Sequence[T]) -> list[T]:
         """This process's items: positions rank, rank + world, ... (possibly none)."""
         return list(items[self.rank::self.world])
+
+    def padding(self, items: Sequence) -> int:
+        """How many extra forwards this process runs so that every process runs as many as the busiest one:
+        0 with ddp; with fsdp, one per item its share lacks (every forward is a collective)."""
+        if self.strategy != "fsdp":
+            return 0
+        return -(-len(items) // self.world) - len(self.share(items))
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """The element-wise sum of `values` over all processes (float64)."""
@@ -82,6 +97,29 @@ class DistributedRun:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
 
+def shard_base_layers(model: nn.Module, run: DistributedRun) -> int:
+    """fully_shard every decoder layer's frozen weights across the processes; the trainable (LoRA) weights stay
+    whole. Returns the number of layers sharded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .checkpointing import decoder_layers
+
+    base = getattr(model, "model", model)
+    layers = decoder_layers(base)
+    if not layers:
+        raise ConfigError(f"distributed.strategy: fsdp shards decoder layers, and lorakit finds none in "
+                          f"{type(base).__name__} (transformers' GradientCheckpointingLayer); use ddp",
+                          where="run config")
+    if any(type(m).__module__.startswith("bitsandbytes") for m in base.modules()):
+        raise ConfigError("distributed.strategy: fsdp cannot shard a 4/8-bit (bitsandbytes) base; use ddp, where "
+                          "each process holds the quantized model (a 4-bit 7B takes about 4 GB)", where="run config")
+    mesh = init_device_mesh("cuda" if run.backend == "nccl" else "cpu", (run.world,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, ignored_params={p for p in layer.parameters() if p.requires_grad})
+    return len(layers)
+
+
 def launched_processes() -> int:
     """How many processes torchrun started for this run (1 when not under torchrun)."""
     try:
@@ -96,9 +134,6 @@ def init_distributed(config: DistributedConfig) -> DistributedRun | None:
     world = launched_processes()
     if world <= 1:
         return None
-    if config.strategy == "fsdp":
-        raise ConfigError("distributed.strategy: fsdp is not available yet; use ddp (every process holds the whole "
-                          "base model; a 4-bit base keeps that small)", where="run config")
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the run with torchrun "
@@ -115,4 +150,5 @@ def init_distributed(config: DistributedConfig) -> DistributedRun | None:
         torch.cuda.set_device(local_rank)  # "cuda" now means this process's GPU, for loading and for NCCL
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout_s))
-    return DistributedRun(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, backend=backend)
+    return DistributedRun(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, backend=backend,
+                          strategy=config.strategy)

@@ -261,9 +261,13 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
         nonlocal last_eval_step
         batches = iter_batches(eval_data, config.batch_size, seed=config.seed, epoch=0, rows=eval_rows, dtype=mask_dtype)
         if distributed is not None:  # each process scores its share; the sums are added up
-            batches = itertools.islice(batches, distributed.rank, None, distributed.world)
+            everyone = list(batches)
+            batches = distributed.share(everyone)
         result = evaluate(model, batches, loss_chunk_tokens=config.loss_chunk_tokens)
         if distributed is not None:
+            with torch.no_grad():
+                for _ in range(distributed.padding(everyone)):  # fsdp: as many forwards as the busiest process
+                    lm_loss_sum(model, model_inputs(everyone[0], device), everyone[0]["labels"], config.loss_chunk_tokens)
             total, tokens = distributed.sum([result.loss * result.tokens if result.tokens else 0.0, result.tokens])
             result = eval_result(total, int(tokens))
         last_eval_step = state.step
@@ -345,6 +349,12 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
                             (micro_loss / supervised).backward()
                             loss_sum += float(micro_loss.detach())
                             tokens += _tokens(batch)
+                        for _ in range(distributed.padding(window) if distributed is not None else 0):
+                            # fsdp: every forward and backward gathers weights, so every process runs as many
+                            # as the busiest; this one's share was short, so it repeats one with zero weight.
+                            filler, _ = lm_loss_sum(model, model_inputs(window[0], device), window[0]["labels"],
+                                                    config.loss_chunk_tokens, compiled=speed_setup.compiled)
+                            (filler * 0.0).backward()
                         if distributed is not None:  # the window's loss and gradient, as one process would have them
                             loss_sum, tokens = distributed.sum([loss_sum, tokens])
                             tokens = int(tokens)

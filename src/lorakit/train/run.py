@@ -13,7 +13,7 @@ from ..base_model import load_base_model
 from ..config import RunConfig, data_options
 from ..data import prepare, split_validation
 from ..lora import wrap
-from .distributed import DistributedRun, init_distributed
+from .distributed import DistributedRun, init_distributed, shard_base_layers
 from .loop import FitResult, fit
 from .tensorboard import TensorBoardHook
 
@@ -44,6 +44,9 @@ def _run(config: RunConfig, resume: str | None, log: Callable[[str], None],
     lora_model = wrap(loaded.model, config.lora)
     if config.model.adapter_dtype != "float32":
         lora_model.cast_adapters(getattr(torch, config.model.adapter_dtype))
+    if distributed is not None and distributed.strategy == "fsdp":
+        layers = shard_base_layers(lora_model, distributed)
+        log(f"fsdp: the frozen weights of {layers} decoder layers are sharded over {distributed.world} processes")
     log(str(lora_model.trainable_parameters()))
     options = data_options(config.data)
     train = prepare(config.data.train, loaded.tokenizer, options)

@@ -98,6 +98,10 @@ def compile_obstacles(model: nn.Module, layers: list[nn.Module], device: str, ch
         reasons.append("train.gradient_checkpointing is on (compiled layers are not checkpointed)")
     if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
         reasons.append("the base is quantized (bitsandbytes layers are not compiled)")
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in layers):
+        reasons.append("the layers are sharded with fsdp (not compiled together here)")
     if device not in ("cpu", "cuda"):
         reasons.append(f"the model is on {device} (compile is used on cpu and cuda only)")
     if device == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
