@@ -89,11 +89,12 @@ def count_parameters(model: torch.nn.Module) -> int:
     return total
 
 
-def load_base_model(config: ModelConfig, *, log=lambda _: None) -> LoadedModel:
+def load_base_model(config: ModelConfig, *, log=lambda _: None, shard_over=None) -> LoadedModel:
     """Load model and tokenizer as `config` says; errors name the field and what to change.
 
     With `config.quantization` the linear layers are loaded in 4 or 8 bits (see lorakit.quant); `log`
-    receives notes about how that was done.
+    receives notes about how that was done. `shard_over` (a DistributedRun, for fsdp): the decoder layers are
+    loaded straight into this process's FSDP shards where the checkpoint allows (train/sharded_load.py).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,7 +113,12 @@ def load_base_model(config: ModelConfig, *, log=lambda _: None) -> LoadedModel:
     spec = quant_spec(config, dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
-        if spec is None:
+        model = None
+        if spec is None and shard_over is not None:
+            model = _load_into_shards(source, dtype, device, shard_over, options, config, log)
+        if model is not None:
+            pass
+        elif spec is None:
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, attn_implementation=config.attn_implementation, **options
             )
@@ -129,6 +135,27 @@ def load_base_model(config: ModelConfig, *, log=lambda _: None) -> LoadedModel:
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=spec.compute_dtype if spec else dtype,
                        quantization=spec.describe() if spec else None)
+
+
+def _load_into_shards(source, dtype, device, run, options, config: ModelConfig, log):
+    """The model loaded straight into FSDP shards, or None (with a note) when the checkpoint does not allow it."""
+    from transformers import AutoConfig
+
+    from .quant.load import checkpoint_files
+    from .train.sharded_load import load_into_shards
+
+    model_config = AutoConfig.from_pretrained(source, **options)
+    files = checkpoint_files(source, revision=options.get("revision"))
+    reason = "it has no .safetensors weights"
+    if files is not None:
+        model = load_into_shards(source, model_config, files, dtype=dtype, device=device, run=run,
+                                 options=dict(options, attn_implementation=config.attn_implementation))
+        if not isinstance(model, tuple):
+            log(f"fsdp: loaded straight into shards: this process holds 1/{run.world} of each decoder layer")
+            return model
+        reason = model[1]
+    log(f"note: fsdp: loading the whole model in each process before sharding it ({reason})")
+    return None
 
 
 def quant_spec(config: ModelConfig, dtype: torch.dtype, device: torch.device):

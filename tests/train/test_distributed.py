@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -111,6 +112,7 @@ def test_two_processes_train_like_one_with_double_accumulation(workdir, referenc
 
 def test_fsdp_shards_the_base_and_trains_like_one_process(workdir, reference):
     output = _ok(_torchrun(2, ["-m", "lorakit", "train", _config(workdir, "fsdp"), "--set", "distributed.strategy=fsdp"]))
+    assert "loaded straight into shards: this process holds 1/2 of each decoder layer" in output
     assert "the frozen weights of 2 decoder layers are sharded over 2 processes" in output
     out = workdir / "fsdp"
     losses, evals = _metrics(out)
@@ -122,6 +124,40 @@ def test_fsdp_shards_the_base_and_trains_like_one_process(workdir, reference):
     adapter, ref_adapter = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, reference))
     for name in ref_adapter:  # the saved adapter is whole (not a shard) and equal
         torch.testing.assert_close(adapter[name], ref_adapter[name], rtol=1e-4, atol=1e-6)
+
+
+def test_loading_into_shards_keeps_half_of_each_layer_and_the_rest_whole(workdir, tmp_path):
+    script = tmp_path / "load.py"
+    script.write_text(textwrap.dedent(f"""\
+        import json, torch
+        from torch.distributed.tensor import DTensor
+        from lorakit.base_model import load_base_model
+        from lorakit.config import DistributedConfig, ModelConfig
+        from lorakit.train.distributed import init_distributed
+        run = init_distributed(DistributedConfig(strategy="fsdp"))
+        model = load_base_model(ModelConfig(name_or_path={str(workdir / "model")!r}, dtype="float32"),
+                                shard_over=run).model
+        report = {{"local": 0, "full": 0, "plain": 0}}
+        for name, p in model.named_parameters():
+            if isinstance(p, DTensor):
+                report["local"] += p.to_local().numel()
+                report["full"] += p.numel()
+            else:
+                report["plain"] += p.numel()
+        reference = __import__("transformers").AutoModelForCausalLM.from_pretrained({str(workdir / "model")!r})
+        ref = dict(reference.named_parameters())
+        gathered = {{n: (p.full_tensor() if isinstance(p, DTensor) else p) for n, p in model.named_parameters()}}
+        report["equal"] = all(torch.equal(gathered[n], ref[n]) for n in ref)
+        print("REPORT", run.rank, json.dumps(report), flush=True)
+        run.close()
+        """))
+    output = _ok(_torchrun(2, [str(script)], timeout=180))
+    reports = [json.loads(found) for found in re.findall(r"REPORT \d (\{[^}]*\})", output)]  # lines may interleave
+    assert len(reports) == 2
+    for report in reports:
+        assert report["equal"]  # gathered back, every weight is the checkpoint's
+        assert report["full"] > 0 and report["plain"] > 0  # layers sharded; embeddings, norm and head whole
+        assert report["local"] * 2 == report["full"]  # each process holds half of every layer
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

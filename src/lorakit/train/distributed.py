@@ -114,10 +114,14 @@ def shard_base_layers(model: nn.Module, run: DistributedRun) -> int:
     if any(type(m).__module__.startswith("bitsandbytes") for m in base.modules()):
         raise ConfigError("distributed.strategy: fsdp cannot shard a 4/8-bit (bitsandbytes) base; use ddp, where "
                           "each process holds the quantized model (a 4-bit 7B takes about 4 GB)", where="run config")
-    mesh = init_device_mesh("cuda" if run.backend == "nccl" else "cpu", (run.world,))
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, ignored_params={p for p in layer.parameters() if p.requires_grad})
-    return len(layers)
+    from torch.distributed.fsdp import FSDPModule
+
+    layers = [layer for layer in layers if not isinstance(layer, FSDPModule)]  # not loaded into shards already
+    if layers:
+        mesh = init_device_mesh("cuda" if run.backend == "nccl" else "cpu", (run.world,))
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, ignored_params={p for p in layer.parameters() if p.requires_grad})
+    return len(decoder_layers(base))
 
 
 def launched_processes() -> int:

@@ -12,6 +12,7 @@ import torch
 from ..base_model import load_base_model
 from ..config import RunConfig, data_options
 from ..data import prepare, split_validation
+from ..errors import ConfigError
 from ..lora import wrap
 from .distributed import DistributedRun, init_distributed, shard_base_layers
 from .loop import FitResult, fit
@@ -39,13 +40,17 @@ def _run(config: RunConfig, resume: str | None, log: Callable[[str], None],
          distributed: DistributedRun | None) -> FitResult:
     torch.manual_seed(config.train.seed)  # the LoRA A init draws from it
     random.seed(config.train.seed)
-    loaded = load_base_model(config.model, log=log)
+    fsdp = distributed is not None and distributed.strategy == "fsdp"
+    if fsdp and config.model.quantization is not None:
+        raise ConfigError("distributed.strategy: fsdp cannot shard a 4/8-bit (bitsandbytes) base; use ddp, where "
+                          "each process holds the quantized model (a 4-bit 7B takes about 4 GB)", where="run config")
+    loaded = load_base_model(config.model, log=log, shard_over=distributed if fsdp else None)
     log(loaded.describe())
     lora_model = wrap(loaded.model, config.lora)
     if config.model.adapter_dtype != "float32":
         lora_model.cast_adapters(getattr(torch, config.model.adapter_dtype))
-    if distributed is not None and distributed.strategy == "fsdp":
-        layers = shard_base_layers(lora_model, distributed)
+    if fsdp:
+        layers = shard_base_layers(lora_model, distributed)  # a no-op for layers loaded into their shards
         log(f"fsdp: the frozen weights of {layers} decoder layers are sharded over {distributed.world} processes")
     log(str(lora_model.trainable_parameters()))
     options = data_options(config.data)

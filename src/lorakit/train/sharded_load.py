@@ -1,0 +1,87 @@
+"""Loading a 16-bit base straight into FSDP shards, so no process ever holds the whole model.
+
+The model is built with its parameters on the meta device, each decoder layer is sharded with FSDP2
+(`fully_shard`) while still empty, and only then is memory allocated: each process's 1/N of every layer,
+plus the whole of what lies outside the layers (embeddings, final norm, head). The checkpoint is read one
+tensor at a time (lorakit.quant.stream: positioned reads after the header is validated); a layer weight
+is cut to this process's rows and the rest dropped at once, so the peak while loading is the shards plus
+one full tensor. A checkpoint that cannot be streamed (no .safetensors, tensor names that are not the
+model's own) is left to the caller, who loads it whole and shards it after.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .distributed import DistributedRun
+
+
+def load_into_shards(source: str, config, files: list[Path], *, dtype: torch.dtype, device: torch.device,
+                     run: DistributedRun, options: dict) -> nn.Module | tuple[None, str]:
+    """The model of `config` with its decoder layers fully_shard-ed over `run`'s processes and every tensor
+    read from `files`; or (None, reason) when the checkpoint's names are not the model's own."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    from ..quant.load import _map_names, parameters_on_meta
+    from ..quant.stream import iter_tensors, read_header
+    from .checkpointing import decoder_layers
+
+    entries = [entry for path in files for entry in read_header(path)]
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=options.get("trust_remote_code", False),
+                                                 attn_implementation=options.get("attn_implementation"))
+    mapping, unknown = _map_names(model, entries)
+    if unknown:
+        return None, f"checkpoint tensor names such as {unknown[:3]} are not this model's own"
+    layers = decoder_layers(model)
+    if not layers:
+        return None, f"{type(model).__name__} has no decoder layers lorakit can shard"
+    model.requires_grad_(False)
+    mesh = init_device_mesh(device.type, (run.world,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    # to_empty allocates every parameter (a layer's as its local shard) and every buffer, uninitialised;
+    # buffers computed at construction (rotary tables) were made for real, so they are put back.
+    buffers = {name: b for name, b in model.named_buffers() if not b.is_meta}
+    model.to_empty(device=device)
+    for name, buffer in buffers.items():
+        module_name, _, leaf = name.rpartition(".")
+        model.get_submodule(module_name)._buffers[leaf] = buffer.to(device)
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for entry, tensor in iter_tensors(files, [e for e in entries if e.name in mapping]):
+        target = mapping[entry.name]
+        param = params.get(target)
+        if param is None:  # a persistent buffer
+            module_name, _, leaf = target.rpartition(".")
+            model.get_submodule(module_name)._buffers[leaf] = tensor.to(device)
+            continue
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(f"checkpoint tensor {entry.name!r} in {entry.file} has shape {list(tensor.shape)}, "
+                                  f"the model expects {list(param.shape)}; it does not belong to this config")
+        with torch.no_grad():
+            if isinstance(param, DTensor):  # Shard(0): this process keeps torch.chunk's piece `rank`
+                local = param.to_local()
+                pieces = torch.chunk(tensor, run.world, dim=0)
+                mine = pieces[run.rank] if run.rank < len(pieces) else tensor[:0]
+                local.copy_(mine.to(local.dtype))
+            else:
+                param.copy_(tensor.to(param.dtype))
+        loaded.add(target)
+        del tensor
+    model.tie_weights()  # to_empty gave tied parameters separate storage; tie them again
+    filled = {id(model.get_parameter(name)) for name in loaded}
+    missing = sorted(name for name, p in model.named_parameters(remove_duplicate=False) if id(p) not in filled)
+    if missing:
+        raise CheckpointError(f"the checkpoint at {source} lacks tensors the model needs: {missing[:5]}"
+                              f"{' and more' if len(missing) > 5 else ''}; it is incomplete or for another config")
+    model.eval()
+    return model
