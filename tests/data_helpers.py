@@ -80,3 +80,18 @@ def write_jsonl(tmp_path):
 
     return write
 
+
+
+def save_chat_llama(directory, max_positions: int = 128):
+    """A seeded 2-layer Llama whose vocabulary is the chatml test tokenizer's, saved with it like a hub model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(chat_template=CHATML_JINJA)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=len(tokenizer),
+                                         max_position_embeddings=max_positions))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import lorakit
-from data_helpers import CHATML_JINJA, build_tokenizer
+from data_helpers import save_chat_llama
 from lorakit.cli import main
 from tiny_models import randomize_lora
 
@@ -15,14 +15,7 @@ from tiny_models import randomize_lora
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama with a real (in-process trained) tokenizer and chat template, saved like a hub model."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tokenizer(chat_template=CHATML_JINJA)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_chat_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

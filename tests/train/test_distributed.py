@@ -14,9 +14,8 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from data_helpers import CHATML_JINJA, build_tokenizer
+from data_helpers import save_chat_llama
 from lorakit.config import DistributedConfig
 from lorakit.errors import ConfigError
 from lorakit.train.distributed import DistributedRun, init_distributed
@@ -28,12 +27,7 @@ STEPS = 12  # 21 batches of 2 per epoch: step 11 is a short window (one micro-ba
 def workdir(tmp_path_factory):
     """A tiny Llama with a chat tokenizer, train/val chat data."""
     root = tmp_path_factory.mktemp("ddp")
-    tokenizer = build_tokenizer(chat_template=CHATML_JINJA)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_chat_llama(root / "model")
     for name, n, seed in (("train", 42, 0), ("val", 10, 1)):
         with open(root / f"{name}.jsonl", "w") as f:
             for i in range(n):
