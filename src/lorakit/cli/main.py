@@ -83,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     merge.set_defaults(handler=_merge)
 
+    export = sub.add_parser("export", help="write a deployable model: a merged transformers checkpoint (hf) or one "
+                                           "GGUF file for llama.cpp (gguf)")
+    export.add_argument("--model", "--base", dest="model", required=True, help="base model directory or hub id")
+    export.add_argument("--adapter", required=True, help="adapter directory")
+    export.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                        help="hf: a transformers model directory; gguf: one .gguf file (llama, mistral, qwen2)")
+    export.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
+    export.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type (gguf only)")
+    export.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="dtype of the merge (auto: the model's for hf, float32 for gguf, rounded once at the end)")
+    export.add_argument("--quantize", type=int, choices=[4, 8], help="the adapter was trained on a 4/8-bit base: "
+                        "merge into the dequantized weights of that base (the output is 16-bit)")
+    export.add_argument("--max-shard-size", default="2GB", help="hf only")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.set_defaults(handler=_export)
+
     quick = sub.add_parser("quickstart", help="the whole workflow on a shipped tiny model and dataset, offline")
     quick.add_argument("--out", default="lorakit-quickstart", help="output directory (adapter, metrics, merged model)")
     quick.add_argument("--steps", type=int, default=1000, help="training steps")
@@ -209,6 +225,32 @@ def _merge(args: argparse.Namespace) -> int:
         print(f"note: the merged model is 16-bit: the {loaded.quantization.split(',')[0]} base weights dequantized plus "
               "the adapter. Quantizing it again rounds the adapter's small update away in part; to run on a "
               "quantized base without that loss, load the base quantized and keep the adapter separate.")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        return _merge(args)
+    import shutil
+    import tempfile
+
+    from ..base_model import load_base_model
+    from ..export import merge_to_directory, write_gguf
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise LorakitError(f"{out} already exists; choose another --out or pass --overwrite")
+    dtype = "float32" if args.dtype == "auto" else args.dtype
+    loaded = load_base_model(_model_config(args.model, dtype, args.quantize, device="cpu"), log=print)
+    print(loaded.describe())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
+    try:
+        merged = merge_to_directory(loaded, args.adapter, work / "merged", overwrite=True)
+        write_gguf(merged, out, quant=args.quant, name=Path(args.adapter).name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"GGUF ({args.quant}) written to {out} (llama.cpp: llama-cli -m {out})")
     return 0
 
 

@@ -1,0 +1,177 @@
+"""GGUF files for llama.cpp (and so Ollama) from a merged Hugging Face model directory.
+
+Written with the `gguf` package, which the llama.cpp project maintains: its tensor-name map turns
+`model.layers.3.self_attn.q_proj.weight` into `blk.3.attn_q.weight`, its writer lays out the file, its
+quantizer makes q8_0 blocks. What lorakit decides is what llama.cpp expects of each architecture:
+
+- llama, mistral (llama.cpp's "llama"): llama.cpp rotates query/key pairs that are adjacent, transformers
+  rotates the two halves of each head, so q_proj and k_proj rows are reordered per head to match.
+- qwen2 ("qwen2"): rotates halves like transformers; q, k, v carry biases.
+- the tokenizer: byte-level BPE (GPT-2 style pre-tokenizer) as "gpt2", with merges, special tokens and
+  the chat template. Other tokenizers are refused by name, not converted approximately.
+
+The file is written to a temporary name next to the target and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import LorakitError
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+QUANTS = ("f16", "q8_0")
+
+
+class ExportError(LorakitError):
+    """The model or tokenizer cannot be written as GGUF (and why)."""
+
+
+def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16", name: str | None = None) -> Path:
+    """Convert the transformers model directory `model_dir` (a merged export) into one GGUF file."""
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("GGUF export needs the gguf package (maintained by llama.cpp): "
+                          "pip install 'lorakit[export]'") from None
+    from safetensors import safe_open
+
+    model_dir, out = Path(model_dir), Path(out_file)
+    if quant not in QUANTS:
+        raise ExportError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
+    config = json.loads((model_dir / "config.json").read_text())
+    architecture = (config.get("architectures") or ["?"])[0]
+    if architecture not in ARCHITECTURES:
+        raise ExportError(f"GGUF export supports {', '.join(sorted(ARCHITECTURES))}; {model_dir} is {architecture}. "
+                          "Export with --format hf and convert it with llama.cpp's convert_hf_to_gguf.py")
+    arch = ARCHITECTURES[architecture]
+    rope_scaling = config.get("rope_scaling")
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default", "linear"):
+        raise ExportError(f"rope_scaling {rope_scaling.get('rope_type', rope_scaling.get('type'))!r} is not supported "
+                          "by lorakit's GGUF export yet (default and linear are)")
+
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    layers = config["num_hidden_layers"]
+    model_arch = gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2
+    names = gguf.get_tensor_name_map(model_arch, layers)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(staging, gguf.MODEL_ARCH_NAMES[model_arch])
+        writer.add_name(name or model_dir.name)
+        writer.add_context_length(config.get("max_position_embeddings", 2048))
+        writer.add_embedding_length(hidden)
+        writer.add_block_count(layers)
+        writer.add_feed_forward_length(config["intermediate_size"])
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv_heads)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+        writer.add_rope_freq_base(_rope_theta(config))
+        writer.add_rope_dimension_count(head_dim)
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope_scaling["factor"])
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if quant == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+        _add_tokenizer(writer, model_dir, config.get("vocab_size"))
+
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise ExportError(f"{model_dir} has no .safetensors weights; export it with --format hf first")
+        seen = set()
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    if key.endswith("rotary_emb.inv_freq"):
+                        continue
+                    target = names.get_name(key, try_suffixes=(".weight", ".bias"))
+                    if target is None:
+                        raise ExportError(f"{file.name}: tensor {key!r} has no GGUF name for {arch}; "
+                                          "is this a plain (merged) transformers checkpoint?")
+                    tensor = f.get_tensor(key).float()
+                    if arch == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
+                        tensor = _interleave_rope(tensor, heads if "q_proj" in key else kv_heads)
+                    data, kind = _encode(tensor, quant, gguf)
+                    writer.add_tensor(target, data, raw_dtype=kind)
+                    seen.add(target)
+        if "token_embd.weight" not in seen:
+            raise ExportError(f"{model_dir} has no token embedding tensor; is it a complete checkpoint?")
+        # A tied head is saved once (as the embedding): llama.cpp then uses token_embd.weight as the output.
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(staging, out)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _rope_theta(config: dict) -> float:
+    params = config.get("rope_parameters") or {}
+    return float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def _interleave_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q/k projection reordered per head from transformers' halves (0..d/2-1 | d/2..d-1) to
+    llama.cpp's adjacent pairs (0, d/2, 1, d/2+1, ...), so both rotate the same coordinates together."""
+    out_features = weight.shape[0]
+    return (weight.reshape(heads, 2, out_features // heads // 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape))
+
+
+def _encode(tensor: torch.Tensor, quant: str, gguf):
+    """(numpy data, GGML type): 1-D tensors (norms, biases) in f32 as llama.cpp keeps them; matrices in f16,
+    or q8_0 where the row length is a multiple of q8_0's 32-value block (else f16)."""
+    array = tensor.numpy()
+    if tensor.dim() == 1:
+        return array.astype("float32"), gguf.GGMLQuantizationType.F32
+    if quant == "q8_0" and tensor.shape[-1] % 32 == 0:
+        return gguf.quantize(array.astype("float32"), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    return array.astype("float16"), gguf.GGMLQuantizationType.F16
+
+
+def _add_tokenizer(writer, model_dir: Path, vocab_size: int | None) -> None:
+    """Vocabulary, token types, merges, special token ids and the chat template of a byte-level BPE tokenizer."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    spec_file = model_dir / "tokenizer.json"
+    if not spec_file.is_file():
+        raise ExportError(f"{model_dir} has no tokenizer.json (a fast tokenizer); GGUF export needs it")
+    spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    byte_level = pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
+        raise ExportError("GGUF export supports byte-level BPE tokenizers with GPT-2's pre-tokenizer so far; this one "
+                          f"is {model.get('type')} with pre-tokenizer {pre.get('type')}. Export with --format hf and "
+                          "convert with llama.cpp's convert_hf_to_gguf.py")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    size = max(vocab_size or 0, len(tokenizer))
+    special = set(tokenizer.all_special_ids)
+    added = {i for i in tokenizer.added_tokens_decoder}
+    tokens, types = [], []
+    for i in range(size):
+        if i >= len(tokenizer):
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(tokenizer.convert_ids_to_tokens(i))
+        types.append(gguf.TokenType.CONTROL if i in special else
+                     gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=size).add_to_gguf(writer)

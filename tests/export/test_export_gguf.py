@@ -1,0 +1,140 @@
+"""`lorakit export`: a merged transformers checkpoint that loads alone, and a GGUF file read back with the gguf
+package (metadata llama.cpp needs, tokenizer, every weight equal to the merged model's after undoing the
+rotary row order; q8_0 within its quantization step). Loading the GGUF in llama.cpp itself is not part of
+these tests yet (llama-cpp-python builds llama.cpp from source)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import lorakit
+from data_helpers import CHATML_JINJA, save_chat_llama
+from lorakit.cli import main
+from lorakit.export import ExportError, write_gguf
+from lorakit.export.gguf import _interleave_rope
+from tiny_models import randomize_lora
+
+gguf = pytest.importorskip("gguf")
+
+
+def _byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2 style byte-level BPE, trained here on a little multilingual text (non-ASCII included)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["The quick brown fox jumps over the lazy dog.", "Héllo wörld, 你好 世界! 123 456", "def f(x): return x * 2"]
+    tok.train_from_iterator(text * 50, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHATML_JINJA
+    return fast
+
+
+@pytest.fixture(scope="module")
+def base_and_adapter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    tokenizer = _byte_level_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         tie_word_embeddings=False))
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    lora = lorakit.wrap(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_lora(lora, scale=0.2)
+    lora.save_adapter(root / "adapter")
+    return root / "base", root / "adapter"
+
+
+def _adapted_logits(base, adapter, ids):
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return lorakit.load_adapter(model, adapter)(torch.tensor([ids])).logits[0]
+
+
+def test_hf_export_loads_in_plain_transformers_with_the_adapted_logits(base_and_adapter, tmp_path, capsys):
+    base, adapter = base_and_adapter
+    out = tmp_path / "merged"
+    assert main(["export", "--base", str(base), "--adapter", str(adapter), "--format", "hf", "--out", str(out),
+                 "--dtype", "float32"]) == 0
+    ids = [5, 17, 42, 99, 7]
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(out).eval()(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(logits, _adapted_logits(base, adapter, ids), rtol=1e-4, atol=1e-5)
+
+
+def _fields(reader) -> dict:
+    out = {}
+    for name, field in reader.fields.items():
+        kind = field.types[0] if field.types else None
+        if kind == gguf.GGUFValueType.STRING:
+            out[name] = bytes(field.parts[field.data[0]]).decode("utf-8")
+        elif kind == gguf.GGUFValueType.ARRAY and field.types[-1] == gguf.GGUFValueType.STRING:
+            out[name] = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        elif kind == gguf.GGUFValueType.ARRAY:
+            out[name] = [field.parts[i][0].item() for i in field.data]
+        else:
+            out[name] = field.parts[field.data[0]][0].item()
+    return out
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_gguf_holds_what_llama_cpp_reads_and_the_merged_weights(base_and_adapter, tmp_path, quant):
+    base, adapter = base_and_adapter
+    out = tmp_path / f"model-{quant}.gguf"
+    assert main(["export", "--base", str(base), "--adapter", str(adapter), "--format", "gguf", "--quant", quant,
+                 "--out", str(out)]) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the merge work directory is gone
+    reader = gguf.GGUFReader(out)
+    fields = _fields(reader)
+    assert fields["general.architecture"] == "llama"
+    assert (fields["llama.block_count"], fields["llama.embedding_length"], fields["llama.feed_forward_length"]) == (2, 64, 128)
+    assert (fields["llama.attention.head_count"], fields["llama.attention.head_count_kv"]) == (4, 2)
+    assert fields["llama.rope.dimension_count"] == 16 and fields["llama.rope.freq_base"] == pytest.approx(10000.0)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["tokenizer.ggml.tokens"] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert fields["tokenizer.chat_template"] == CHATML_JINJA and len(fields["tokenizer.ggml.merges"]) > 0
+    assert fields["tokenizer.ggml.token_type"][tokenizer.convert_tokens_to_ids("<|im_end|>")] == gguf.TokenType.CONTROL
+
+    merged = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).merge_and_unload()
+    expected = merged.state_dict()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == len(expected)
+    for key, weight in expected.items():
+        if key.endswith(("q_proj.weight", "k_proj.weight")):
+            weight = _interleave_rope(weight, 4 if "q_proj" in key else 2)
+        t = tensors[names.get_name(key, try_suffixes=(".weight", ".bias"))]
+        data = gguf.dequantize(t.data, t.tensor_type).reshape(weight.shape)
+        step = 1e-3 if t.tensor_type == gguf.GGMLQuantizationType.F16 else 1 / 127  # relative to the block max
+        assert np.abs(data - weight.numpy()).max() <= step * np.abs(weight.numpy()).max() + 1e-6, key
+        if weight.dim() == 2:
+            want = gguf.GGMLQuantizationType.Q8_0 if quant == "q8_0" else gguf.GGMLQuantizationType.F16
+            assert t.tensor_type == want, key
+
+
+def test_rotary_rows_become_adjacent_pairs_per_head():
+    rows = torch.arange(8.0)[:, None]  # 2 heads of head_dim 4: halves (0 1 | 2 3), (4 5 | 6 7)
+    assert _interleave_rope(rows, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_unsupported_architecture_and_tokenizer_are_refused_by_name(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ExportError, match="GGUF export supports .*LlamaForCausalLM.*GPT2LMHeadModel"):
+        write_gguf(tmp_path / "gpt2", tmp_path / "x.gguf")
+    save_chat_llama(tmp_path / "llama")  # its test tokenizer splits with a custom regex, not GPT-2's
+    with pytest.raises(ExportError, match="byte-level BPE tokenizers with GPT-2's pre-tokenizer"):
+        write_gguf(tmp_path / "llama", tmp_path / "y.gguf")
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
