@@ -138,3 +138,24 @@ def test_unsupported_architecture_and_tokenizer_are_refused_by_name(tmp_path):
         write_gguf(tmp_path / "llama", tmp_path / "y.gguf")
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_qwen2_keeps_its_rotary_layout_and_biases(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = _byte_level_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+                                         tie_word_embeddings=True))
+    model.save_pretrained(tmp_path / "qwen2")
+    tokenizer.save_pretrained(tmp_path / "qwen2")
+    reader = gguf.GGUFReader(write_gguf(tmp_path / "qwen2", tmp_path / "q.gguf"))
+    assert _fields(reader)["general.architecture"] == "qwen2"
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied: llama.cpp reads the head from token_embd.weight
+    for key, gguf_name in (("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"),
+                           ("model.layers.0.self_attn.k_proj.bias", "blk.0.attn_k.bias")):
+        t = tensors[gguf_name]
+        data = gguf.dequantize(t.data, t.tensor_type).reshape(model.state_dict()[key].shape)
+        np.testing.assert_allclose(data, model.state_dict()[key].numpy(), rtol=1e-3, atol=1e-3)  # no reordering
