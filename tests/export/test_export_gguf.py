@@ -103,7 +103,8 @@ def test_gguf_holds_what_llama_cpp_reads_and_the_merged_weights(base_and_adapter
     assert fields["tokenizer.ggml.tokens"] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
     assert fields["tokenizer.chat_template"] == CHATML_JINJA and len(fields["tokenizer.ggml.merges"]) > 0
-    assert fields["tokenizer.ggml.token_type"][tokenizer.convert_tokens_to_ids("<|im_end|>")] == gguf.TokenType.CONTROL
+    for special in ("<|im_start|>", "<|im_end|>"):  # llama.cpp renders CONTROL tokens only when asked
+        assert fields["tokenizer.ggml.token_type"][tokenizer.convert_tokens_to_ids(special)] == gguf.TokenType.CONTROL
 
     merged = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).merge_and_unload()
     expected = merged.state_dict()
@@ -159,3 +160,49 @@ def test_qwen2_keeps_its_rotary_layout_and_biases(tmp_path):
         t = tensors[gguf_name]
         data = gguf.dequantize(t.data, t.tensor_type).reshape(model.state_dict()[key].shape)
         np.testing.assert_allclose(data, model.state_dict()[key].numpy(), rtol=1e-3, atol=1e-3)  # no reordering
+
+
+LLAMA_CPP_SCRIPT = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+model_file, out, ids, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+llm = Llama(model_file, logits_all=True, verbose=False, n_ctx=128, n_threads=1)
+tokens = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in texts]
+llm.eval(ids)
+np.save(out, np.array(llm.scores[:len(ids)], dtype=np.float32))
+print(json.dumps(tokens))
+llm.close()
+"""
+TEXTS = ["The quick brown fox", "Héllo wörld, 你好 世界!", "def f(x): return x * 2  # 456", "<|im_start|>user"]
+
+
+def _llama_cpp(model_file, ids, tmp_path):
+    """Logits (len(ids), vocab) and token ids of TEXTS from llama.cpp, in a child process (a crash there is
+    a failed test, not a dead test run)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LLAMA_CPP_SCRIPT, str(model_file), str(tmp_path / "logits.npy"),
+                           json.dumps(ids), json.dumps(TEXTS)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    return np.load(tmp_path / "logits.npy"), json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("quant,tolerance", [("f16", 2e-3), ("q8_0", 2e-2)])
+def test_llama_cpp_runs_the_gguf_like_lorakit(base_and_adapter, tmp_path, quant, tolerance):
+    pytest.importorskip("llama_cpp")
+    base, adapter = base_and_adapter
+    out = tmp_path / "model.gguf"
+    assert main(["export", "--base", str(base), "--adapter", str(adapter), "--format", "gguf", "--quant", quant,
+                 "--out", str(out)]) == 0
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    logits, tokens = _llama_cpp(out, ids, tmp_path)
+    # the same ids for every string, non-ASCII and a chat-template special token included
+    assert tokens == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    expected = _adapted_logits(base, adapter, ids).numpy()
+    error = np.abs(logits - expected).max() / np.abs(expected).max()
+    assert error < tolerance, (quant, float(error))
+    assert (logits.argmax(-1) == expected.argmax(-1)).mean() >= 0.9

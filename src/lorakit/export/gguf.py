@@ -159,8 +159,8 @@ def _add_tokenizer(writer, model_dir: Path, vocab_size: int | None) -> None:
                           "convert with llama.cpp's convert_hf_to_gguf.py")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     size = max(vocab_size or 0, len(tokenizer))
-    special = set(tokenizer.all_special_ids)
-    added = {i for i in tokenizer.added_tokens_decoder}
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    special = set(tokenizer.all_special_ids) | {i for i, token in added.items() if token.special}
     tokens, types = [], []
     for i in range(size):
         if i >= len(tokenizer):
