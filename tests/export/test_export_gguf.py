@@ -167,8 +167,8 @@ LLAMA_CPP_SCRIPT = """
 import json, sys
 import numpy as np
 from llama_cpp import Llama
-model_file, out, ids, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
-llm = Llama(model_file, logits_all=True, verbose=False, n_ctx=128, n_threads=1)
+model_file, out, ids, texts, lora = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
+llm = Llama(model_file, logits_all=True, verbose=False, n_ctx=128, n_threads=1, lora_path=lora or None)
 tokens = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in texts]
 llm.eval(ids)
 np.save(out, np.array(llm.scores[:len(ids)], dtype=np.float32))
@@ -178,7 +178,7 @@ llm.close()
 TEXTS = ["The quick brown fox", "Héllo wörld, 你好 世界!", "def f(x): return x * 2  # 456", "<|im_start|>user"]
 
 
-def _llama_cpp(model_file, ids, tmp_path):
+def _llama_cpp(model_file, ids, tmp_path, lora=None):
     """Logits (len(ids), vocab) and token ids of TEXTS from llama.cpp, in a child process (a crash there is
     a failed test, not a dead test run)."""
     import json
@@ -186,7 +186,8 @@ def _llama_cpp(model_file, ids, tmp_path):
     import sys
 
     done = subprocess.run([sys.executable, "-c", LLAMA_CPP_SCRIPT, str(model_file), str(tmp_path / "logits.npy"),
-                           json.dumps(ids), json.dumps(TEXTS)], capture_output=True, text=True, timeout=300)
+                           json.dumps(ids), json.dumps(TEXTS), str(lora or "")], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     return np.load(tmp_path / "logits.npy"), json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -213,3 +214,23 @@ def test_llama_cpp_runs_the_gguf_like_lorakit(base_and_adapter, tmp_path, quant,
     assert error < tolerance and correlation > min_correlation, (quant, float(error), correlation, agree)
     if quant == "f16":
         assert agree == 1.0
+
+
+def test_lora_gguf_on_the_base_gguf_runs_like_the_unmerged_adapter(base_and_adapter, tmp_path):
+    pytest.importorskip("llama_cpp")
+    base, adapter = base_and_adapter
+    write_gguf(base, tmp_path / "base.gguf")
+    assert main(["export", "--base", str(base), "--adapter", str(adapter), "--format", "lora-gguf",
+                 "--out", str(tmp_path / "adapter.gguf")]) == 0
+    fields = _fields(gguf.GGUFReader(tmp_path / "adapter.gguf"))
+    assert (fields["general.type"], fields["adapter.type"]) == ("adapter", "lora")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    logits, _ = _llama_cpp(tmp_path / "base.gguf", ids, tmp_path, lora=tmp_path / "adapter.gguf")
+    expected = _adapted_logits(base, adapter, ids).numpy()
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()(torch.tensor([ids])).logits[0].numpy()
+    scale = np.abs(expected).max()
+    # measured: 1.9e-3 of the largest logit with the adapter, 1.53 without it
+    assert np.abs(logits - expected).max() / scale < 1e-2  # the adapter applied (f16 base in llama.cpp) ...
+    assert np.abs(plain - expected).max() / scale > 5e-2  # ... and it matters: without it the logits differ

@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "GGUF file for llama.cpp (gguf)")
     export.add_argument("--model", "--base", dest="model", required=True, help="base model directory or hub id")
     export.add_argument("--adapter", required=True, help="adapter directory")
-    export.add_argument("--format", default="hf", choices=["hf", "gguf"],
-                        help="hf: a transformers model directory; gguf: one .gguf file (llama, mistral, qwen2)")
+    export.add_argument("--format", default="hf", choices=["hf", "gguf", "lora-gguf"],
+                        help="hf: a transformers model directory; gguf: one .gguf file (llama, mistral, qwen2); "
+                             "lora-gguf: the adapter alone, for llama.cpp's --lora on a GGUF of the base")
     export.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
     export.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type (gguf only)")
     export.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
@@ -235,11 +236,15 @@ def _export(args: argparse.Namespace) -> int:
     import tempfile
 
     from ..base_model import load_base_model
-    from ..export import merge_to_directory, write_gguf
+    from ..export import merge_to_directory, write_gguf, write_lora_gguf
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise LorakitError(f"{out} already exists; choose another --out or pass --overwrite")
+    if args.format == "lora-gguf":
+        write_lora_gguf(_load(args.model, args.adapter, "float32").model, out)
+        print(f"GGUF LoRA adapter written to {out} (llama.cpp: llama-cli -m BASE.gguf --lora {out})")
+        return 0
     dtype = "float32" if args.dtype == "auto" else args.dtype
     loaded = load_base_model(_model_config(args.model, dtype, args.quantize, device="cpu"), log=print)
     print(loaded.describe())

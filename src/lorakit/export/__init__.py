@@ -1,6 +1,7 @@
-"""Deployment outputs: merged Hugging Face checkpoints and GGUF files for llama.cpp."""
+"""Deployment outputs: merged Hugging Face checkpoints, GGUF files and GGUF LoRA adapters for llama.cpp."""
 
 from .gguf import ExportError, write_gguf
 from .hf import merge_to_directory
+from .lora_gguf import write_lora_gguf
 
-__all__ = ["ExportError", "merge_to_directory", "write_gguf"]
+__all__ = ["ExportError", "merge_to_directory", "write_gguf", "write_lora_gguf"]
