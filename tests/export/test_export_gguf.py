@@ -234,3 +234,40 @@ def test_lora_gguf_on_the_base_gguf_runs_like_the_unmerged_adapter(base_and_adap
     # measured: 1.9e-3 of the largest logit with the adapter, 1.53 without it
     assert np.abs(logits - expected).max() / scale < 1e-2  # the adapter applied (f16 base in llama.cpp) ...
     assert np.abs(plain - expected).max() / scale > 5e-2  # ... and it matters: without it the logits differ
+
+
+def _render_go(template: str, messages: list[dict]) -> str:
+    """The subset of Go's text/template the Modelfile templates use: range .Messages, .Role, .Content, if eq."""
+    import re
+
+    body = re.fullmatch(r"(.*?)\{\{- range \.Messages \}\}(.*?)\{\{ end \}\}(.*)", template, re.S)
+    head, each, tail = body.groups()
+    return head + "".join(each.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"])
+                          for m in messages) + tail
+
+
+def test_ollama_directory_has_the_gguf_and_a_modelfile_speaking_the_chat_template(base_and_adapter, tmp_path):
+    base, adapter = base_and_adapter
+    out = tmp_path / "ollama"
+    assert main(["export", "--base", str(base), "--adapter", str(adapter), "--format", "ollama", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf"]
+    assert _fields(gguf.GGUFReader(out / "model.gguf"))["general.architecture"] == "llama"
+    text = (out / "Modelfile").read_text()
+    assert text.startswith("FROM ./model.gguf\n")
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo?"},
+                {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "2 + 2?"}]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    # Ollama's prompt is the tokenizer's own chat template with the generation prompt
+    assert _render_go(template, messages) == tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                         add_generation_prompt=True)
+
+
+def test_an_unknown_chat_template_gets_no_ollama_template_and_a_note(tmp_path):
+    from lorakit.export.ollama import chat_family, modelfile
+
+    assert chat_family("{{ bos_token }}{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}{% endfor %}") is None
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}')
+    text, note = modelfile("model.gguf", tmp_path)
+    assert text == "FROM ./model.gguf\n" and "no TEMPLATE" in note

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -87,10 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                                            "GGUF file for llama.cpp (gguf)")
     export.add_argument("--model", "--base", dest="model", required=True, help="base model directory or hub id")
     export.add_argument("--adapter", required=True, help="adapter directory")
-    export.add_argument("--format", default="hf", choices=["hf", "gguf", "lora-gguf"],
+    export.add_argument("--format", default="hf", choices=["hf", "gguf", "ollama", "lora-gguf"],
                         help="hf: a transformers model directory; gguf: one .gguf file (llama, mistral, qwen2); "
+                             "ollama: a directory with the .gguf and a Modelfile for `ollama create`; "
                              "lora-gguf: the adapter alone, for llama.cpp's --lora on a GGUF of the base")
-    export.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
+    export.add_argument("--out", required=True, help="output directory (hf, ollama) or .gguf file (gguf, lora-gguf)")
     export.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type (gguf only)")
     export.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="dtype of the merge (auto: the model's for hf, float32 for gguf, rounded once at the end)")
@@ -252,10 +254,26 @@ def _export(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
     try:
         merged = merge_to_directory(loaded, args.adapter, work / "merged", overwrite=True)
-        write_gguf(merged, out, quant=args.quant, name=Path(args.adapter).name)
+        if args.format == "gguf":
+            write_gguf(merged, out, quant=args.quant, name=Path(args.adapter).name)
+            print(f"GGUF ({args.quant}) written to {out} (llama.cpp: llama-cli -m {out})")
+            return 0
+        from ..atomic import write_text_atomic
+        from ..export.ollama import modelfile
+
+        staging = work / "ollama"
+        staging.mkdir()
+        write_gguf(merged, staging / "model.gguf", quant=args.quant, name=Path(args.adapter).name)
+        text, note = modelfile("model.gguf", merged)
+        write_text_atomic(staging / "Modelfile", text)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"GGUF ({args.quant}) written to {out} (llama.cpp: llama-cli -m {out})")
+    print(f"Ollama model written to {out} (ollama create NAME -f {out / 'Modelfile'})")
+    if note:
+        print(f"note: {note}")
     return 0
 
 

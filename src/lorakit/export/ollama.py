@@ -1,0 +1,51 @@
+"""An Ollama model directory: the GGUF file plus a Modelfile for `ollama create NAME -f DIR/Modelfile`.
+
+Ollama's TEMPLATE is a Go template, and a tokenizer's chat template is Jinja: no general translation
+exists. So the chat template's family is recognised by the markers it writes and the matching Go template
+is written, with the family's end-of-turn marker and the tokenizer's EOS as stop sequences. ChatML (Qwen and
+many fine-tunes) is the family so far, tested by rendering both templates; any other gets a Modelfile
+without TEMPLATE (Ollama then falls back to its own detection) and a note saying so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+GO_TEMPLATES = {  # family -> (the marker its Jinja template writes, the Go template, stop sequences)
+    "chatml": ("<|im_start|>",
+               "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+               ["<|im_end|>"]),
+}
+
+
+def chat_family(chat_template: str | None) -> str | None:
+    """Which GO_TEMPLATES family a Jinja chat template belongs to, by the markers it writes; None if none."""
+    if not chat_template:
+        return None
+    for family, (marker, _, _) in GO_TEMPLATES.items():
+        if marker in chat_template:
+            return family
+    return None
+
+
+def modelfile(gguf_name: str, model_dir: str | Path) -> tuple[str, str | None]:
+    """(Modelfile text, note or None) for the GGUF file `gguf_name` beside it, from the merged model's tokenizer."""
+    config = json.loads((Path(model_dir) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    template = config.get("chat_template")
+    if template is None and (Path(model_dir) / "chat_template.jinja").is_file():
+        template = (Path(model_dir) / "chat_template.jinja").read_text(encoding="utf-8")
+    family = chat_family(template if isinstance(template, str) else None)
+    lines = [f"FROM ./{gguf_name}"]
+    note = None
+    if family is None:
+        note = ("the chat template is not one lorakit can write for Ollama yet (ChatML is); the "
+                "Modelfile has no TEMPLATE, so Ollama picks one itself: check it with `ollama show --template`")
+    else:
+        _, go_template, stops = GO_TEMPLATES[family]
+        lines.append(f'TEMPLATE """{go_template}"""')
+        eos = config.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        for stop in dict.fromkeys([*stops, *([eos] if eos else [])]):
+            lines.append(f"PARAMETER stop {json.dumps(stop)}")
+    return "\n".join(lines) + "\n", note
