@@ -71,6 +71,19 @@ def test_hf_export_loads_in_plain_transformers_with_the_adapted_logits(base_and_
     torch.testing.assert_close(logits, _adapted_logits(base, adapter, ids), rtol=1e-4, atol=1e-5)
 
 
+def test_bf16_hf_export_matches_within_bf16_rounding(base_and_adapter, tmp_path):
+    base, adapter = base_and_adapter
+    out = tmp_path / "merged-bf16"
+    assert main(["export", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.dtype == torch.bfloat16
+    ids = [5, 17, 42, 99, 7]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    expected = _adapted_logits(base, adapter, ids)
+    assert (logits - expected).abs().max() / expected.abs().max() < 3e-2  # bf16 keeps 8 bits of mantissa
+
+
 def _fields(reader) -> dict:
     out = {}
     for name, field in reader.fields.items():
