@@ -148,8 +148,12 @@ def test_unsupported_architecture_and_tokenizer_are_refused_by_name(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ExportError, match="GGUF export supports .*LlamaForCausalLM.*GPT2LMHeadModel"):
         write_gguf(tmp_path / "gpt2", tmp_path / "x.gguf")
-    save_chat_llama(tmp_path / "llama")  # its test tokenizer splits with a custom regex, not GPT-2's
-    with pytest.raises(ExportError, match="byte-level BPE tokenizers with GPT-2's pre-tokenizer"):
+    save_chat_llama(tmp_path / "llama")
+    tok = Tokenizer(models.BPE(byte_fallback=True))  # SentencePiece-style, as Llama 2 and Mistral have
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(["a small corpus of words"] * 10, trainers.BpeTrainer(vocab_size=80))
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ExportError, match="byte-level BPE tokenizers that split text like GPT-2, Llama 3 or Qwen2"):
         write_gguf(tmp_path / "llama", tmp_path / "y.gguf")
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -191,7 +195,7 @@ llm.close()
 TEXTS = ["The quick brown fox", "Héllo wörld, 你好 世界!", "def f(x): return x * 2  # 456", "<|im_start|>user"]
 
 
-def _llama_cpp(model_file, ids, tmp_path, lora=None):
+def _llama_cpp(model_file, ids, tmp_path, lora=None, texts=TEXTS):
     """Logits (len(ids), vocab) and token ids of TEXTS from llama.cpp, in a child process (a crash there is
     a failed test, not a dead test run)."""
     import json
@@ -199,7 +203,7 @@ def _llama_cpp(model_file, ids, tmp_path, lora=None):
     import sys
 
     done = subprocess.run([sys.executable, "-c", LLAMA_CPP_SCRIPT, str(model_file), str(tmp_path / "logits.npy"),
-                           json.dumps(ids), json.dumps(TEXTS), str(lora or "")], capture_output=True, text=True,
+                           json.dumps(ids), json.dumps(texts), str(lora or "")], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     return np.load(tmp_path / "logits.npy"), json.loads(done.stdout.strip().splitlines()[-1])
@@ -284,3 +288,36 @@ def test_an_unknown_chat_template_gets_no_ollama_template_and_a_note(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}')
     text, note = modelfile("model.gguf", tmp_path)
     assert text == "FROM ./model.gguf\n" and "no TEMPLATE" in note
+
+
+TRICKY = ["I'm here, you'RE there 12345 6", "héllo\n\n  world\t!", "你好世界 ☃ ok", "x=1;y=22 {\"a\": [3]}  ", "<|im_start|>hi"]
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "llama-bpe", "qwen2"])
+def test_llama_cpp_splits_text_like_each_supported_pre_tokenizer(tmp_path, name):
+    pytest.importorskip("llama_cpp")
+    from tokenizers import Regex
+
+    from lorakit.export.gguf import SPLIT_PATTERNS
+
+    tok = Tokenizer(models.BPE())
+    if name == "gpt-2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:  # as Llama 3's and Qwen2's tokenizer.json have it: split by the pattern, then map bytes
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_PATTERNS[name]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TRICKY * 20 + ["The quick brown fox 1234567 jumps; it's 99 degrees"] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=128)
+                     ).save_pretrained(tmp_path / "m")
+    fast.save_pretrained(tmp_path / "m")
+    model_file = write_gguf(tmp_path / "m", tmp_path / "m.gguf")
+    assert _fields(gguf.GGUFReader(model_file))["tokenizer.ggml.pre"] == name
+    _, tokens = _llama_cpp(model_file, [1, 2], tmp_path, texts=TRICKY)
+    assert tokens == [fast(t, add_special_tokens=False)["input_ids"] for t in TRICKY]

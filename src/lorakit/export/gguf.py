@@ -7,8 +7,9 @@ quantizer makes q8_0 blocks. What lorakit decides is what llama.cpp expects of e
 - llama, mistral (llama.cpp's "llama"): llama.cpp rotates query/key pairs that are adjacent, transformers
   rotates the two halves of each head, so q_proj and k_proj rows are reordered per head to match.
 - qwen2 ("qwen2"): rotates halves like transformers; q, k, v carry biases.
-- the tokenizer: byte-level BPE (GPT-2 style pre-tokenizer) as "gpt2", with merges, special tokens and
-  the chat template. Other tokenizers are refused by name, not converted approximately.
+- the tokenizer: byte-level BPE as "gpt2", with merges, special tokens and the chat template, for the
+  pre-tokenizers of GPT-2, Llama 3 and Qwen2 (recognised by their exact split pattern). Others, and
+  SentencePiece tokenizers (Llama 2, Mistral), are refused by name, not converted approximately.
 
 The file is written to a temporary name next to the target and renamed into place.
 """
@@ -142,6 +143,29 @@ def _encode(tensor: torch.Tensor, quant: str, gguf):
     return array.astype("float16"), gguf.GGMLQuantizationType.F16
 
 
+# The split patterns of byte-level BPE tokenizers, as their tokenizer.json files hold them, and the name of
+# the matching pre-tokenizer in llama.cpp. Recognised by exact text: a tokenizer that differs is refused.
+SPLIT_PATTERNS = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def _pre_tokenizer_name(pre: dict) -> str | None:
+    """llama.cpp's name for a byte-level pre-tokenizer (tokenizer.json's "pre_tokenizer"), or None if unknown."""
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if not steps or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    if (split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")
+            or byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex", True)):
+        return None
+    pattern = (split.get("pattern") or {}).get("Regex")
+    return next((name for name, known in SPLIT_PATTERNS.items() if pattern == known), None)
+
+
 def _add_tokenizer(writer, model_dir: Path, vocab_size: int | None) -> None:
     """Vocabulary, token types, merges, special token ids and the chat template of a byte-level BPE tokenizer."""
     import gguf
@@ -151,12 +175,13 @@ def _add_tokenizer(writer, model_dir: Path, vocab_size: int | None) -> None:
     if not spec_file.is_file():
         raise ExportError(f"{model_dir} has no tokenizer.json (a fast tokenizer); GGUF export needs it")
     spec = json.loads(spec_file.read_text(encoding="utf-8"))
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    byte_level = pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-    if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
-        raise ExportError("GGUF export supports byte-level BPE tokenizers with GPT-2's pre-tokenizer so far; this one "
-                          f"is {model.get('type')} with pre-tokenizer {pre.get('type')}. Export with --format hf and "
-                          "convert with llama.cpp's convert_hf_to_gguf.py")
+    model = spec.get("model") or {}
+    pre_name = _pre_tokenizer_name(spec.get("pre_tokenizer") or {})
+    if model.get("type") != "BPE" or model.get("byte_fallback") or pre_name is None:
+        raise ExportError("GGUF export supports byte-level BPE tokenizers that split text like GPT-2, Llama 3 or "
+                          f"Qwen2 so far; this one is {model.get('type')} with pre-tokenizer "
+                          f"{(spec.get('pre_tokenizer') or {}).get('type')}. Export with --format hf and convert with "
+                          "llama.cpp's convert_hf_to_gguf.py")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     size = max(vocab_size or 0, len(tokenizer))
     added = tokenizer.added_tokens_decoder  # id -> AddedToken
@@ -171,7 +196,7 @@ def _add_tokenizer(writer, model_dir: Path, vocab_size: int | None) -> None:
         types.append(gguf.TokenType.CONTROL if i in special else
                      gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre_name)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=size).add_to_gguf(writer)
