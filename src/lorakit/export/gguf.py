@@ -16,6 +16,7 @@ The file is written to a temporary name next to the target and renamed into plac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -35,11 +36,7 @@ class ExportError(LorakitError):
 
 def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16", name: str | None = None) -> Path:
     """Convert the transformers model directory `model_dir` (a merged export) into one GGUF file."""
-    try:
-        import gguf
-    except ImportError:
-        raise ExportError("GGUF export needs the gguf package (maintained by llama.cpp): "
-                          "pip install 'lorakit[export]'") from None
+    gguf = gguf_module()
     from safetensors import safe_open
 
     model_dir, out = Path(model_dir), Path(out_file)
@@ -63,11 +60,7 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16
     model_arch = gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2
     names = gguf.get_tensor_name_map(model_arch, layers)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(staging, gguf.MODEL_ARCH_NAMES[model_arch])
+    with gguf_file(out, gguf.MODEL_ARCH_NAMES[model_arch]) as writer:
         writer.add_name(name or model_dir.name)
         writer.add_context_length(config.get("max_position_embeddings", 2048))
         writer.add_embedding_length(hidden)
@@ -108,6 +101,30 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16
         if "token_embd.weight" not in seen:
             raise ExportError(f"{model_dir} has no token embedding tensor; is it a complete checkpoint?")
         # A tied head is saved once (as the embedding): llama.cpp then uses token_embd.weight as the output.
+    return out
+
+
+def gguf_module():
+    """The gguf package, or an ExportError saying how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("GGUF export needs the gguf package (maintained by llama.cpp): "
+                          "pip install 'lorakit[export]'") from None
+    return gguf
+
+
+@contextlib.contextmanager
+def gguf_file(out: Path, arch_name: str):
+    """A GGUFWriter on a temporary file beside `out`; the file is completed and renamed to `out` when the
+    block succeeds, and removed when it fails."""
+    gguf = gguf_module()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(staging, arch_name)
+        yield writer
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -116,7 +133,6 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
-    return out
 
 
 def _rope_theta(config: dict) -> float:

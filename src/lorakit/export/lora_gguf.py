@@ -11,22 +11,16 @@ are refused by name.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from ..lora import LoraModel
 from ..lora.layer import LoraLinear
-from .gguf import ARCHITECTURES, ExportError, _interleave_rope
+from .gguf import ARCHITECTURES, ExportError, _interleave_rope, gguf_file, gguf_module
 
 
 def write_lora_gguf(model: LoraModel, out_file: str | Path, *, adapter: str = "default") -> Path:
     """Write adapter `adapter` of `model` (a LoraModel on its transformers base) as one GGUF LoRA file."""
-    try:
-        import gguf
-    except ImportError:
-        raise ExportError("GGUF export needs the gguf package (maintained by llama.cpp): "
-                          "pip install 'lorakit[export]'") from None
+    gguf = gguf_module()
     config = model.model.config
     architecture = (getattr(config, "architectures", None) or [type(model.model).__name__])[0]
     if architecture not in ARCHITECTURES:
@@ -46,11 +40,7 @@ def write_lora_gguf(model: LoraModel, out_file: str | Path, *, adapter: str = "d
     names = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
 
     out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(staging, gguf.MODEL_ARCH_NAMES[model_arch])
+    with gguf_file(out, gguf.MODEL_ARCH_NAMES[model_arch]) as writer:
         writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 1.0)
@@ -73,12 +63,4 @@ def write_lora_gguf(model: LoraModel, out_file: str | Path, *, adapter: str = "d
             written += 1
         if not written:
             raise ExportError(f"adapter {adapter!r} adapts no layer")
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(staging, out)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
     return out
