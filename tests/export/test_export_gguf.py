@@ -321,3 +321,48 @@ def test_llama_cpp_splits_text_like_each_supported_pre_tokenizer(tmp_path, name)
     assert _fields(gguf.GGUFReader(model_file))["tokenizer.ggml.pre"] == name
     _, tokens = _llama_cpp(model_file, [1, 2], tmp_path, texts=TRICKY)
     assert tokens == [fast(t, add_special_tokens=False)["input_ids"] for t in TRICKY]
+
+
+def test_mistral_exports_as_llama_and_runs_in_llama_cpp(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = _byte_level_tokenizer()
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+                                             sliding_window=None, rope_theta=1e6)).eval()
+    model.save_pretrained(tmp_path / "mistral")
+    tokenizer.save_pretrained(tmp_path / "mistral")
+    model_file = write_gguf(tmp_path / "mistral", tmp_path / "mistral.gguf")
+    fields = _fields(gguf.GGUFReader(model_file))
+    assert fields["general.architecture"] == "llama" and fields["llama.rope.freq_base"] == pytest.approx(1e6)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    logits, _ = _llama_cpp(model_file, ids, tmp_path)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(logits - expected).max() / np.abs(expected).max() < 1e-2
+
+
+def test_gguf_from_a_4_bit_base_holds_the_dequantized_merge(base_and_adapter, tmp_path):
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("bitsandbytes")
+    from lorakit.base_model import load_base_model
+    from lorakit.config import ModelConfig, QuantizationConfig
+
+    base, adapter = base_and_adapter
+    out = tmp_path / "q4.gguf"
+    assert main(["export", "--base", str(base), "--adapter", str(adapter), "--format", "gguf", "--quantize", "4",
+                 "--out", str(out)]) == 0
+    loaded = load_base_model(ModelConfig(name_or_path=str(base), dtype="float32", device="cpu",
+                                         quantization=QuantizationConfig(bits=4)))
+    adapted = lorakit.load_adapter(loaded.model, adapter).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        expected = adapted(torch.tensor([ids])).logits[0].float().numpy()
+        full = _adapted_logits(base, adapter, ids).numpy()
+    logits, _ = _llama_cpp(out, ids, tmp_path)
+    scale = np.abs(expected).max()
+    assert np.abs(logits - expected).max() / scale < 1e-2  # the 4-bit model lorakit trains, adapter merged
+    assert np.abs(full - expected).max() / scale > 1e-2  # (and 4 bits do differ from the 16-bit base)
