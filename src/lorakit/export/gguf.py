@@ -8,8 +8,9 @@ quantizer makes q8_0 blocks. What lorakit decides is what llama.cpp expects of e
   rotates the two halves of each head, so q_proj and k_proj rows are reordered per head to match.
 - qwen2 ("qwen2"): rotates halves like transformers; q, k, v carry biases.
 - the tokenizer: byte-level BPE as "gpt2", with merges, special tokens and the chat template, for the
-  pre-tokenizers of GPT-2, Llama 3 and Qwen2 (recognised by their exact split pattern). Others, and
-  SentencePiece tokenizers (Llama 2, Mistral), are refused by name, not converted approximately.
+  pre-tokenizers of GPT-2, Llama 3 and Qwen2 (recognised by their exact split pattern); SentencePiece-style
+  BPE (byte fallback, the ▁ word marker: Llama 2, Mistral) as "llama", scored by merge rank. Others are
+  refused by name, not converted approximately.
 
 The file is written to a temporary name next to the target and renamed into place.
 """
@@ -192,10 +193,14 @@ def _add_tokenizer(writer, model_dir: Path, vocab_size: int | None) -> None:
         raise ExportError(f"{model_dir} has no tokenizer.json (a fast tokenizer); GGUF export needs it")
     spec = json.loads(spec_file.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        _add_sentencepiece_tokenizer(writer, model_dir, model, vocab_size)
+        return
     pre_name = _pre_tokenizer_name(spec.get("pre_tokenizer") or {})
-    if model.get("type") != "BPE" or model.get("byte_fallback") or pre_name is None:
-        raise ExportError("GGUF export supports byte-level BPE tokenizers that split text like GPT-2, Llama 3 or "
-                          f"Qwen2 so far; this one is {model.get('type')} with pre-tokenizer "
+    if model.get("type") != "BPE" or pre_name is None:
+        raise ExportError("GGUF export supports SentencePiece-style BPE tokenizers (Llama 2, Mistral) and byte-level "
+                          f"BPE tokenizers that split text like GPT-2, Llama 3 or Qwen2; this one is {model.get('type')} "
+                          "with pre-tokenizer "
                           f"{(spec.get('pre_tokenizer') or {}).get('type')}. Export with --format hf and convert with "
                           "llama.cpp's convert_hf_to_gguf.py")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -216,3 +221,41 @@ def _add_tokenizer(writer, model_dir: Path, vocab_size: int | None) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=size).add_to_gguf(writer)
+
+
+def _add_sentencepiece_tokenizer(writer, model_dir: Path, model: dict, vocab_size: int | None) -> None:
+    """A SentencePiece-style tokenizer (BPE with byte fallback and the ▁ word marker: Llama 2, Mistral) as
+    llama.cpp's "llama" vocabulary. llama.cpp merges the adjacent pair whose joined piece scores highest, so
+    each piece scores minus the rank of the merge that makes it: the same order as the tokenizer's merges."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rank: dict[str, int] = {}
+    for i, merge in enumerate(model.get("merges") or []):
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        rank.setdefault(left + right, i)
+    added = tokenizer.added_tokens_decoder
+    special = set(tokenizer.all_special_ids) | {i for i, token in added.items() if token.special}
+    tokens, scores, types = [], [], []
+    for i in range(max(vocab_size or 0, len(tokenizer))):
+        if i >= len(tokenizer):
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1e9)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        piece = tokenizer.convert_ids_to_tokens(i)
+        tokens.append(piece)
+        scores.append(-float(rank[piece]) if piece in rank else 0.0)
+        if i in special:
+            types.append(gguf.TokenType.UNKNOWN if piece == tokenizer.unk_token else gguf.TokenType.CONTROL)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer)
