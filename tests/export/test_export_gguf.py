@@ -401,3 +401,31 @@ def test_llama_cpp_tokenizes_like_a_sentencepiece_tokenizer(tmp_path):
     texts = ["Héllo wörld 你好", "I'm here, you're there 123", "two  spaces\nand a newline", "The quick brown fox ☃"]
     _, tokens = _llama_cpp(model_file, [1, 2], tmp_path, texts=texts)
     assert tokens == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # ☃: byte fallback
+
+
+LLAMA3_CHAT = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+               "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+               "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+               "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")  # Llama 3 Instruct's
+
+
+def test_the_llama3_ollama_template_renders_like_the_tokenizers_own_without_a_second_bos(tmp_path):
+    from lorakit.export.ollama import modelfile
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    special = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+    tok.train_from_iterator(["hello world"], trainers.BpeTrainer(vocab_size=300, special_tokens=special,
+                                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    fast.chat_template = LLAMA3_CHAT
+    fast.save_pretrained(tmp_path)
+    text, note = modelfile("model.gguf", tmp_path)
+    assert note is None and 'PARAMETER stop "<|eot_id|>"' in text
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo?"},
+                {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "2 + 2?"}]
+    own = fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert own.startswith("<|begin_of_text|>")  # llama.cpp adds BOS when it tokenizes the prompt
+    assert _render_go(template, messages) == own[len("<|begin_of_text|>"):]

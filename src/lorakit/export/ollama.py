@@ -3,8 +3,8 @@
 Ollama's TEMPLATE is a Go template, and a tokenizer's chat template is Jinja: no general translation
 exists. So the chat template's family is recognised by the markers it writes and the matching Go template
 is written, with the family's end-of-turn marker and the tokenizer's EOS as stop sequences. ChatML (Qwen and
-many fine-tunes) is the family so far, tested by rendering both templates; any other gets a Modelfile
-without TEMPLATE (Ollama then falls back to its own detection) and a note saying so.
+many fine-tunes) and Llama 3 are the families so far, each tested by rendering both templates; any other
+gets a Modelfile without TEMPLATE (Ollama then falls back to its own detection) and a note saying so.
 """
 
 from __future__ import annotations
@@ -16,6 +16,12 @@ GO_TEMPLATES = {  # family -> (the marker its Jinja template writes, the Go temp
     "chatml": ("<|im_start|>",
                "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
                ["<|im_end|>"]),
+    # Llama 3's Jinja template starts with bos_token; the runner adds BOS when it tokenizes the prompt (the
+    # GGUF's tokenizer.ggml.add_bos_token, as Ollama's own Llama 3 templates assume), so it is left out here.
+    "llama3": ("<|start_header_id|>",
+               "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+               "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+               ["<|eot_id|>"]),
 }
 
 
@@ -39,7 +45,7 @@ def modelfile(gguf_name: str, model_dir: str | Path) -> tuple[str, str | None]:
     lines = [f"FROM ./{gguf_name}"]
     note = None
     if family is None:
-        note = ("the chat template is not one lorakit can write for Ollama yet (ChatML is); the "
+        note = ("the chat template is not one lorakit can write for Ollama yet (ChatML and Llama 3 are); the "
                 "Modelfile has no TEMPLATE, so Ollama picks one itself: check it with `ollama show --template`")
     else:
         _, go_template, stops = GO_TEMPLATES[family]
