@@ -254,13 +254,22 @@ def test_lora_gguf_on_the_base_gguf_runs_like_the_unmerged_adapter(base_and_adap
 
 
 def _render_go(template: str, messages: list[dict]) -> str:
-    """The subset of Go's text/template the Modelfile templates use: range .Messages, .Role, .Content, if eq."""
+    """The subset of Go's text/template the Modelfile templates use: range .Messages, .Role, .Content, and
+    if / else if eq .Role "..." inside the range. (No whitespace precedes a {{- here, so trimming is moot.)"""
     import re
 
-    body = re.fullmatch(r"(.*?)\{\{- range \.Messages \}\}(.*?)\{\{ end \}\}(.*)", template, re.S)
-    head, each, tail = body.groups()
-    return head + "".join(each.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"])
-                          for m in messages) + tail
+    head, each, tail = re.fullmatch(r"(.*?)\{\{- range \.Messages \}\}(.*)\{\{-? end \}\}(.*)", template, re.S).groups()
+    branches = re.fullmatch(r'\{\{- if eq \.Role "(\w+)" \}\}(.*?)\{\{- else if eq \.Role "(\w+)" \}\}(.*?)\{\{- end \}\}',
+                            each, re.S)
+
+    def one(message: dict) -> str:
+        body = each
+        if branches:
+            role_a, body_a, role_b, body_b = branches.groups()
+            body = {role_a: body_a, role_b: body_b}.get(message["role"], "")
+        return body.replace("{{ .Role }}", message["role"]).replace("{{ .Content }}", message["content"])
+
+    return head + "".join(one(m) for m in messages) + tail
 
 
 def test_ollama_directory_has_the_gguf_and_a_modelfile_speaking_the_chat_template(base_and_adapter, tmp_path):
@@ -429,3 +438,30 @@ def test_the_llama3_ollama_template_renders_like_the_tokenizers_own_without_a_se
     own = fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert own.startswith("<|begin_of_text|>")  # llama.cpp adds BOS when it tokenizes the prompt
     assert _render_go(template, messages) == own[len("<|begin_of_text|>"):]
+
+
+MISTRAL_CHAT = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+                "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+                "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+                "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+
+
+def test_the_mistral_ollama_template_renders_like_mistral_instructs_own(tmp_path):
+    from lorakit.export.ollama import chat_family, modelfile
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["hello world"], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = MISTRAL_CHAT
+    fast.save_pretrained(tmp_path)
+    text, note = modelfile("model.gguf", tmp_path)
+    assert note is None and 'PARAMETER stop "</s>"' in text
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    messages = [{"role": "user", "content": "Héllo?"}, {"role": "assistant", "content": "Hi."},
+                {"role": "user", "content": "2 + 2?"}]
+    own = fast.apply_chat_template(messages, tokenize=False)
+    assert _render_go(template, messages) == own[len("<s>"):]  # BOS comes from the runner
+    assert chat_family("[INST] <<SYS>>\n{{ system }}\n<</SYS>>") is None  # Llama 2's system prompt: not Mistral's

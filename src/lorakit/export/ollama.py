@@ -3,8 +3,9 @@
 Ollama's TEMPLATE is a Go template, and a tokenizer's chat template is Jinja: no general translation
 exists. So the chat template's family is recognised by the markers it writes and the matching Go template
 is written, with the family's end-of-turn marker and the tokenizer's EOS as stop sequences. ChatML (Qwen and
-many fine-tunes) and Llama 3 are the families so far, each tested by rendering both templates; any other
-gets a Modelfile without TEMPLATE (Ollama then falls back to its own detection) and a note saying so.
+many fine-tunes), Llama 3 and Mistral Instruct are the families so far, each tested by rendering both
+templates; any other gets a Modelfile without TEMPLATE (Ollama then falls back to its own detection) and
+a note saying so.
 """
 
 from __future__ import annotations
@@ -22,12 +23,19 @@ GO_TEMPLATES = {  # family -> (the marker its Jinja template writes, the Go temp
                "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
                "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
                ["<|eot_id|>"]),
+    # Mistral Instruct: [INST] user [/INST] answer</s> ..., no system role; BOS left to the runner as above.
+    "mistral": ("[INST]",
+                "{{- range .Messages }}{{- if eq .Role \"user\" }}[INST] {{ .Content }} [/INST]"
+                "{{- else if eq .Role \"assistant\" }}{{ .Content }}</s>{{- end }}{{- end }}",
+                ["[INST]", "</s>"]),
 }
 
 
 def chat_family(chat_template: str | None) -> str | None:
     """Which GO_TEMPLATES family a Jinja chat template belongs to, by the markers it writes; None if none."""
     if not chat_template:
+        return None
+    if "<<SYS>>" in chat_template:  # Llama 2's [INST] template folds a system prompt in: not Mistral's
         return None
     for family, (marker, _, _) in GO_TEMPLATES.items():
         if marker in chat_template:
@@ -45,7 +53,7 @@ def modelfile(gguf_name: str, model_dir: str | Path) -> tuple[str, str | None]:
     lines = [f"FROM ./{gguf_name}"]
     note = None
     if family is None:
-        note = ("the chat template is not one lorakit can write for Ollama yet (ChatML and Llama 3 are); the "
+        note = ("the chat template is not one lorakit can write for Ollama yet (ChatML, Llama 3 and Mistral are); the "
                 "Modelfile has no TEMPLATE, so Ollama picks one itself: check it with `ollama show --template`")
     else:
         _, go_template, stops = GO_TEMPLATES[family]
