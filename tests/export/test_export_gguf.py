@@ -299,6 +299,16 @@ def test_an_unknown_chat_template_gets_no_ollama_template_and_a_note(tmp_path):
     assert text == "FROM ./model.gguf\n" and "no TEMPLATE" in note
 
 
+def _gguf_with_tokenizer(tokenizer, tmp_path):
+    """A 1-layer Llama sized to `tokenizer`, saved with it and written as GGUF (for tokenizer checks)."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128)
+                     ).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    return write_gguf(tmp_path / "m", tmp_path / "m.gguf")
+
+
 TRICKY = ["I'm here, you'RE there 12345 6", "héllo\n\n  world\t!", "你好世界 ☃ ok", "x=1;y=22 {\"a\": [3]}  ", "<|im_start|>hi"]
 
 
@@ -321,12 +331,7 @@ def test_llama_cpp_splits_text_like_each_supported_pre_tokenizer(tmp_path, name)
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TRICKY * 20 + ["The quick brown fox 1234567 jumps; it's 99 degrees"] * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=128)
-                     ).save_pretrained(tmp_path / "m")
-    fast.save_pretrained(tmp_path / "m")
-    model_file = write_gguf(tmp_path / "m", tmp_path / "m.gguf")
+    model_file = _gguf_with_tokenizer(fast, tmp_path)
     assert _fields(gguf.GGUFReader(model_file))["tokenizer.ggml.pre"] == name
     _, tokens = _llama_cpp(model_file, [1, 2], tmp_path, texts=TRICKY)
     assert tokens == [fast(t, add_special_tokens=False)["input_ids"] for t in TRICKY]
@@ -400,12 +405,7 @@ def test_llama_cpp_tokenizes_like_a_sentencepiece_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128)
-                     ).save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
-    model_file = write_gguf(tmp_path / "m", tmp_path / "m.gguf")
+    model_file = _gguf_with_tokenizer(tokenizer, tmp_path)
     assert _fields(gguf.GGUFReader(model_file))["tokenizer.ggml.model"] == "llama"
     texts = ["Héllo wörld 你好", "I'm here, you're there 123", "two  spaces\nand a newline", "The quick brown fox ☃"]
     _, tokens = _llama_cpp(model_file, [1, 2], tmp_path, texts=texts)
@@ -419,20 +419,26 @@ LLAMA3_CHAT = ("{% set loop_messages = messages %}{% for message in loop_message
                "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")  # Llama 3 Instruct's
 
 
-def test_the_llama3_ollama_template_renders_like_the_tokenizers_own_without_a_second_bos(tmp_path):
+def _modelfile_for_chat_template(directory, chat_template: str, bos: str, eos: str, specials: list[str]):
+    """(Modelfile's Go template, its text, the saved tokenizer) for a small tokenizer with `chat_template`."""
     from lorakit.export.ollama import modelfile
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    special = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
-    tok.train_from_iterator(["hello world"], trainers.BpeTrainer(vocab_size=300, special_tokens=special,
+    tok.train_from_iterator(["hello world"], trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
-    fast.chat_template = LLAMA3_CHAT
-    fast.save_pretrained(tmp_path)
-    text, note = modelfile("model.gguf", tmp_path)
-    assert note is None and 'PARAMETER stop "<|eot_id|>"' in text
-    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
+    fast.chat_template = chat_template
+    fast.save_pretrained(directory)
+    text, note = modelfile("model.gguf", directory)
+    assert note is None and f'PARAMETER stop "{eos}"' in text
+    return text.split('TEMPLATE """', 1)[1].split('"""', 1)[0], text, fast
+
+
+def test_the_llama3_ollama_template_renders_like_the_tokenizers_own_without_a_second_bos(tmp_path):
+    template, _, fast = _modelfile_for_chat_template(tmp_path, LLAMA3_CHAT, "<|begin_of_text|>", "<|eot_id|>",
+                                                     ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>",
+                                                      "<|end_header_id|>"])
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo?"},
                 {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "2 + 2?"}]
     own = fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -448,18 +454,9 @@ MISTRAL_CHAT = ("{{ bos_token }}{% for message in messages %}{% if (message['rol
 
 
 def test_the_mistral_ollama_template_renders_like_mistral_instructs_own(tmp_path):
-    from lorakit.export.ollama import chat_family, modelfile
+    from lorakit.export.ollama import chat_family
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["hello world"], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    fast.chat_template = MISTRAL_CHAT
-    fast.save_pretrained(tmp_path)
-    text, note = modelfile("model.gguf", tmp_path)
-    assert note is None and 'PARAMETER stop "</s>"' in text
-    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    template, _, fast = _modelfile_for_chat_template(tmp_path, MISTRAL_CHAT, "<s>", "</s>", ["<s>", "</s>"])
     messages = [{"role": "user", "content": "Héllo?"}, {"role": "assistant", "content": "Hi."},
                 {"role": "user", "content": "2 + 2?"}]
     own = fast.apply_chat_template(messages, tokenize=False)
