@@ -102,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.set_defaults(handler=_export)
 
+    data = sub.add_parser("data", help="look at training data as the model will see it")
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    inspect = data_sub.add_parser("inspect", help="render examples with the tokens that carry loss marked, "
+                                                  "and warn about examples that train the wrong thing")
+    inspect.add_argument("config", help="the run config (model.name_or_path gives the tokenizer; no weights load)")
+    inspect.add_argument("-n", "--examples", type=int, default=3, help="how many examples to render (all are checked)")
+    inspect.add_argument("--split", choices=["train", "validation"], default="train")
+    inspect.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                         help="auto: colour on a terminal, [[ ]] markers when piped")
+    inspect.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    inspect.set_defaults(handler=_data_inspect)
+
     quick = sub.add_parser("quickstart", help="the whole workflow on a shipped tiny model and dataset, offline")
     quick.add_argument("--out", default="lorakit-quickstart", help="output directory (adapter, metrics, merged model)")
     quick.add_argument("--steps", type=int, default=1000, help="training steps")
@@ -155,6 +167,34 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_run_config(args.config, args.overrides)
     run_training(config, resume=args.resume, log=print)  # fit logs its own closing summary
+    return 0
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from ..config import data_options, load_run_config
+    from ..data import prepare
+    from ..data.inspect import report
+    from ..data.templates import resolve_template
+
+    config = load_run_config(args.config, args.overrides)
+    source = config.data.train if args.split == "train" else config.data.validation
+    if source is None:
+        raise ConfigError("data.validation: not set in this config; inspect --split train instead", where="run config")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path, revision=config.model.revision,
+                                                  trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path: cannot load the tokenizer of {config.model.name_or_path!r}: {err}",
+                          where="run config") from None
+    options = data_options(config.data)
+    data = prepare(source, tokenizer, options)
+    stop_ids = {tokenizer.eos_token_id} - {None}
+    if data.summary.format != "text":
+        stop_ids |= resolve_template(tokenizer, options.template).end_of_turn_ids
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    print(report(data, tokenizer, count=args.examples, stop_ids=stop_ids, color=color))
     return 0
 
 
