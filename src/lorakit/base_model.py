@@ -89,17 +89,21 @@ def count_parameters(model: torch.nn.Module) -> int:
     return total
 
 
-def load_base_model(config: ModelConfig, *, log=lambda _: None, shard_over=None) -> LoadedModel:
-    """Load model and tokenizer as `config` says; errors name the field and what to change.
+def load_tokenizer(config: ModelConfig):
+    """The tokenizer of `config.name_or_path` (no weights load), with a pad token (EOS where it has none)."""
+    from transformers import AutoTokenizer
 
-    With `config.quantization` the linear layers are loaded in 4 or 8 bits (see lorakit.quant); `log`
-    receives notes about how that was done. `shard_over` (a DistributedRun, for fsdp): the decoder layers are
-    loaded straight into this process's FSDP shards where the checkpoint allows (train/sharded_load.py).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    source = _checked_source(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_hub_options(config))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path: cannot load {source!r}: {err}", where="run config") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding positions carry no loss; any real token will do
+    return tokenizer
 
-    device = pick_device(config.device)
-    dtype = pick_dtype(config.dtype, device)
+
+def _checked_source(config: ModelConfig) -> str:
     source = config.name_or_path
     local = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or local.exists()
@@ -109,29 +113,44 @@ def load_base_model(config: ModelConfig, *, log=lambda _: None, shard_over=None)
             "give a directory saved with save_pretrained, or a hub id such as 'Qwen/Qwen2.5-0.5B'",
             where="run config",
         )
-    options = dict(trust_remote_code=config.trust_remote_code, revision=config.revision)
+    return source
+
+
+def _hub_options(config: ModelConfig) -> dict:
+    return dict(trust_remote_code=config.trust_remote_code, revision=config.revision)
+
+
+def load_base_model(config: ModelConfig, *, log=lambda _: None, shard_over=None) -> LoadedModel:
+    """Load model and tokenizer as `config` says; errors name the field and what to change.
+
+    With `config.quantization` the linear layers are loaded in 4 or 8 bits (see lorakit.quant); `log`
+    receives notes about how that was done. `shard_over` (a DistributedRun, for fsdp): the decoder layers are
+    loaded straight into this process's FSDP shards where the checkpoint allows (train/sharded_load.py).
+    """
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(config)
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    source = config.name_or_path
+    options = _hub_options(config)
     spec = quant_spec(config, dtype, device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **options)
         model = None
         if spec is None and shard_over is not None:
             model = _load_into_shards(source, dtype, device, shard_over, options, config, log)
-        if model is not None:
-            pass
-        elif spec is None:
+        if model is None and spec is None:
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, attn_implementation=config.attn_implementation, **options
             )
             model.to(device)
-        else:
+        elif model is None:
             from .quant import load_quantized
 
             model = load_quantized(source, spec, device=device, log=log,
                                    options=dict(options, attn_implementation=config.attn_implementation))
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path: cannot load {source!r}: {err}", where="run config") from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding positions carry no loss; any real token will do
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=spec.compute_dtype if spec else dtype,
                        quantization=spec.describe() if spec else None)

@@ -171,8 +171,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _data_inspect(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
+    from ..base_model import load_tokenizer
     from ..config import data_options, load_run_config
     from ..data import prepare
     from ..data.inspect import report
@@ -182,12 +181,7 @@ def _data_inspect(args: argparse.Namespace) -> int:
     source = config.data.train if args.split == "train" else config.data.validation
     if source is None:
         raise ConfigError("data.validation: not set in this config; inspect --split train instead", where="run config")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path, revision=config.model.revision,
-                                                  trust_remote_code=config.model.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.name_or_path: cannot load the tokenizer of {config.model.name_or_path!r}: {err}",
-                          where="run config") from None
+    tokenizer = load_tokenizer(config.model)
     options = data_options(config.data)
     data = prepare(source, tokenizer, options)
     stop_ids = {tokenizer.eos_token_id} - {None}
