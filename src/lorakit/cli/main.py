@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -93,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "ollama: a directory with the .gguf and a Modelfile for `ollama create`; "
                              "lora-gguf: the adapter alone, for llama.cpp's --lora on a GGUF of the base")
     export.add_argument("--out", required=True, help="output directory (hf, ollama) or .gguf file (gguf, lora-gguf)")
-    export.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type (gguf only)")
+    export.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type (gguf, ollama)")
     export.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="dtype of the merge (auto: the model's for hf, float32 for gguf, rounded once at the end)")
     export.add_argument("--quantize", type=int, choices=[4, 8], help="the adapter was trained on a 4/8-bit base: "
@@ -292,17 +291,9 @@ def _export(args: argparse.Namespace) -> int:
             write_gguf(merged, out, quant=args.quant, name=Path(args.adapter).name)
             print(f"GGUF ({args.quant}) written to {out} (llama.cpp: llama-cli -m {out})")
             return 0
-        from ..atomic import write_text_atomic
-        from ..export.ollama import modelfile
+        from ..export.ollama import write_ollama_directory
 
-        staging = work / "ollama"
-        staging.mkdir()
-        write_gguf(merged, staging / "model.gguf", quant=args.quant, name=Path(args.adapter).name)
-        text, note = modelfile("model.gguf", merged)
-        write_text_atomic(staging / "Modelfile", text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        note = write_ollama_directory(merged, out, quant=args.quant, name=Path(args.adapter).name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"Ollama model written to {out} (ollama create NAME -f {out / 'Modelfile'})")

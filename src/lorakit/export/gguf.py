@@ -12,19 +12,18 @@ quantizer makes q8_0 blocks. What lorakit decides is what llama.cpp expects of e
   BPE (byte fallback, the ▁ word marker: Llama 2, Mistral) as "llama", scored by merge rank. Others are
   refused by name, not converted approximately.
 
-The file is written to a temporary name next to the target and renamed into place.
+The file is written atomically (lorakit.atomic: a temporary file beside the target, fsynced, renamed).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_path
 from ..errors import LorakitError
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -58,10 +57,9 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
     layers = config["num_hidden_layers"]
-    model_arch = gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2
-    names = gguf.get_tensor_name_map(model_arch, layers)
+    names = gguf.get_tensor_name_map(model_arch(gguf, arch), layers)
 
-    with gguf_file(out, gguf.MODEL_ARCH_NAMES[model_arch]) as writer:
+    with gguf_file(out, gguf.MODEL_ARCH_NAMES[model_arch(gguf, arch)]) as writer:
         writer.add_name(name or model_dir.name)
         writer.add_context_length(config.get("max_position_embeddings", 2048))
         writer.add_embedding_length(hidden)
@@ -117,23 +115,20 @@ def gguf_module():
 
 @contextlib.contextmanager
 def gguf_file(out: Path, arch_name: str):
-    """A GGUFWriter on a temporary file beside `out`; the file is completed and renamed to `out` when the
-    block succeeds, and removed when it fails."""
+    """A GGUFWriter whose file replaces `out` atomically when the block succeeds (lorakit.atomic)."""
     gguf = gguf_module()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as staging:
         writer = gguf.GGUFWriter(staging, arch_name)
         yield writer
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(staging, out)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+
+
+def model_arch(gguf, arch: str):
+    """The gguf package's MODEL_ARCH for an ARCHITECTURES value."""
+    return gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2
 
 
 def _rope_theta(config: dict) -> float:

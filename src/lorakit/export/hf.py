@@ -7,12 +7,9 @@ into place, so an interrupted export never leaves a half-written model where the
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from ..atomic import fsync_dir
+from ..atomic import atomic_directory
 from ..base_model import LoadedModel
 from ..errors import LorakitError
 from ..lora import load_adapter
@@ -27,19 +24,7 @@ def merge_to_directory(loaded: LoadedModel, adapter_dir: str | Path, out_dir: st
     lora = load_adapter(loaded.model, adapter_dir)
     lora.eval()
     merged = lora.merge_and_unload(safe_merge=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         merged.save_pretrained(staging, max_shard_size=max_shard_size, safe_serialization=True)
         loaded.tokenizer.save_pretrained(staging)
-        for path in staging.iterdir():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

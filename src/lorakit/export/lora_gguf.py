@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..lora import LoraModel
 from ..lora.layer import LoraLinear
-from .gguf import ARCHITECTURES, ExportError, _interleave_rope, gguf_file, gguf_module
+from .gguf import ARCHITECTURES, ExportError, _interleave_rope, gguf_file, gguf_module, model_arch
 
 
 def write_lora_gguf(model: LoraModel, out_file: str | Path, *, adapter: str = "default") -> Path:
@@ -36,11 +36,10 @@ def write_lora_gguf(model: LoraModel, out_file: str | Path, *, adapter: str = "d
                           "(--format gguf) instead")
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    model_arch = gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2
-    names = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(model_arch(gguf, arch), config.num_hidden_layers)
 
     out = Path(out_file)
-    with gguf_file(out, gguf.MODEL_ARCH_NAMES[model_arch]) as writer:
+    with gguf_file(out, gguf.MODEL_ARCH_NAMES[model_arch(gguf, arch)]) as writer:
         writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 1.0)

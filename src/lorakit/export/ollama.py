@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..atomic import atomic_directory
+from .gguf import write_gguf
+
 GO_TEMPLATES = {  # family -> (the marker its Jinja template writes, the Go template, stop sequences)
     "chatml": ("<|im_start|>",
                "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
@@ -63,3 +66,14 @@ def modelfile(gguf_name: str, model_dir: str | Path) -> tuple[str, str | None]:
         for stop in dict.fromkeys([*stops, *([eos] if eos else [])]):
             lines.append(f"PARAMETER stop {json.dumps(stop)}")
     return "\n".join(lines) + "\n", note
+
+
+def write_ollama_directory(merged_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
+                           name: str | None = None) -> str | None:
+    """`out_dir` holding model.gguf and its Modelfile, written atomically from a merged model directory;
+    returns the Modelfile note (None when a TEMPLATE was written)."""
+    with atomic_directory(out_dir) as staging:
+        write_gguf(merged_dir, staging / "model.gguf", quant=quant, name=name)
+        text, note = modelfile("model.gguf", merged_dir)
+        (staging / "Modelfile").write_text(text, encoding="utf-8")
+    return note
