@@ -86,7 +86,7 @@ def _quantize_targets(model: nn.Module) -> set[str]:
     return names
 
 
-def _map_names(model: nn.Module, entries: list[TensorEntry]) -> tuple[dict[str, str], list[str]]:
+def map_names(model: nn.Module, entries: list[TensorEntry]) -> tuple[dict[str, str], list[str]]:
     """Checkpoint name -> model state-dict name, and the checkpoint names that match nothing."""
     expected = set(model.state_dict().keys())
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -103,6 +103,20 @@ def _map_names(model: nn.Module, entries: list[TensorEntry]) -> tuple[dict[str, 
         elif not any(p.search(name) for p in ignorable) and not name.endswith((".inv_freq", ".masked_bias", ".attn.bias")):
             unknown.append(name)
     return mapping, unknown
+
+
+def check_shape(entry: TensorEntry, tensor: torch.Tensor, expected) -> None:
+    """CheckpointError naming the tensor when the checkpoint's shape is not the model's."""
+    if tuple(tensor.shape) != tuple(expected):
+        raise CheckpointError(f"checkpoint tensor {entry.name!r} in {entry.file} has shape {list(tensor.shape)}, "
+                              f"the model expects {list(expected)}; it does not belong to this config")
+
+
+def require_complete(source: str, missing: list[str]) -> None:
+    """CheckpointError naming the model tensors the checkpoint did not fill, if any."""
+    if missing:
+        raise CheckpointError(f"the checkpoint at {source} lacks tensors the model needs: {missing[:5]}"
+                              f"{' and more' if len(missing) > 5 else ''}; it is incomplete or for another config")
 
 
 def _set_tensor(model: nn.Module, target: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
@@ -130,7 +144,7 @@ def stream_quantized(source: str, config, spec: QuantSpec, files: list[Path], *,
         model = AutoModelForCausalLM.from_config(config, dtype=spec.compute_dtype,
                                                  trust_remote_code=from_config_options.get("trust_remote_code", False),
                                                  attn_implementation=from_config_options.get("attn_implementation"))
-    mapping, unknown = _map_names(model, entries)
+    mapping, unknown = map_names(model, entries)
     if unknown:
         return None, f"checkpoint tensor names such as {unknown[:3]} are not this model's own"
     targets = _quantize_targets(model)
@@ -139,9 +153,8 @@ def stream_quantized(source: str, config, spec: QuantSpec, files: list[Path], *,
         target = mapping[entry.name]
         module_name, _, leaf = target.rpartition(".")
         expected = model.get_submodule(module_name)._parameters.get(leaf)
-        if expected is not None and tuple(tensor.shape) != tuple(expected.shape):
-            raise CheckpointError(f"checkpoint tensor {entry.name!r} in {entry.file} has shape {list(tensor.shape)}, "
-                                  f"the model expects {list(expected.shape)}; it does not belong to this config")
+        if expected is not None:
+            check_shape(entry, tensor, expected.shape)
         if module_name in targets and leaf == "weight":
             original = model.get_submodule(module_name)
             conv1d = type(original).__name__ == "Conv1D"
@@ -162,10 +175,8 @@ def stream_quantized(source: str, config, spec: QuantSpec, files: list[Path], *,
         for name, buffer in module._buffers.items():
             if buffer is not None and not buffer.is_meta and buffer.device != device:
                 module._buffers[name] = buffer.to(device)
-    missing = [n for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()] if t.is_meta]
-    if missing:
-        raise CheckpointError(f"the checkpoint at {source} lacks tensors the model needs: {missing[:5]}"
-                              f"{' and more' if len(missing) > 5 else ''}; it is incomplete or for another config")
+    require_complete(source, [n for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+                              if t.is_meta])
     _return_freed_memory()
     # Recorded as transformers records it, so save_pretrained writes a 4-bit checkpoint that loads back.
     model.config.quantization_config = bnb_config(spec)

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
 from .distributed import DistributedRun
 
 
@@ -29,7 +28,7 @@ def load_into_shards(source: str, config, files: list[Path], *, dtype: torch.dty
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
 
-    from ..quant.load import _map_names, parameters_on_meta
+    from ..quant.load import check_shape, map_names, parameters_on_meta, require_complete
     from ..quant.stream import iter_tensors, read_header
     from .checkpointing import decoder_layers
 
@@ -37,7 +36,7 @@ def load_into_shards(source: str, config, files: list[Path], *, dtype: torch.dty
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=options.get("trust_remote_code", False),
                                                  attn_implementation=options.get("attn_implementation"))
-    mapping, unknown = _map_names(model, entries)
+    mapping, unknown = map_names(model, entries)
     if unknown:
         return None, f"checkpoint tensor names such as {unknown[:3]} are not this model's own"
     layers = decoder_layers(model)
@@ -64,9 +63,7 @@ def load_into_shards(source: str, config, files: list[Path], *, dtype: torch.dty
             module_name, _, leaf = target.rpartition(".")
             model.get_submodule(module_name)._buffers[leaf] = tensor.to(device)
             continue
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointError(f"checkpoint tensor {entry.name!r} in {entry.file} has shape {list(tensor.shape)}, "
-                                  f"the model expects {list(param.shape)}; it does not belong to this config")
+        check_shape(entry, tensor, param.shape)
         with torch.no_grad():
             if isinstance(param, DTensor):  # Shard(0): this process keeps torch.chunk's piece `rank`
                 local = param.to_local()
@@ -79,9 +76,6 @@ def load_into_shards(source: str, config, files: list[Path], *, dtype: torch.dty
         del tensor
     model.tie_weights()  # to_empty gave tied parameters separate storage; tie them again
     filled = {id(model.get_parameter(name)) for name in loaded}
-    missing = sorted(name for name, p in model.named_parameters(remove_duplicate=False) if id(p) not in filled)
-    if missing:
-        raise CheckpointError(f"the checkpoint at {source} lacks tensors the model needs: {missing[:5]}"
-                              f"{' and more' if len(missing) > 5 else ''}; it is incomplete or for another config")
+    require_complete(source, sorted(n for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in filled))
     model.eval()
     return model
