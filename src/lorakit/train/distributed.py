@@ -97,6 +97,14 @@ class DistributedRun:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
 
+def silent(_line: str) -> None:
+    """The log of processes other than rank 0."""
+
+
+QUANTIZED_FSDP = ("distributed.strategy: fsdp cannot shard a 4/8-bit (bitsandbytes) base; use ddp, where each "
+                  "process holds the quantized model (a 4-bit 7B takes about 4 GB)")
+
+
 def shard_base_layers(model: nn.Module, run: DistributedRun) -> int:
     """fully_shard every decoder layer's frozen weights across the processes; the trainable (LoRA) weights stay
     whole. Returns the number of layers sharded."""
@@ -112,8 +120,7 @@ def shard_base_layers(model: nn.Module, run: DistributedRun) -> int:
                           f"{type(base).__name__} (transformers' GradientCheckpointingLayer); use ddp",
                           where="run config")
     if any(type(m).__module__.startswith("bitsandbytes") for m in base.modules()):
-        raise ConfigError("distributed.strategy: fsdp cannot shard a 4/8-bit (bitsandbytes) base; use ddp, where "
-                          "each process holds the quantized model (a 4-bit 7B takes about 4 GB)", where="run config")
+        raise ConfigError(QUANTIZED_FSDP, where="run config")
     from torch.distributed.fsdp import FSDPModule
 
     layers = [layer for layer in layers if not isinstance(layer, FSDPModule)]  # not loaded into shards already

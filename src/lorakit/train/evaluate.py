@@ -39,6 +39,13 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *,
     previous mode is restored afterwards. The loss is summed over tokens and divided once, so batches of
     different sizes weigh by their supervised tokens, not equally. `loss_chunk_tokens` is
     TrainConfig.loss_chunk_tokens (same default): the logits are computed that many tokens at a time."""
+    return eval_result(*loss_sums(model, batches, loss_chunk_tokens=loss_chunk_tokens))
+
+
+def loss_sums(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *,
+              loss_chunk_tokens: int | None = 1024) -> tuple[float, int]:
+    """(summed loss, supervised tokens) over `batches`, as evaluate computes them before dividing (processes
+    that score shares of an evaluation add these up)."""
     was_training = model.training
     device = model_device(model)
     total, tokens = 0.0, 0
@@ -51,7 +58,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *,
                 tokens += count
     finally:
         model.train(was_training)
-    return eval_result(total, tokens)
+    return total, tokens
 
 
 def eval_result(total: float, tokens: int) -> EvalResult:

@@ -33,8 +33,8 @@ from ..errors import CheckpointError, ConfigError, DataError, TrainingError
 from .checkpoint import checkpoint_lock, save_checkpoint, trainable_parameters
 from .checkpointing import enable_checkpointing
 from .chunked_loss import lm_loss_sum, split_head
-from .distributed import DistributedRun
-from .evaluate import EvalResult, eval_result, evaluate, model_device, model_inputs
+from .distributed import DistributedRun, silent
+from .evaluate import EvalResult, eval_result, evaluate, loss_sums, model_device, model_inputs
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, NullMetricsLog, plot_losses
 from .restore import compare_fingerprints, resume as resume_checkpoint
 from .schedule import build_scheduler
@@ -158,10 +158,6 @@ def _progress(total: int, initial: int):
     return bar
 
 
-def _silent(_line: str) -> None:
-    """The log of processes other than rank 0."""
-
-
 def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -187,7 +183,7 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
     main = distributed is None or distributed.is_main
     hooks = tuple(hooks) if main else ()
     if not main:
-        log = _silent
+        log = silent
     resume_from = str(config.resume if resume is None else resume)
     if config.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"nan_policy: {config.nan_policy!r} is not one of stop, skip", where="train config")
@@ -260,15 +256,15 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
     def run_eval() -> EvalResult:
         nonlocal last_eval_step
         batches = iter_batches(eval_data, config.batch_size, seed=config.seed, epoch=0, rows=eval_rows, dtype=mask_dtype)
-        if distributed is not None:  # each process scores its share; the sums are added up
+        if distributed is None:
+            result = evaluate(model, batches, loss_chunk_tokens=config.loss_chunk_tokens)
+        else:  # each process scores its share; the sums are added up
             everyone = list(batches)
-            batches = distributed.share(everyone)
-        result = evaluate(model, batches, loss_chunk_tokens=config.loss_chunk_tokens)
-        if distributed is not None:
+            total, tokens = loss_sums(model, distributed.share(everyone), loss_chunk_tokens=config.loss_chunk_tokens)
             with torch.no_grad():
                 for _ in range(distributed.padding(everyone)):  # fsdp: as many forwards as the busiest process
                     lm_loss_sum(model, model_inputs(everyone[0], device), everyone[0]["labels"], config.loss_chunk_tokens)
-            total, tokens = distributed.sum([result.loss * result.tokens if result.tokens else 0.0, result.tokens])
+            total, tokens = distributed.sum([total, tokens])
             result = eval_result(total, int(tokens))
         last_eval_step = state.step
         state.last_eval_loss, state.last_eval_perplexity = result.loss, result.perplexity

@@ -14,7 +14,7 @@ from ..config import RunConfig, data_options
 from ..data import prepare, split_validation
 from ..errors import ConfigError
 from ..lora import wrap
-from .distributed import DistributedRun, init_distributed, shard_base_layers
+from .distributed import QUANTIZED_FSDP, DistributedRun, init_distributed, shard_base_layers, silent
 from .loop import FitResult, fit
 from .tensorboard import TensorBoardHook
 
@@ -24,16 +24,12 @@ def run_training(config: RunConfig, *, resume: str | None = None, log: Callable[
     Under torchrun with several processes, each runs this (distributed.py); only rank 0 logs and writes."""
     distributed = init_distributed(config.distributed)
     if distributed is not None and not distributed.is_main:
-        log = _silent
+        log = silent
     try:
         return _run(config, resume, log, distributed)
     finally:
         if distributed is not None:
             distributed.close()
-
-
-def _silent(_line: str) -> None:
-    pass
 
 
 def _run(config: RunConfig, resume: str | None, log: Callable[[str], None],
@@ -42,8 +38,7 @@ def _run(config: RunConfig, resume: str | None, log: Callable[[str], None],
     random.seed(config.train.seed)
     fsdp = distributed is not None and distributed.strategy == "fsdp"
     if fsdp and config.model.quantization is not None:
-        raise ConfigError("distributed.strategy: fsdp cannot shard a 4/8-bit (bitsandbytes) base; use ddp, where "
-                          "each process holds the quantized model (a 4-bit 7B takes about 4 GB)", where="run config")
+        raise ConfigError(QUANTIZED_FSDP, where="run config")  # before loading it, not after
     loaded = load_base_model(config.model, log=log, shard_over=distributed if fsdp else None)
     log(loaded.describe())
     lora_model = wrap(loaded.model, config.lora)
