@@ -179,7 +179,7 @@ def _pre_tokenizer_name(pre: dict) -> str | None:
 
 
 def _add_tokenizer(writer, model_dir: Path, vocab_size: int | None) -> None:
-    """Vocabulary, token types, merges, special token ids and the chat template of a byte-level BPE tokenizer."""
+    """Vocabulary, token types (and scores), merges, special token ids and the chat template."""
     import gguf
     from transformers import AutoTokenizer
 
@@ -188,18 +188,41 @@ def _add_tokenizer(writer, model_dir: Path, vocab_size: int | None) -> None:
         raise ExportError(f"{model_dir} has no tokenizer.json (a fast tokenizer); GGUF export needs it")
     spec = json.loads(spec_file.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
-    if model.get("type") == "BPE" and model.get("byte_fallback"):
-        _add_sentencepiece_tokenizer(writer, model_dir, model, vocab_size)
-        return
-    pre_name = _pre_tokenizer_name(spec.get("pre_tokenizer") or {})
-    if model.get("type") != "BPE" or pre_name is None:
+    sentencepiece = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+    pre_name = None if sentencepiece else _pre_tokenizer_name(spec.get("pre_tokenizer") or {})
+    if not sentencepiece and (model.get("type") != "BPE" or pre_name is None):
         raise ExportError("GGUF export supports SentencePiece-style BPE tokenizers (Llama 2, Mistral) and byte-level "
                           f"BPE tokenizers that split text like GPT-2, Llama 3 or Qwen2; this one is {model.get('type')} "
                           "with pre-tokenizer "
                           f"{(spec.get('pre_tokenizer') or {}).get('type')}. Export with --format hf and convert with "
                           "llama.cpp's convert_hf_to_gguf.py")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    size = max(vocab_size or 0, len(tokenizer))
+    tokens, types = _vocabulary(tokenizer, max(vocab_size or 0, len(tokenizer)), sentencepiece=sentencepiece)
+    if sentencepiece:
+        # llama.cpp merges the adjacent pair whose joined piece scores highest: each piece scores minus the
+        # rank of the merge that makes it, the same order as the tokenizer's merges.
+        rank: dict[str, int] = {}
+        for i, merge in enumerate(model.get("merges") or []):
+            left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+            rank.setdefault(left + right, i)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores([-1e9 if kind == gguf.TokenType.UNUSED else -float(rank[piece]) if piece in rank
+                                 else 0.0 for piece, kind in zip(tokens, types)])
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_name)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=not sentencepiece, n_vocab=len(tokens)).add_to_gguf(writer)
+
+
+def _vocabulary(tokenizer, size: int, *, sentencepiece: bool) -> tuple[list[str], list[int]]:
+    """Pieces and llama.cpp token types for ids 0..size-1 (ids past the tokenizer's are unused padding).
+    Special added tokens are CONTROL, other added ones USER_DEFINED; a SentencePiece vocabulary also marks
+    its byte pieces (<0xNN>) BYTE and its unknown piece UNKNOWN."""
+    import gguf
+
     added = tokenizer.added_tokens_decoder  # id -> AddedToken
     special = set(tokenizer.all_special_ids) | {i for i, token in added.items() if token.special}
     tokens, types = [], []
@@ -208,49 +231,13 @@ def _add_tokenizer(writer, model_dir: Path, vocab_size: int | None) -> None:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
             continue
-        tokens.append(tokenizer.convert_ids_to_tokens(i))
-        types.append(gguf.TokenType.CONTROL if i in special else
-                     gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_name)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=size).add_to_gguf(writer)
-
-
-def _add_sentencepiece_tokenizer(writer, model_dir: Path, model: dict, vocab_size: int | None) -> None:
-    """A SentencePiece-style tokenizer (BPE with byte fallback and the ▁ word marker: Llama 2, Mistral) as
-    llama.cpp's "llama" vocabulary. llama.cpp merges the adjacent pair whose joined piece scores highest, so
-    each piece scores minus the rank of the merge that makes it: the same order as the tokenizer's merges."""
-    import gguf
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rank: dict[str, int] = {}
-    for i, merge in enumerate(model.get("merges") or []):
-        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
-        rank.setdefault(left + right, i)
-    added = tokenizer.added_tokens_decoder
-    special = set(tokenizer.all_special_ids) | {i for i, token in added.items() if token.special}
-    tokens, scores, types = [], [], []
-    for i in range(max(vocab_size or 0, len(tokenizer))):
-        if i >= len(tokenizer):
-            tokens.append(f"[PAD{i}]")
-            scores.append(-1e9)
-            types.append(gguf.TokenType.UNUSED)
-            continue
         piece = tokenizer.convert_ids_to_tokens(i)
         tokens.append(piece)
-        scores.append(-float(rank[piece]) if piece in rank else 0.0)
         if i in special:
-            types.append(gguf.TokenType.UNKNOWN if piece == tokenizer.unk_token else gguf.TokenType.CONTROL)
-        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            unknown = sentencepiece and piece == tokenizer.unk_token
+            types.append(gguf.TokenType.UNKNOWN if unknown else gguf.TokenType.CONTROL)
+        elif sentencepiece and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
             types.append(gguf.TokenType.BYTE)
         else:
             types.append(gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer)
+    return tokens, types
