@@ -130,6 +130,17 @@ def test_truncation_inside_the_only_reply_keeps_labels_aligned(tok):
     assert data.summary.truncated == 1
 
 
+def test_a_reply_cut_by_truncation_is_counted_and_warned_about(tok):
+    """Only the cut inside the only reply counts: a cut after a whole turn keeps its end-of-turn token."""
+    n = len(prepare([_long_conv()], tok, CHATML).examples[0].input_ids)
+    after_whole_turn = prepare([_long_conv()], tok, _opts(max_seq_len=n - 3)).summary
+    assert (after_whole_turn.truncated, after_whole_turn.cut_replies) == (1, 0)
+    inside = prepare([chat("Hi", "four is the answer " * 10)], tok, _opts(max_seq_len=20)).summary
+    assert (inside.truncated, inside.cut_replies) == (1, 1)
+    assert "warning: 1 example(s) cut inside a reply" in inside.line()
+    assert "warning" not in prepare(_good(2), tok, CHATML).summary.line()
+
+
 def test_truncation_leaving_no_supervised_token_drops_and_counts(tok):
     records = [chat("What is two plus two? " * 10, "four")] + _good(3)
     data = prepare(records, tok, _opts(max_seq_len=30, max_drop_fraction=0.5))

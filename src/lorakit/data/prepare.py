@@ -49,6 +49,7 @@ class DataSummary:
     records_read: int = 0
     kept: int = 0
     truncated: int = 0
+    cut_replies: int = 0  # chat examples truncated inside their only reply: trained on a reply that never ends
     dropped: Counter[str] = field(default_factory=Counter)  # reason -> count (bad records and policy drops)
     supervised_tokens: int = 0
     total_tokens: int = 0
@@ -61,9 +62,14 @@ class DataSummary:
     def line(self) -> str:
         """One human line, e.g. for the training log's header."""
         drops = ", ".join(f"{r}: {n}" for r, n in sorted(self.dropped.items())) or "none"
-        return (f"{self.source}: {self.records_read} records read, {self.kept} kept ({self.truncated} truncated), "
+        line = (f"{self.source}: {self.records_read} records read, {self.kept} kept ({self.truncated} truncated), "
                 f"{self.dropped_total} dropped ({drops}); {self.total_tokens} tokens, {self.supervised_tokens} "
                 f"supervised; format={self.format} template={self.template}")
+        if self.cut_replies:
+            line += (f"\nwarning: {self.cut_replies} example(s) cut inside a reply by truncation train a reply with no "
+                     "end-of-turn token (the model learns not to stop); raise data.max_seq_len or set truncation: "
+                     "drop (`lorakit data inspect` shows them)")
+        return line
 
 
 @dataclass
@@ -122,7 +128,7 @@ def prepare(source: Source, tokenizer: Any, options: DataOptions | None = None, 
                 if strict_failures >= MAX_LISTED:
                     break
             continue
-        example = _apply_length_policy(tok, rec.location, opts, summary)
+        example = _apply_length_policy(tok, rec.location, opts, summary, chat=not isinstance(item, str))
         if example is not None:
             examples.append(example)
     summary.format = fmt or "unknown"
@@ -137,23 +143,29 @@ def prepare(source: Source, tokenizer: Any, options: DataOptions | None = None, 
     return PreparedData(examples, summary, opts.packing_for(summary.format), opts.max_seq_len, pad)
 
 
-def _apply_length_policy(tok: Tokenized, location: str, opts: DataOptions, summary: DataSummary) -> Example | None:
-    """Truncate or drop an over-long example; drop one left with nothing to learn."""
+def _apply_length_policy(tok: Tokenized, location: str, opts: DataOptions, summary: DataSummary, *,
+                         chat: bool) -> Example | None:
+    """Truncate or drop an over-long example; drop one left with nothing to learn; count chat examples cut
+    inside their reply (a cut document is normal for text data)."""
     ids, labels = tok.input_ids, tok.labels
+    cut_reply = False
     if len(ids) > opts.max_seq_len:
         if opts.truncation == "drop":
             _drop(summary, "too_long", f"{location}: {len(ids)} tokens > max_seq_len={opts.max_seq_len}")
             return None
         # Cut after the last assistant turn that fits whole, so every kept turn ends with its end-of-turn
         # token; if none fits, a plain cut (the partial reply is trained without an end-of-turn token).
-        cut = max((e for e in tok.assistant_ends if e <= opts.max_seq_len), default=opts.max_seq_len)
+        whole = [e for e in tok.assistant_ends if e <= opts.max_seq_len]
+        cut = max(whole, default=opts.max_seq_len)
         ids, labels = ids[:cut], labels[:cut]
         summary.truncated += 1
+        cut_reply = chat and not whole
     supervised = sum(1 for x in labels if x != IGNORE_INDEX)
     if supervised == 0:
         after = f" (after truncation to {opts.max_seq_len})" if len(ids) < len(tok.input_ids) else ""
         _drop(summary, "no_supervised_tokens", f"{location}: no supervised token left{after}")
         return None
+    summary.cut_replies += cut_reply
     summary.supervised_tokens += supervised
     summary.total_tokens += len(ids)
     return Example(list(ids), list(labels), location)
