@@ -59,8 +59,9 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    train: str
-    """Training data: a JSON, JSONL, CSV or Parquet file, or a hub dataset name."""
+    train: str | None = None
+    """Training data: a JSON, JSONL, CSV or Parquet file, or a hub dataset name. Required, unless `tasks` lists
+    several datasets (then the other data fields apply to each of them)."""
     validation: str | None = None
     """Validation data file; or leave empty and set validation_fraction."""
     validation_fraction: float = 0.0
@@ -147,6 +148,18 @@ class DistributedConfig:
 
 
 @dataclass(kw_only=True)
+class TaskConfig:
+    name: str
+    """The task's adapter name (1-64 letters, digits, '_' or '-'); it is saved to <output_dir>/adapter/<name>."""
+    train: str
+    """The task's training data file (read with the data section's format, template and length options)."""
+    validation: str | None = None
+    """The task's validation data file; none: this task is not evaluated."""
+    lora: LoraConfig | None = None
+    """This adapter's LoRA options (rank, targets, ...), replacing the run's lora section for it; none: the run's."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -158,6 +171,11 @@ class RunConfig:
     """Several processes under torchrun; a single process ignores it."""
     output_dir: str = "runs/lorakit"
     """Where the adapter, checkpoints, metrics and plots go."""
+    tasks: list[TaskConfig] = field(default_factory=list)
+    """Several adapters trained in one run, one per task: each batch holds rows of every task, each row routed
+    through its task's adapter, so one pass over the frozen base trains them all; each adapter equals what
+    training it alone on the same rows would give. E.g. [{name: sql, train: sql.jsonl}, {name: chat, train:
+    chat.jsonl, lora: {r: 16}}]. Leave data.train empty then."""
 
 
 def data_options(data: DataConfig):
@@ -210,9 +228,32 @@ def apply_override(raw: dict, override: str) -> None:
 def run_config_from_dict(raw: dict, *, where: str = "run config") -> RunConfig:
     problems: list[str] = []
     config = _build(RunConfig, raw, "", problems)
+    if config is not None:
+        problems += _task_problems(config)
     if problems:
         raise ConfigError(problems, where=where)
     return config
+
+
+def _task_problems(config: RunConfig) -> list[str]:
+    """What the fields allow one by one but not together: data.train or tasks, unique valid task names."""
+    from .lora.model import ADAPTER_NAME
+
+    if not config.tasks:
+        return [] if config.data.train is not None else [f"data.train: required ({FIELD_HINTS[('DataConfig', 'train')]})"]
+    problems = []
+    if config.data.train is not None or config.data.validation is not None or config.data.validation_fraction:
+        problems.append("data.train / data.validation / data.validation_fraction: remove them; with tasks, each task "
+                        "names its own train (and validation) file")
+    seen = set()
+    for i, task in enumerate(config.tasks):
+        if not ADAPTER_NAME.match(task.name):
+            problems.append(f"tasks[{i}].name: {task.name!r} is not a valid adapter name; use 1-64 letters, digits, "
+                            "'_' or '-', starting with a letter or digit")
+        elif task.name in seen:
+            problems.append(f"tasks[{i}].name: {task.name!r} is used twice; each task needs its own adapter name")
+        seen.add(task.name)
+    return problems
 
 
 def _build(cls: type, values: Any, path: str, problems: list[str]) -> Any:
@@ -221,7 +262,7 @@ def _build(cls: type, values: Any, path: str, problems: list[str]) -> Any:
         try:
             return LoraConfig.from_dict(values if values is not None else {}, where="lora")
         except ConfigError as err:
-            problems.extend(f"lora.{p}" for p in err.problems)  # each LoraConfig problem starts with its field
+            problems.extend(f"{path}.{p}" for p in err.problems)  # each LoraConfig problem starts with its field
             return None
     if not isinstance(values, dict):
         problems.append(f"{path or 'the config'}: expected a mapping, got {_describe(values)}")
@@ -302,6 +343,12 @@ def _coerce(kind: Any, value: Any, where: str, problems: list[str]) -> Any:
         if value not in args:
             problems.append(f"{where}: must be one of {', '.join(map(str, args))}; got {value!r}")
         return value
+    if origin is list and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list of {args[0].__name__.removesuffix('Config').lower()} entries, "
+                            f"got {_describe(value)}")
+            return value
+        return [_build(args[0], item, f"{where}[{i}]", problems) for i, item in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             problems.append(f"{where}: expected a mapping of names to names, got {_describe(value)}")
@@ -365,7 +412,7 @@ def field_reference() -> str:
     import inspect
 
     sections = [("model", ModelConfig), ("model.quantization", QuantizationConfig), ("lora", LoraConfig), ("data", DataConfig), ("train", TrainConfig),
-                ("speed", SpeedConfig), ("distributed", DistributedConfig), ("", RunConfig)]
+                ("speed", SpeedConfig), ("distributed", DistributedConfig), ("tasks[i]", TaskConfig), ("", RunConfig)]
     lines = []
     for section, cls in sections:
         docs: dict[str, str] = {}
@@ -375,7 +422,7 @@ def field_reference() -> str:
                 docs[node.target.id] = " ".join(str(after.value.value).split())
         lines.append(f"{section}:" if section else "top level:")
         for f in dataclasses.fields(cls):
-            if section == "" and f.name != "output_dir":
+            if section == "" and f.name not in ("output_dir", "tasks"):
                 continue
             if f.default is not dataclasses.MISSING:
                 default = f" = {f.default!r}"

@@ -207,10 +207,20 @@ def lm_loss_sum(model: nn.Module, inputs: dict, labels: torch.Tensor,
     """(summed cross-entropy over supervised tokens, their count) of `model` on `inputs` (model_inputs of a
     batch). Chunked when `chunk_tokens` is set and split_head accepts the model; else from the full logits.
     `compiled`: the chunked loss's softmax runs through torch.compile (see chunked_token_loss_sum)."""
+    return lm_loss_sums(model, inputs, [labels], chunk_tokens, compiled=compiled)[0]
+
+
+def lm_loss_sums(model: nn.Module, inputs: dict, label_sets: list[torch.Tensor],
+                 chunk_tokens: int | None, *, compiled: bool = False) -> list[tuple[torch.Tensor, int]]:
+    """lm_loss_sum for each of several label tensors over ONE forward of the decoder: a batch holding rows of
+    several tasks passes `labels` masked to each task's rows (IGNORE_INDEX elsewhere) and gets each task's sum.
+    Only supervised positions reach the head, so scoring the sets one by one costs what scoring them at once would."""
     split = split_head(model) if chunk_tokens is not None else None
     if split is None:
-        return token_loss_sum(model(**inputs).logits, labels)  # logits: (batch, seq, vocab)
+        logits = model(**inputs).logits  # (batch, seq, vocab)
+        return [token_loss_sum(logits, labels) for labels in label_sets]
     decoder, head = split
-    # The LoraModel forward only adds per-row adapter routing, which training and evaluation never ask for.
+    # Per-row adapter routing, where asked for, is set by the caller (route_rows): the LoraModel forward that
+    # would set it is skipped here.
     hidden = decoder(**inputs)[0]  # (batch, seq, hidden)
-    return chunked_token_loss_sum(hidden, head, labels, chunk_tokens, compiled=compiled)
+    return [chunked_token_loss_sum(hidden, head, labels, chunk_tokens, compiled=compiled) for labels in label_sets]

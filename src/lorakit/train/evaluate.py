@@ -24,7 +24,7 @@ class EvalResult:
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict:
     """The batch minus labels, on `device`; no KV cache (packed 4D masks require it, training never needs it)."""
-    out = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    out = {k: v.to(device) for k, v in batch.items() if k != "labels" and isinstance(v, torch.Tensor)}
     out["use_cache"] = False
     return out
 

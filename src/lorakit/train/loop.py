@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -39,6 +40,7 @@ from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, NullMetricsLog, plot_l
 from .restore import compare_fingerprints, resume as resume_checkpoint
 from .schedule import build_scheduler
 from .speed import setup_speed
+from .tasks import TaskSet, adapter_parameters, clip_by_task, supervised_by_task, task_loss_sums
 
 Hook = Callable[[str, dict], None]
 ADAPTER_DIR = "adapter"
@@ -163,7 +165,7 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
-def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConfig, output_dir: str | Path, *,
+def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config: TrainConfig, output_dir: str | Path, *,
         eval_data: PreparedData | None = None, hooks: Iterable[Hook] = (), log: Callable[[str], None] = print,
         resume: str | None = None, speed: SpeedConfig | None = None,
         distributed: DistributedRun | None = None) -> FitResult:
@@ -177,6 +179,8 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
     `speed` (default: SpeedConfig()'s fast path) is applied for the run and undone when fit returns.
     `distributed` (from init_distributed, under torchrun): this process trains on its share of each step's
     micro-batches (distributed.py); only rank 0 logs, calls hooks and writes files.
+    `train_data` may be a TaskSet (tasks.py): one adapter per task, trained together from mixed batches; each
+    task's eval data comes with it (`eval_data` unused) and the adapters are saved to adapter/<task name>/.
     """
     out = Path(output_dir)
     processes = distributed.world if distributed is not None else 1
@@ -187,8 +191,12 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
     resume_from = str(config.resume if resume is None else resume)
     if config.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"nan_policy: {config.nan_policy!r} is not one of stop, skip", where="train config")
-    if not train_data.examples:
+    tasks = train_data if isinstance(train_data, TaskSet) else None
+    if (tasks.examples if tasks is not None else len(train_data.examples)) == 0:
         raise DataError("no training examples left after preparation")
+    if tasks is not None and distributed is not None:
+        raise ConfigError("several tasks in one run are not yet supported under torchrun; train on one process",
+                          where="tasks")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
@@ -199,14 +207,20 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
     params = trainable_parameters(model)
     if not params:
         raise TrainingError("the model has no trainable parameters; wrap it with a LoRA config first")
-    rows = packed_rows(train_data) if train_data.packing else None
+    rows = packed_rows(train_data) if tasks is None and train_data.packing else None
     eval_rows = packed_rows(eval_data) if eval_data is not None and eval_data.packing else None
-    n_batches = batches_per_epoch(train_data, config.batch_size, rows)
+    evaluates = eval_data is not None or (tasks is not None and any(t.eval_data for t in tasks.tasks))
+    if tasks is None:
+        n_batches = batches_per_epoch(train_data, config.batch_size, rows)
+        fingerprints = run_fingerprints(train_data, config, processes)
+    else:
+        n_batches = tasks.batches_per_epoch(config.batch_size)
+        fingerprints = tasks.fingerprints(run_fingerprints(tasks.tasks[0].data, config, processes))
+        owned = adapter_parameters(model, tasks.names, params)
     total_steps = total_steps_for(config, n_batches, processes)
     optimizer = build_optimizer(params, config)
     scheduler = build_scheduler(optimizer, config.lr_schedule, warmup_steps=config.warmup_steps,
                                 total_steps=total_steps)
-    fingerprints = run_fingerprints(train_data, config, processes)
     max_norm = config.max_grad_norm
 
     if config.loss_chunk_tokens is not None and split_head(model) is None:
@@ -214,8 +228,11 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
             "last hidden state); the loss is computed from the full logits")
     disable_checkpointing = (enable_checkpointing(base, config.checkpoint_every) if config.gradient_checkpointing
                              else None)
-    speed_setup = setup_speed(model, speed if speed is not None else SpeedConfig(), total_steps=total_steps,
-                              checkpointing=config.gradient_checkpointing)
+    speed = speed if speed is not None else SpeedConfig()
+    if tasks is not None and speed.compile != "off":  # per-row routing reads a ContextVar: a graph break per layer
+        log("speed: not compiling: several tasks route rows to their adapters, which torch.compile cannot trace")
+        speed = dataclasses.replace(speed, compile="off")
+    speed_setup = setup_speed(model, speed, total_steps=total_steps, checkpointing=config.gradient_checkpointing)
     for note in speed_setup.notes:
         log(note)
     was_training = model.training
@@ -255,6 +272,8 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
 
     def run_eval() -> EvalResult:
         nonlocal last_eval_step
+        if tasks is not None:
+            return record_eval(eval_tasks())
         batches = iter_batches(eval_data, config.batch_size, seed=config.seed, epoch=0, rows=eval_rows, dtype=mask_dtype)
         if distributed is None:
             result = evaluate(model, batches, loss_chunk_tokens=config.loss_chunk_tokens)
@@ -266,6 +285,27 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
                     lm_loss_sum(model, model_inputs(everyone[0], device), everyone[0]["labels"], config.loss_chunk_tokens)
             total, tokens = distributed.sum([total, tokens])
             result = eval_result(total, int(tokens))
+        return record_eval(result)
+
+    def eval_tasks() -> EvalResult:
+        """Each task's validation data through its own adapter; the run's result is over all their tokens."""
+        total, tokens, parts = 0.0, 0, []
+        try:
+            for task in tasks.tasks:
+                if task.eval_data is None:
+                    continue
+                model.set_adapter(task.name)
+                one = loss_sums(model, iter_batches(task.eval_data, config.batch_size, seed=config.seed, epoch=0,
+                                                    dtype=mask_dtype), loss_chunk_tokens=config.loss_chunk_tokens)
+                total, tokens = total + one[0], tokens + one[1]
+                parts.append(f"{task.name} {eval_result(*one).loss:.4f}")
+        finally:
+            model.set_adapter(tasks.names)
+        log(f"eval at step {state.step} by task: {', '.join(parts)}")
+        return eval_result(total, tokens)
+
+    def record_eval(result: EvalResult) -> EvalResult:
+        nonlocal last_eval_step
         last_eval_step = state.step
         state.last_eval_loss, state.last_eval_perplexity = result.loss, result.perplexity
         if math.isfinite(result.loss) and (state.best_eval_loss is None or result.loss < state.best_eval_loss):
@@ -304,7 +344,11 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
             if distributed is not None:  # resumed or seeded alike, made identical to be sure
                 distributed.broadcast_parameters(list(params.values()))
             metrics = MetricsLog(out, keep_until_step=resumed_from) if main else NullMetricsLog()
-            log(f"training {len(train_data.examples)} examples: {n_batches} batches of {config.batch_size} per epoch, "
+            examples = tasks.examples if tasks is not None else len(train_data.examples)
+            if tasks is not None:
+                log(f"tasks: {', '.join(tasks.names)}; each micro-batch holds {config.batch_size} rows of each task, "
+                    f"an epoch is one pass over the largest task (smaller ones start their next epoch)")
+            log(f"training {examples} examples: {n_batches} batches of {config.batch_size} per epoch, "
                 f"grad_accum {config.grad_accum}, {total_steps} steps; {sum(p.numel() for p in params.values()):,} "
                 f"trainable parameters")
             if distributed is not None:
@@ -318,15 +362,24 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
                     if state.batches_done >= n_batches:  # epoch finished: the next starts at its first batch
                         state.epoch, state.batches_done = state.epoch + 1, 0
                     step_at_start, fresh_epoch = state.step, state.batches_done == 0
-                    epoch_batches = iter_batches(train_data, config.batch_size, seed=config.seed, epoch=state.epoch,
-                                                 rows=rows, dtype=mask_dtype)
                     # The order is a pure function of (seed, epoch): skipping k batches lands on the exact batch.
-                    epoch_batches = itertools.islice(epoch_batches, state.batches_done, None)
+                    if tasks is None:
+                        epoch_batches = iter_batches(train_data, config.batch_size, seed=config.seed,
+                                                     epoch=state.epoch, rows=rows, dtype=mask_dtype)
+                        epoch_batches = itertools.islice(epoch_batches, state.batches_done, None)
+                    else:
+                        epoch_batches = tasks.batches(config.batch_size, seed=config.seed, epoch=state.epoch,
+                                                      start=state.batches_done)
                     for window in _windows(epoch_batches, config.grad_accum * processes):
                         # RNG at the window's start: an interrupt mid-window saves this, so the redo draws the same.
                         window_rng = (torch.get_rng_state(), random.getstate())
                         t0 = time.perf_counter()
-                        supervised = sum(_supervised(b) for b in window)
+                        if tasks is None:
+                            supervised = sum(_supervised(b) for b in window)
+                        else:  # each task's loss is divided by its own supervised tokens, as alone
+                            by_task = supervised_by_task(window, tasks.names)
+                            supervised = sum(by_task.values())
+                            task_sums = dict.fromkeys(tasks.names, 0.0)
                         if supervised == 0:  # no 0/0: a window of prompt-only rows is skipped and counted
                             state.empty_windows += 1
                             state.batches_done += len(window)
@@ -340,9 +393,17 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
                         lr = scheduler.get_last_lr()[0]
                         loss_sum, tokens = 0.0, 0
                         for batch in (distributed.share(window) if distributed is not None else window):
-                            micro_loss, _ = lm_loss_sum(model, model_inputs(batch, device), batch["labels"],
-                                                        config.loss_chunk_tokens, compiled=speed_setup.compiled)
-                            (micro_loss / supervised).backward()
+                            if tasks is None:
+                                micro_loss, _ = lm_loss_sum(model, model_inputs(batch, device), batch["labels"],
+                                                            config.loss_chunk_tokens, compiled=speed_setup.compiled)
+                                (micro_loss / supervised).backward()
+                            else:
+                                sums = task_loss_sums(model, model_inputs(batch, device), batch, tasks.names,
+                                                      config.loss_chunk_tokens)
+                                sum(sums[n] / by_task[n] for n in sums if by_task[n]).backward()
+                                micro_loss = sum(sums.values())
+                                for name, value in sums.items():
+                                    task_sums[name] += float(value.detach())
                             loss_sum += float(micro_loss.detach())
                             tokens += _tokens(batch)
                         for _ in range(distributed.padding(window) if distributed is not None else 0):
@@ -358,11 +419,15 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
                         loss = loss_sum / supervised
 
                         # grad norm (before clipping), finiteness check, clip, step
-                        grads = [p.grad for p in params.values() if p.grad is not None]
-                        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+                        if tasks is None:
+                            grads = [p.grad for p in params.values() if p.grad is not None]
+                            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+                        else:  # each adapter clipped by its own norm; a non-finite one skips every task's update
+                            norms = clip_by_task(owned, max_norm)
+                            grad_norm = math.sqrt(sum(n * n for n in norms.values()))
                         finite = math.isfinite(loss) and math.isfinite(grad_norm)
                         if finite:
-                            if max_norm is not None:
+                            if max_norm is not None and tasks is None:
                                 torch.nn.utils.clip_grads_with_norm_(list(params.values()), max_norm,
                                                                      torch.tensor(grad_norm))
                             optimizer.step()
@@ -377,6 +442,9 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
                         row = {"step": state.step, "epoch": round(epoch_f, 4), "loss": loss, "lr": lr,
                                "grad_norm": grad_norm, "tokens": tokens,
                                "tokens_per_s": tokens / elapsed if elapsed > 0 else None}
+                        if tasks is not None:
+                            row["task_loss"] = {n: task_sums[n] / by_task[n] if by_task[n] else None for n in tasks.names}
+                            row["task_grad_norm"] = norms
                         result_losses.append(loss)
 
                         if not finite:  # RELIABILITY.md section 4
@@ -408,11 +476,12 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
                             bar.update(1)
                             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s'] or 0:.0f}")
                         elif state.step % config.log_every == 0 or state.step == total_steps:
-                            log(f"step {state.step}/{total_steps} | epoch {epoch_f:.2f} | loss {loss:.4f} | lr {lr:.2e} "
+                            by = "".join(f" | {n} {_fmt(v)}" for n, v in row.get("task_loss", {}).items())
+                            log(f"step {state.step}/{total_steps} | epoch {epoch_f:.2f} | loss {loss:.4f}{by} | lr {lr:.2e} "
                                 f"| grad_norm {grad_norm:.3f} | {row['tokens_per_s'] or 0:.0f} tok/s")
                         call_hooks("step", {**row, "skipped": not finite})
 
-                        if eval_data is not None and config.eval_every and state.step % config.eval_every == 0:
+                        if evaluates and config.eval_every and state.step % config.eval_every == 0:
                             run_eval()
                         if config.save_every and state.step % config.save_every == 0:
                             save(f"every {config.save_every} steps")
@@ -439,7 +508,7 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData, config: TrainConf
                 raise
 
             # ---- the end: last eval, last checkpoint, adapter, trainer state, plot ----
-            if eval_data is not None and last_eval_step != state.step:
+            if evaluates and last_eval_step != state.step:
                 run_eval()
             if last_saved != state.step:
                 save("end of training")

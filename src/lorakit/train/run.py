@@ -10,12 +10,13 @@ from typing import Callable
 import torch
 
 from ..base_model import load_base_model
-from ..config import RunConfig, data_options
-from ..data import prepare, split_validation
+from ..config import RunConfig, TaskConfig, data_options
+from ..data import PreparedData, prepare, split_validation
 from ..errors import ConfigError
-from ..lora import wrap
+from ..lora import LoraModel, wrap
 from .distributed import QUANTIZED_FSDP, DistributedRun, init_distributed, shard_base_layers, silent
 from .loop import FitResult, fit
+from .tasks import Task, TaskSet
 from .tensorboard import TensorBoardHook
 
 
@@ -41,7 +42,10 @@ def _run(config: RunConfig, resume: str | None, log: Callable[[str], None],
         raise ConfigError(QUANTIZED_FSDP, where="run config")  # before loading it, not after
     loaded = load_base_model(config.model, log=log, shard_over=distributed if fsdp else None)
     log(loaded.describe())
-    lora_model = wrap(loaded.model, config.lora)
+    if config.tasks:
+        lora_model = _wrap_tasks(loaded.model, config)
+    else:
+        lora_model = wrap(loaded.model, config.lora)
     if config.model.adapter_dtype != "float32":
         lora_model.cast_adapters(getattr(torch, config.model.adapter_dtype))
     if fsdp:
@@ -49,16 +53,10 @@ def _run(config: RunConfig, resume: str | None, log: Callable[[str], None],
         log(f"fsdp: the frozen weights of {layers} decoder layers are sharded over {distributed.world} processes")
     log(str(lora_model.trainable_parameters()))
     options = data_options(config.data)
-    train = prepare(config.data.train, loaded.tokenizer, options)
-    log(train.summary.line())
-    validation = None
-    if config.data.validation:
-        validation = prepare(config.data.validation, loaded.tokenizer, options)
-        log(validation.summary.line())
-    elif config.data.validation_fraction > 0:
-        kept, held = split_validation(train.examples, config.data.validation_fraction, seed=config.train.seed)
-        train, validation = dataclasses.replace(train, examples=kept), dataclasses.replace(train, examples=held)
-        log(f"validation: {len(held)} of {len(kept) + len(held)} examples held out (seed {config.train.seed})")
+    if config.tasks:
+        train, validation = TaskSet([_prepare_task(task, loaded.tokenizer, options, log) for task in config.tasks]), None
+    else:
+        train, validation = _prepare_data(config, loaded.tokenizer, options, log)
     hooks = []
     if config.train.tensorboard and (distributed is None or distributed.is_main):
         hooks.append(TensorBoardHook(Path(config.output_dir) / "tensorboard"))
@@ -68,3 +66,42 @@ def _run(config: RunConfig, resume: str | None, log: Callable[[str], None],
     finally:
         for hook in hooks:
             hook.close()
+
+
+def _prepare_data(config: RunConfig, tokenizer, options, log: Callable[[str], None]) \
+        -> tuple[PreparedData, PreparedData | None]:
+    train = prepare(config.data.train, tokenizer, options)
+    log(train.summary.line())
+    validation = None
+    if config.data.validation:
+        validation = prepare(config.data.validation, tokenizer, options)
+        log(validation.summary.line())
+    elif config.data.validation_fraction > 0:
+        kept, held = split_validation(train.examples, config.data.validation_fraction, seed=config.train.seed)
+        train, validation = dataclasses.replace(train, examples=kept), dataclasses.replace(train, examples=held)
+        log(f"validation: {len(held)} of {len(kept) + len(held)} examples held out (seed {config.train.seed})")
+    return train, validation
+
+
+def _wrap_tasks(model: torch.nn.Module, config: RunConfig) -> LoraModel:
+    """One adapter per task, each initialised from the same seed as a run training it alone would be."""
+    lora_model = None
+    for task in config.tasks:
+        torch.manual_seed(config.train.seed)
+        lora = task.lora or config.lora
+        if lora_model is None:
+            lora_model = wrap(model, lora, adapter_name=task.name)
+        else:
+            lora_model.add_adapter(task.name, lora)
+    lora_model.set_adapter([task.name for task in config.tasks])
+    return lora_model
+
+
+def _prepare_task(task: TaskConfig, tokenizer, options, log: Callable[[str], None]) -> Task:
+    train = prepare(task.train, tokenizer, options)
+    log(f"task {task.name}: {train.summary.line()}")
+    validation = None
+    if task.validation:
+        validation = prepare(task.validation, tokenizer, options)
+        log(f"task {task.name}: {validation.summary.line()}")
+    return Task(task.name, train, validation)
