@@ -191,3 +191,18 @@ def test_one_joint_step_gives_each_adapter_its_alone_gradient():
     joint = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for name in ("a", "b"):
         assert alone[name] and all(torch.allclose(joint[n], g, atol=1e-6, rtol=1e-4) for n, g in alone[name].items())
+
+
+def test_eval_and_data_inspect_take_a_task(runs, capsys):
+    """`--task` picks the task's adapter and data; without it a tasks config is an error naming the tasks."""
+    config = _joint(runs)
+    capsys.readouterr()
+    assert main(["eval", config, "--task", "b", "--json", "--dtype", "float32"]) == 0
+    joint = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
+    last_eval = [r["eval_loss"] for r in _rows(runs / "alone_b") if "eval_loss" in r][-1]
+    assert joint == pytest.approx(last_eval, rel=1e-5)
+    assert main(["data", "inspect", config, "--task", "a", "-n", "1", "--color", "never"]) == 0
+    assert "[[It is" in capsys.readouterr().out
+    for command in (["eval", config], ["data", "inspect", config]):
+        assert main(command) == 2
+        assert "choose one with --task (a, b)" in capsys.readouterr().err

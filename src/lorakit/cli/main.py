@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="base model directory or hub id")
     evaluate.add_argument("--adapter", help="adapter directory (omit for the base model alone)")
     evaluate.add_argument("--data", help="data file to evaluate on")
+    evaluate.add_argument("--task", help="for a config with tasks: the task whose adapter (adapter/<task>) and "
+                          "validation data to use")
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.add_argument("--max-seq-len", type=int, default=None)
     evaluate.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"])
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("config", help="the run config (model.name_or_path gives the tokenizer; no weights load)")
     inspect.add_argument("-n", "--examples", type=int, default=3, help="how many examples to render (all are checked)")
     inspect.add_argument("--split", choices=["train", "validation"], default="train")
+    inspect.add_argument("--task", help="for a config with tasks: the task whose data to inspect")
     inspect.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                          help="auto: colour on a terminal, [[ ]] markers when piped")
     inspect.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -177,9 +180,10 @@ def _data_inspect(args: argparse.Namespace) -> int:
     from ..data.templates import resolve_template
 
     config = load_run_config(args.config, args.overrides)
-    source = config.data.train if args.split == "train" else config.data.validation
+    files = _chosen_task(config, args.task) or config.data
+    source = files.train if args.split == "train" else files.validation
     if source is None:
-        raise ConfigError("data.validation: not set in this config; inspect --split train instead", where="run config")
+        raise ConfigError("no validation data in this config; inspect --split train instead", where="run config")
     tokenizer = load_tokenizer(config.model)
     options = data_options(config.data)
     data = prepare(source, tokenizer, options)
@@ -189,6 +193,19 @@ def _data_inspect(args: argparse.Namespace) -> int:
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(report(data, tokenizer, count=args.examples, stop_ids=stop_ids, color=color))
     return 0
+
+
+def _chosen_task(config, name: str | None):
+    """The task `--task` names in a config with tasks (None for a config without); an error names the choices."""
+    names = [task.name for task in config.tasks]
+    if not names:
+        if name is not None:
+            raise ConfigError(f"--task {name}: this run config has no tasks", where="run config")
+        return None
+    if name not in names:
+        raise ConfigError(f"this run config trains several tasks; choose one with --task ({', '.join(names)})",
+                          where="run config")
+    return config.tasks[names.index(name)]
 
 
 def _quickstart(args: argparse.Namespace) -> int:
@@ -227,9 +244,11 @@ def _eval(args: argparse.Namespace) -> int:
         model = args.model or config.model.name_or_path
         if quantize is None:
             quantize = config.model.quantization  # as trained: same bits and 4-bit type
-        trained = Path(config.output_dir) / "adapter"
+        task = _chosen_task(config, args.task)
+        files = task or config.data
+        trained = Path(config.output_dir) / "adapter" / (task.name if task else "")
         adapter = adapter or (str(trained) if trained.is_dir() else None)
-        data_path = args.data or config.data.validation or config.data.train
+        data_path = args.data or files.validation or files.train
         options = data_options(config.data)
     else:
         if not (args.model and args.data):
