@@ -271,7 +271,6 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config:
         return path
 
     def run_eval() -> EvalResult:
-        nonlocal last_eval_step
         if tasks is not None:
             return record_eval(eval_tasks())
         batches = iter_batches(eval_data, config.batch_size, seed=config.seed, epoch=0, rows=eval_rows, dtype=mask_dtype)
