@@ -17,6 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .deploy import TARGETS as DEPLOY_TARGETS
 from .errors import ConfigError
 from .lora.config import LoraConfig
 
@@ -176,6 +177,11 @@ class RunConfig:
     through its task's adapter, so one pass over the frozen base trains them all; each adapter equals what
     training it alone on the same rows would give. E.g. [{name: sql, train: sql.jsonl}, {name: chat, train:
     chat.jsonl, lora: {r: 16}}]. Leave data.train empty then."""
+    deploy_targets: list[str] = field(default_factory=list)
+    """Servers the adapter is for: any of vllm, llama.cpp, ollama, peft. Before the model loads, the lora section
+    is checked against what each accepts (as `lorakit check` does): one that would refuse the adapter stops the
+    run naming the lora field to change (remove the target to train anyway); silently mishandled options are
+    logged. E.g. [vllm, ollama]."""
 
 
 def data_options(data: DataConfig):
@@ -310,6 +316,8 @@ RANGES = {
     ("DataConfig", "max_seq_len"): (lambda v: v > 0, "a positive integer"),
     ("DataConfig", "validation_fraction"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("DataConfig", "max_drop_fraction"): (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("RunConfig", "deploy_targets"): (lambda v: isinstance(v, list) and all(t in DEPLOY_TARGETS for t in v),
+                                      f"a list of deployment targets from: {', '.join(DEPLOY_TARGETS)}"),
 }
 
 
@@ -422,7 +430,7 @@ def field_reference() -> str:
                 docs[node.target.id] = " ".join(str(after.value.value).split())
         lines.append(f"{section}:" if section else "top level:")
         for f in dataclasses.fields(cls):
-            if section == "" and f.name not in ("output_dir", "tasks"):
+            if section == "" and f.name not in ("output_dir", "tasks", "deploy_targets"):
                 continue
             if f.default is not dataclasses.MISSING:
                 default = f" = {f.default!r}"

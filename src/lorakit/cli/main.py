@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.set_defaults(handler=_export)
 
+    from .check import add_parser as add_check_parser
+
+    add_check_parser(sub)  # lorakit check ADAPTER --for vllm|llama.cpp|ollama|peft (cli/check.py)
+
     data = sub.add_parser("data", help="look at training data as the model will see it")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     inspect = data_sub.add_parser("inspect", help="render examples with the tokens that carry loss marked, "

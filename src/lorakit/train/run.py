@@ -12,6 +12,7 @@ import torch
 from ..base_model import load_base_model
 from ..config import RunConfig, TaskConfig, data_options
 from ..data import PreparedData, prepare, split_validation
+from ..deploy import check_run_config
 from ..errors import ConfigError
 from ..lora import LoraModel, wrap
 from .distributed import QUANTIZED_FSDP, DistributedRun, init_distributed, shard_base_layers, silent
@@ -40,6 +41,7 @@ def _run(config: RunConfig, resume: str | None, log: Callable[[str], None],
     fsdp = distributed is not None and distributed.strategy == "fsdp"
     if fsdp and config.model.quantization is not None:
         raise ConfigError(QUANTIZED_FSDP, where="run config")  # before loading it, not after
+    check_run_config(config, log)  # deploy_targets: a server that would refuse the adapter stops the run here
     loaded = load_base_model(config.model, log=log, shard_over=distributed if fsdp else None)
     log(loaded.describe())
     if config.tasks:
