@@ -141,9 +141,15 @@ def test_a_reply_cut_by_truncation_is_counted_and_warned_about(tok):
     assert "warning" not in prepare(_good(2), tok, CHATML).summary.line()
 
 
-def test_truncation_leaving_no_supervised_token_drops_and_counts(tok):
+def test_truncation_leaving_no_supervised_token_stops_naming_the_record(tok):
+    records = _good(3) + [chat("What is two plus two? " * 10, "four")]
+    with pytest.raises(DataError, match=r"records\[3\]: no supervised token left \(after truncation to 30\)"):
+        prepare(records, tok, _opts(max_seq_len=30, max_drop_fraction=0.5))
+
+
+def test_truncation_leaving_no_supervised_token_is_skipped_and_counted_when_told(tok):
     records = [chat("What is two plus two? " * 10, "four")] + _good(3)
-    data = prepare(records, tok, _opts(max_seq_len=30, max_drop_fraction=0.5))
+    data = prepare(records, tok, _opts(max_seq_len=30, max_drop_fraction=0.5, skip_bad_records=True))
     assert data.summary.kept == 3 and dict(data.summary.dropped) == {"no_supervised_tokens": 1}
     assert "records[0]: no supervised token left (after truncation to 30)" in data.summary.problems[0]
 

@@ -184,10 +184,12 @@ def _data_inspect(args: argparse.Namespace) -> int:
     from ..data.templates import resolve_template
 
     config = load_run_config(args.config, args.overrides)
-    files = _chosen_task(config, args.task) or config.data
+    task = _chosen_task(config, args.task)
+    files = task or config.data
     source = files.train if args.split == "train" else files.validation
     if source is None:
-        raise ConfigError("no validation data in this config; inspect --split train instead", where="run config")
+        field = f"task {task.name}'s validation" if task else "data.validation"
+        raise ConfigError(f"{field}: not set in this config; inspect --split train instead", where="run config")
     tokenizer = load_tokenizer(config.model)
     options = data_options(config.data)
     data = prepare(source, tokenizer, options)

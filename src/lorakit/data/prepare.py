@@ -27,7 +27,7 @@ from .templates import IGNORE_INDEX, ChatTemplate, Tokenized, resolve_template, 
 
 MAX_LISTED = 20  # problems quoted in full in an error; the rest are counted by reason
 # Reasons that are a property of the data's shape (an error in strict mode), as opposed to policy drops.
-POLICY_REASONS = ("too_long", "no_supervised_tokens")
+POLICY_REASONS = ("too_long",)
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,7 @@ def prepare(source: Source, tokenizer: Any, options: DataOptions | None = None, 
             else:
                 assert template is not None
                 tok = tokenize_conversation(item, tokenizer, template, train_on_prompt=opts.train_on_prompt)
+            example = _apply_length_policy(tok, rec.location, opts, summary, chat=not isinstance(item, str))
         except BadRecord as e:
             where = e if e.location else e.at(rec.location)
             _drop(summary, e.reason, str(where))
@@ -128,7 +129,6 @@ def prepare(source: Source, tokenizer: Any, options: DataOptions | None = None, 
                 if strict_failures >= MAX_LISTED:
                     break
             continue
-        example = _apply_length_policy(tok, rec.location, opts, summary, chat=not isinstance(item, str))
         if example is not None:
             examples.append(example)
     summary.format = fmt or "unknown"
@@ -145,8 +145,8 @@ def prepare(source: Source, tokenizer: Any, options: DataOptions | None = None, 
 
 def _apply_length_policy(tok: Tokenized, location: str, opts: DataOptions, summary: DataSummary, *,
                          chat: bool) -> Example | None:
-    """Truncate or drop an over-long example; drop one left with nothing to learn; count chat examples cut
-    inside their reply (a cut document is normal for text data)."""
+    """Truncate or drop an over-long example (None when dropped); count chat examples cut inside their reply (a
+    cut document is normal for text data). Raises BadRecord for an example left with nothing to learn."""
     ids, labels = tok.input_ids, tok.labels
     cut_reply = False
     if len(ids) > opts.max_seq_len:
@@ -163,8 +163,8 @@ def _apply_length_policy(tok: Tokenized, location: str, opts: DataOptions, summa
     supervised = sum(1 for x in labels if x != IGNORE_INDEX)
     if supervised == 0:
         after = f" (after truncation to {opts.max_seq_len})" if len(ids) < len(tok.input_ids) else ""
-        _drop(summary, "no_supervised_tokens", f"{location}: no supervised token left{after}")
-        return None
+        raise BadRecord("no_supervised_tokens", f"no supervised token left{after}: it would teach nothing; raise "
+                                                "max_seq_len, or set truncation: drop")
     summary.cut_replies += cut_reply
     summary.supervised_tokens += supervised
     summary.total_tokens += len(ids)
