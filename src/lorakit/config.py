@@ -121,6 +121,9 @@ class TrainConfig:
     resume: str = "never"
     """"never", "auto" (the latest complete checkpoint in output_dir), or a checkpoint directory."""
     tensorboard: bool = False
+    memory_check: bool = True
+    """Before loading the model, refuse a run whose predicted peak memory (`lorakit plan`) exceeds the memory
+    available, naming settings that would fit; false (or `lorakit train --force`) trains anyway."""
 
 
 @dataclass(kw_only=True)

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                        help="override a config field, e.g. --set train.lr=2e-4 (repeatable)")
     train.add_argument("--resume", default=None, help="auto (latest complete checkpoint), never, or a checkpoint directory")
+    train.add_argument("--force", action="store_true", help="train even where the memory plan predicts the run "
+                       "does not fit (the same as --set train.memory_check=false)")
     train.set_defaults(handler=_train)
 
     evaluate = sub.add_parser("eval", help="loss and perplexity of a model, with or without an adapter, on a dataset")
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .check import add_parser as add_check_parser
 
     add_check_parser(sub)  # lorakit check ADAPTER --for vllm|llama.cpp|ollama|peft (cli/check.py)
+    from .plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)  # lorakit plan run.yaml [--budget 8GB] [--json] (cli/plan.py)
 
     data = sub.add_parser("data", help="look at training data as the model will see it")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
@@ -171,7 +176,7 @@ def _train(args: argparse.Namespace) -> int:
     from ..config import load_run_config
     from ..train.run import run_training
 
-    config = load_run_config(args.config, args.overrides)
+    config = load_run_config(args.config, args.overrides + (["train.memory_check=false"] if args.force else []))
     run_training(config, resume=args.resume, log=print)  # fit logs its own closing summary
     return 0
 

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..lora import LoraModel, wrap
 from .distributed import QUANTIZED_FSDP, DistributedRun, init_distributed, shard_base_layers, silent
 from .loop import FitResult, fit
+from .plan_check import check_before_training
 from .tasks import Task, TaskSet
 from .tensorboard import TensorBoardHook
 
@@ -42,6 +43,7 @@ def _run(config: RunConfig, resume: str | None, log: Callable[[str], None],
     if fsdp and config.model.quantization is not None:
         raise ConfigError(QUANTIZED_FSDP, where="run config")  # before loading it, not after
     check_run_config(config, log)  # deploy_targets: a server that would refuse the adapter stops the run here
+    check_before_training(config, log, enforce=distributed is None)  # predicted peak memory (plan_check.py)
     loaded = load_base_model(config.model, log=log, shard_over=distributed if fsdp else None)
     log(loaded.describe())
     if config.tasks:
