@@ -206,3 +206,35 @@ def test_eval_and_data_inspect_take_a_task(runs, capsys):
     for command in (["eval", config], ["data", "inspect", config]):
         assert main(command) == 2
         assert "choose one with --task (a, b)" in capsys.readouterr().err
+
+
+def test_routed_rows_in_base_dtype_match_each_adapter_alone():
+    """With a bf16 base and fp32 adapters (fit's default adapter_compute), a row routed to its adapter gets what
+    that adapter alone computes, and the fp32 weights get gradients."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit import LoraConfig, wrap
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=50)).to(torch.bfloat16)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    model = wrap(base, config, adapter_name="a")
+    model.add_adapter("b", config)
+    model.compute_adapters_in_base_dtype(True)
+    model.set_adapter(["a", "b"])  # both train, as in a run with two tasks
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1))
+    routed = model(input_ids=ids, adapter_names=["a", "b"]).logits
+    routed.float().square().mean().backward()
+    for name in ("a", "b"):
+        grads = [p.grad for n, p in model.named_parameters() if f".lora_B.{name}" in n]
+        assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+    for row, name in enumerate(("a", "b")):
+        alone = {}
+        for adapter in ("a", "b"):
+            model.set_adapter(adapter)
+            with torch.no_grad():
+                alone[adapter] = model(input_ids=ids[row:row + 1]).logits.float()
+        assert torch.allclose(routed[row:row + 1].float(), alone[name], atol=2e-2, rtol=2e-2)
+        other = "b" if name == "a" else "a"
+        assert not torch.allclose(routed[row:row + 1].float(), alone[other], atol=2e-2, rtol=2e-2)

@@ -304,6 +304,15 @@ class LoraLinear(LoraLayer):
         A = self.lora_A[name]
         return F.linear(x.to(A.dtype), A)
 
+    def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        # The routed (per-row) path: plain LoRA in the base dtype, as _add_adapter below computes it.
+        A, B = self.lora_A[name], self.lora_B[name]
+        if name in self.lora_magnitude or not self.compute_in_base_dtype or B.dtype == base_out.dtype:
+            return super()._delta(name, x, base_out)
+        A, B = A.to(base_out.dtype), B.to(base_out.dtype)
+        x, _ = self._adapter_input(name, x)
+        return F.linear(F.linear(x.to(A.dtype), A) * self.scaling[name], B)  # (..., r) -> (..., out)
+
     def _add_adapter(self, name: str, x: torch.Tensor, base_out: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]  # (r, in), (out, r)
         if name in self.lora_magnitude:

@@ -24,7 +24,7 @@ from ..data.collate import collate
 from ..data.templates import IGNORE_INDEX
 from ..errors import ConfigError
 from ..lora import LoraModel
-from .chunked_loss import lm_loss_sums
+from .chunked_loss import lm_loss_sums, split_head
 
 TASK_ROWS = "task_rows"  # batch key: ((task name, first row, end row), ...); not a model input
 
@@ -139,6 +139,7 @@ def task_loss_sums(model: nn.Module, inputs: dict, batch: dict, names: Sequence[
     """Each task's summed loss over its rows of `batch`, from one forward with each row routed to its adapter."""
     from ..lora.routing import route_rows
 
+    split_head(model)  # its one-time probe forward has one row, which row routing would refuse: run it first
     with route_rows(row_adapters(batch)):
         sums = lm_loss_sums(model, inputs, [task_labels(batch, name) for name in names], chunk_tokens,
                             compiled=compiled)
