@@ -194,9 +194,6 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config:
     tasks = train_data if isinstance(train_data, TaskSet) else None
     if (tasks.examples if tasks is not None else len(train_data.examples)) == 0:
         raise DataError("no training examples left after preparation")
-    if tasks is not None and distributed is not None:
-        raise ConfigError("several tasks in one run are not yet supported under torchrun; train on one process",
-                          where="tasks")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
@@ -412,8 +409,11 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config:
                                                     config.loss_chunk_tokens, compiled=speed_setup.compiled)
                             (filler * 0.0).backward()
                         if distributed is not None:  # the window's loss and gradient, as one process would have them
-                            loss_sum, tokens = distributed.sum([loss_sum, tokens])
+                            by_process = list(task_sums.values()) if tasks is not None else []
+                            loss_sum, tokens, *by_process = distributed.sum([loss_sum, tokens, *by_process])
                             tokens = int(tokens)
+                            if tasks is not None:
+                                task_sums = dict(zip(tasks.names, by_process))
                             distributed.sum_gradients(list(params.values()))
                         loss = loss_sum / supervised
 
