@@ -128,30 +128,38 @@ def _tasks_config(root, name: str) -> str:
         tasks:
           - {{name: sums, train: {root / "train.jsonl"}}}
           - {{name: small, train: {root / "val.jsonl"}, validation: {root / "val.jsonl"}, lora: {{r: 2, target_modules: [v_proj]}}}}
-        train: {{max_steps: 6, batch_size: 2, grad_accum: 1, lr: 5.0e-3, lr_schedule: constant, seed: 0}}
+        train: {{max_steps: 11, batch_size: 2, grad_accum: 1, lr: 5.0e-3, lr_schedule: constant, seed: 0}}
         output_dir: {root / name}
         """))
     return str(path)
 
 
-def test_several_tasks_train_on_two_processes_like_on_one(workdir):
-    """tasks: under torchrun: each process takes its share of the joint micro-batches; per-task losses, the
-    evaluation and every adapter equal one process with twice the accumulation."""
+@pytest.fixture(scope="module")
+def tasks_reference(workdir):
     _ok(_single(["train", _tasks_config(workdir, "tasks_single"), "--set", "train.grad_accum=2"]))
-    _ok(_torchrun(2, ["-m", "lorakit", "train", _tasks_config(workdir, "tasks_ddp")]))
-    rows = {run: [json.loads(line) for line in (workdir / run / "metrics.jsonl").read_text().splitlines()]
-            for run in ("tasks_single", "tasks_ddp")}
+    return workdir / "tasks_single"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_several_tasks_train_on_two_processes_like_on_one(workdir, tasks_reference, strategy):
+    """tasks: under torchrun: each process takes its share of the joint micro-batches; per-task losses, the
+    evaluation and every adapter equal one process with twice the accumulation. 21 joint micro-batches per
+    epoch: step 11 of 11 is a short window, which fsdp pads with a zero-weight forward."""
+    out = workdir / f"tasks_{strategy}"
+    _ok(_torchrun(2, ["-m", "lorakit", "train", _tasks_config(workdir, out.name), "--set",
+                      f"distributed.strategy={strategy}"]))
+    rows = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (tasks_reference, out)}
     task_losses = {run: [r["task_loss"] for r in rs if "task_loss" in r] for run, rs in rows.items()}
-    assert len(task_losses["tasks_ddp"]) == 6
-    for ddp, single in zip(task_losses["tasks_ddp"], task_losses["tasks_single"]):
-        assert ddp == pytest.approx(single, rel=1e-5)
+    assert len(task_losses[out]) == 11
+    for two, one in zip(task_losses[out], task_losses[tasks_reference]):
+        assert two == pytest.approx(one, rel=1e-5)
     evals = {run: [r["eval_loss"] for r in rs if "eval_loss" in r] for run, rs in rows.items()}
-    assert evals["tasks_ddp"] == pytest.approx(evals["tasks_single"], rel=1e-5)
+    assert evals[out] == pytest.approx(evals[tasks_reference], rel=1e-5)
     for task in ("sums", "small"):
-        ddp, single = (load_file(workdir / run / "adapter" / task / "adapter_model.safetensors")
-                       for run in ("tasks_ddp", "tasks_single"))
-        for key in single:
-            torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-6)
+        two, one = (load_file(run / "adapter" / task / "adapter_model.safetensors") for run in (out, tasks_reference))
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
 
 
 def test_loading_into_shards_keeps_half_of_each_layer_and_the_rest_whole(workdir, tmp_path):
