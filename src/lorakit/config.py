@@ -424,6 +424,7 @@ def field_reference() -> str:
 
     sections = [("model", ModelConfig), ("model.quantization", QuantizationConfig), ("lora", LoraConfig), ("data", DataConfig), ("train", TrainConfig),
                 ("speed", SpeedConfig), ("distributed", DistributedConfig), ("tasks[i]", TaskConfig), ("", RunConfig)]
+    listed = {name.split(".")[0] for name, _ in sections}  # "tasks[i]" (its entries) keeps "tasks" listed
     lines = []
     for section, cls in sections:
         docs: dict[str, str] = {}
@@ -433,7 +434,7 @@ def field_reference() -> str:
                 docs[node.target.id] = " ".join(str(after.value.value).split())
         lines.append(f"{section}:" if section else "top level:")
         for f in dataclasses.fields(cls):
-            if section == "" and f.name not in ("output_dir", "tasks", "deploy_targets"):
+            if section == "" and f.name in listed:  # sections are listed above with their fields
                 continue
             if f.default is not dataclasses.MISSING:
                 default = f" = {f.default!r}"

@@ -383,8 +383,8 @@ def check_run_config(config: "RunConfig", log: Callable[[str], None]) -> list[Fi
     if not targets:
         return []
     base = base_config_of(config.model.name_or_path)
-    tasks = getattr(config, "tasks", None) or []  # tasks with their own lora section train several adapters
-    sections = [("lora", config.lora)] + [(f"tasks {t.name!r} lora", t.lora) for t in tasks if t.lora is not None]
+    # tasks with their own lora section train several adapters
+    sections = [("lora", config.lora)] + [(f"tasks {t.name!r} lora", t.lora) for t in config.tasks if t.lora is not None]
     findings, refused = [], []
     for where, lora in sections:
         for finding in check(lora, targets, base_config=base):

@@ -68,6 +68,16 @@ def current_routing() -> RowRouting | None:
 
 
 @contextlib.contextmanager
+def unrouted() -> Iterator[None]:
+    """Within the block no row routing applies, even inside a route_rows block (a forward of other rows)."""
+    token = _current.set(None)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+@contextlib.contextmanager
 def route_rows(names: list[str] | None) -> Iterator[None]:
     """Within the block, LoRA layers apply adapter names[i] to batch row i."""
     if names is None:

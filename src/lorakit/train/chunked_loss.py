@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..data.templates import IGNORE_INDEX
 from ..lora import LoraModel
+from ..lora.routing import unrouted
 
 # Config attributes of transformers 5.x models whose forward changes the logits after (or the hidden states
 # before) lm_head; any of them set (not None) on the config or its text config means the split is not exact.
@@ -90,7 +91,7 @@ def _split_reproduces_logits(hf: nn.Module, decoder: nn.Module, head: nn.Module)
     handles = [decoder.register_forward_hook(on_decoder), head.register_forward_hook(on_head)]
     hf.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), unrouted():  # a one-row probe: a caller's per-row adapter names do not fit it
             ids = torch.tensor([[0, 1]], device=next(hf.parameters()).device)
             logits = hf(input_ids=ids, use_cache=False).logits  # (1, 2, vocab)
     except Exception:  # a model this call does not suit is one the split is not known to suit either

@@ -116,17 +116,24 @@ def total_steps_for(config: TrainConfig, n_batches: int, processes: int = 1) -> 
     return max(1, math.ceil(config.epochs * math.ceil(n_batches / (config.grad_accum * processes))))
 
 
-def run_fingerprints(data: PreparedData, config: TrainConfig, processes: int = 1) -> dict:
+def run_fingerprints(data: PreparedData | TaskSet, config: TrainConfig, processes: int = 1) -> dict:
     """What fixes the sequence of batches; a resume must match it or the data order would silently change.
     "grad_accum" is the micro-batches per step, grad_accum x processes: a run checkpointed on 2 processes
-    resumes exactly on 1 with grad_accum doubled (the data position counts micro-batches, not steps)."""
+    resumes exactly on 1 with grad_accum doubled (the data position counts micro-batches, not steps).
+    A TaskSet hashes each task's name and examples in order (its data is never packed)."""
+    tasks = data.tasks if isinstance(data, TaskSet) else None
     digest = hashlib.sha256()
-    for e in data.examples:
-        digest.update(array.array("q", e.input_ids).tobytes())
-        digest.update(array.array("q", e.labels).tobytes())
-        digest.update(b"|")
-    return {"data_sha256": digest.hexdigest(), "examples": len(data.examples), "packing": data.packing,
-            "batch_size": config.batch_size, "grad_accum": config.grad_accum * processes, "seed": config.seed}
+    for name, prepared in ([(t.name, t.data) for t in tasks] if tasks else [(None, data)]):
+        if name is not None:
+            digest.update(name.encode() + b"\0")
+        for e in prepared.examples:
+            digest.update(array.array("q", e.input_ids).tobytes())
+            digest.update(array.array("q", e.labels).tobytes())
+            digest.update(b"|")
+    out = {"data_sha256": digest.hexdigest(), "examples": data.examples if tasks else len(data.examples),
+           "packing": False if tasks else data.packing, "batch_size": config.batch_size,
+           "grad_accum": config.grad_accum * processes, "seed": config.seed}
+    return {**out, "tasks": [t.name for t in tasks]} if tasks else out
 
 
 def _windows(batches: Iterator[dict], size: int) -> Iterator[list[dict]]:
@@ -207,12 +214,11 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config:
     rows = packed_rows(train_data) if tasks is None and train_data.packing else None
     eval_rows = packed_rows(eval_data) if eval_data is not None and eval_data.packing else None
     evaluates = eval_data is not None or (tasks is not None and any(t.eval_data for t in tasks.tasks))
+    fingerprints = run_fingerprints(train_data, config, processes)
     if tasks is None:
         n_batches = batches_per_epoch(train_data, config.batch_size, rows)
-        fingerprints = run_fingerprints(train_data, config, processes)
     else:
         n_batches = tasks.batches_per_epoch(config.batch_size)
-        fingerprints = tasks.fingerprints(run_fingerprints(tasks.tasks[0].data, config, processes))
         owned = adapter_parameters(model, tasks.names, params)
     total_steps = total_steps_for(config, n_batches, processes)
     optimizer = build_optimizer(params, config)

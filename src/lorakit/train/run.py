@@ -72,15 +72,20 @@ def _run(config: RunConfig, resume: str | None, log: Callable[[str], None],
             hook.close()
 
 
+def _prepared(path: str | None, tokenizer, options, log: Callable[[str], None], label: str = "") -> PreparedData | None:
+    """The data file `path` prepared and its summary logged; None for no file."""
+    if not path:
+        return None
+    data = prepare(path, tokenizer, options)
+    log(label + data.summary.line())
+    return data
+
+
 def _prepare_data(config: RunConfig, tokenizer, options, log: Callable[[str], None]) \
         -> tuple[PreparedData, PreparedData | None]:
-    train = prepare(config.data.train, tokenizer, options)
-    log(train.summary.line())
-    validation = None
-    if config.data.validation:
-        validation = prepare(config.data.validation, tokenizer, options)
-        log(validation.summary.line())
-    elif config.data.validation_fraction > 0:
+    train = _prepared(config.data.train, tokenizer, options, log)
+    validation = _prepared(config.data.validation, tokenizer, options, log)
+    if validation is None and config.data.validation_fraction > 0:
         kept, held = split_validation(train.examples, config.data.validation_fraction, seed=config.train.seed)
         train, validation = dataclasses.replace(train, examples=kept), dataclasses.replace(train, examples=held)
         log(f"validation: {len(held)} of {len(kept) + len(held)} examples held out (seed {config.train.seed})")
@@ -102,10 +107,6 @@ def _wrap_tasks(model: torch.nn.Module, config: RunConfig) -> LoraModel:
 
 
 def _prepare_task(task: TaskConfig, tokenizer, options, log: Callable[[str], None]) -> Task:
-    train = prepare(task.train, tokenizer, options)
-    log(f"task {task.name}: {train.summary.line()}")
-    validation = None
-    if task.validation:
-        validation = prepare(task.validation, tokenizer, options)
-        log(f"task {task.name}: {validation.summary.line()}")
-    return Task(task.name, train, validation)
+    label = f"task {task.name}: "
+    return Task(task.name, _prepared(task.train, tokenizer, options, log, label),
+                _prepared(task.validation, tokenizer, options, log, label))

@@ -10,8 +10,6 @@ would give (AdamW is per parameter). One joint epoch is one pass over the larges
 
 from __future__ import annotations
 
-import array
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -24,7 +22,7 @@ from ..data.collate import collate
 from ..data.templates import IGNORE_INDEX
 from ..errors import ConfigError
 from ..lora import LoraModel
-from .chunked_loss import lm_loss_sums, split_head
+from .chunked_loss import lm_loss_sums
 
 TASK_ROWS = "task_rows"  # batch key: ((task name, first row, end row), ...); not a model input
 
@@ -80,17 +78,6 @@ class TaskSet:
                 parts.append((task.name, collate([task.data.examples[i] for i in rows], self.pad_token_id)))
             yield joint_batch(parts, self.pad_token_id)
 
-    def fingerprints(self, base: dict) -> dict:
-        """The run's fingerprints (loop.run_fingerprints of the first task) with every task's data hashed in."""
-        digest = hashlib.sha256()
-        for task in self.tasks:
-            digest.update(task.name.encode() + b"\0")
-            for e in task.data.examples:
-                digest.update(array.array("q", e.input_ids).tobytes())
-                digest.update(array.array("q", e.labels).tobytes())
-                digest.update(b"|")
-        return {**base, "data_sha256": digest.hexdigest(), "examples": self.examples, "tasks": self.names}
-
 
 def joint_batch(parts: Sequence[tuple[str, dict]], pad_token_id: int) -> dict:
     """Stack each task's collated batch into one, right-padded to the longest (pads are masked and unlabelled,
@@ -139,7 +126,6 @@ def task_loss_sums(model: nn.Module, inputs: dict, batch: dict, names: Sequence[
     """Each task's summed loss over its rows of `batch`, from one forward with each row routed to its adapter."""
     from ..lora.routing import route_rows
 
-    split_head(model)  # its one-time probe forward has one row, which row routing would refuse: run it first
     with route_rows(row_adapters(batch)):
         sums = lm_loss_sums(model, inputs, [task_labels(batch, name) for name in names], chunk_tokens,
                             compiled=compiled)
