@@ -304,25 +304,30 @@ class LoraLinear(LoraLayer):
         A = self.lora_A[name]
         return F.linear(x.to(A.dtype), A)
 
-    def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        # The routed (per-row) path: plain LoRA in the base dtype, as _add_adapter below computes it.
+    def _plain_weights(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A (r, in) and B (out, r) for plain LoRA with `dtype` outputs, or None where the generic path computes
+        (DoRA; or adapter and base dtypes differ and compute_in_base_dtype is off: the adapter's dtype, PEFT's way).
+        With compute_in_base_dtype the small weights are cast, not the (tokens, features) activations: no fp32
+        copy of x going in, no fp32 (tokens, out) update coming out; gradients still reach the fp32 weights."""
         A, B = self.lora_A[name], self.lora_B[name]
-        if name in self.lora_magnitude or not self.compute_in_base_dtype or B.dtype == base_out.dtype:
+        if name in self.lora_magnitude or (B.dtype != dtype and not self.compute_in_base_dtype):
+            return None
+        return (A.to(dtype), B.to(dtype)) if B.dtype != dtype else (A, B)
+
+    def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        # The routed (per-row) path: what _add_adapter adds, as a separate tensor.
+        weights = self._plain_weights(name, base_out.dtype)
+        if weights is None:
             return super()._delta(name, x, base_out)
-        A, B = A.to(base_out.dtype), B.to(base_out.dtype)
+        A, B = weights
         x, _ = self._adapter_input(name, x)
         return F.linear(F.linear(x.to(A.dtype), A) * self.scaling[name], B)  # (..., r) -> (..., out)
 
     def _add_adapter(self, name: str, x: torch.Tensor, base_out: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]  # (r, in), (out, r)
-        if name in self.lora_magnitude:
+        weights = self._plain_weights(name, result.dtype)
+        if weights is None:
             return super()._add_adapter(name, x, base_out, result)
-        if B.dtype != result.dtype:
-            if not self.compute_in_base_dtype:
-                return super()._add_adapter(name, x, base_out, result)  # in the adapter's dtype (PEFT's way)
-            # Cast the small weights, not the (tokens, features) activations: no fp32 copy of x going in, no
-            # fp32 (tokens, out) update coming out. Gradients still reach the fp32 weights through the casts.
-            A, B = A.to(result.dtype), B.to(result.dtype)
+        A, B = weights  # (r, in), (out, r)
         x, _ = self._adapter_input(name, x)
         down = F.linear(x.to(A.dtype), A) * self.scaling[name]  # (..., r)
         # "+ down B^T" fused into the GEMM (beta=1): no separate pass over the (..., out) output to add it.

@@ -46,12 +46,25 @@ _probed: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionar
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over supervised tokens and their count, shifted as transformers does:
     position t's logits predict labels[t + 1]. Computed in float32 whatever the model's dtype."""
-    logits = logits[:, :-1, :].float()  # (batch, seq - 1, vocab)
-    targets = labels[:, 1:].to(logits.device)  # (batch, seq - 1)
-    count = int((targets != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss, count
+    return token_loss_sums(logits, [labels])[0]
+
+
+def token_loss_sums(logits: torch.Tensor, label_sets: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    """token_loss_sum for each label tensor, sharing one float32 log-softmax of the logits (cross_entropy is
+    log_softmax then nll_loss, so a single set gets exactly its value), not one copy of the logits per set."""
+    log_probs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1).flatten(0, 1)  # (batch * (seq - 1), vocab)
+    out = []
+    for labels in label_sets:
+        targets = labels[:, 1:].to(logits.device).reshape(-1)  # (batch * (seq - 1),)
+        loss = F.nll_loss(log_probs, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        out.append((loss, int((targets != IGNORE_INDEX).sum())))
+    return out
+
+
+def logits_postprocessed(config) -> bool:
+    """Whether a transformers config (or its text config) names a change to the logits after lm_head."""
+    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    return any(getattr(c, name, None) is not None for c in configs for name in LOGIT_POSTPROCESSING)
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -65,9 +78,7 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     decoder = getattr(hf, prefix, None) if prefix else None
     if not isinstance(head, nn.Module) or not isinstance(decoder, nn.Module) or decoder is hf:
         return None
-    config = getattr(hf, "config", None)
-    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
-    if any(getattr(c, name, None) is not None for c in configs for name in LOGIT_POSTPROCESSING):
+    if logits_postprocessed(getattr(hf, "config", None)):
         return None
     if hf not in _probed:
         _probed[hf] = _split_reproduces_logits(hf, decoder, head)
@@ -219,7 +230,7 @@ def lm_loss_sums(model: nn.Module, inputs: dict, label_sets: list[torch.Tensor],
     split = split_head(model) if chunk_tokens is not None else None
     if split is None:
         logits = model(**inputs).logits  # (batch, seq, vocab)
-        return [token_loss_sum(logits, labels) for labels in label_sets]
+        return token_loss_sums(logits, label_sets)
     decoder, head = split
     # Per-row adapter routing, where asked for, is set by the caller (route_rows): the LoraModel forward that
     # would set it is skipped here.

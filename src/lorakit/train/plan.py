@@ -96,7 +96,7 @@ class MemoryPlan:
 def estimate(shape: ModelShape, setup: Setup) -> MemoryPlan:
     """The predicted peak of a training step for `setup` (pure arithmetic: cheap to call in a search)."""
     s = setup
-    e = torch.tensor([], dtype=s.dtype).element_size()
+    e = s.dtype.itemsize
     h, i, V = shape.hidden, shape.intermediate, shape.vocab
     T = s.batch_size * s.seq_len
     n = s.batch_size * max(s.seq_len - 1, 1)  # supervised positions, at most

@@ -52,13 +52,13 @@ class RunPlan:
 
 def plan_run(config: RunConfig, *, hf_config=None) -> RunPlan:
     """The memory plan of `config` on this machine (no weights are loaded)."""
-    from ..base_model import DTYPES, pick_device, pick_dtype
+    from ..base_model import pick_device, pick_dtype, quant_spec
 
     device = pick_device(config.model.device)
     dtype = pick_dtype(config.model.dtype, device)
+    spec = quant_spec(config.model, dtype, device)
+    dtype = spec.compute_dtype if spec is not None else dtype
     q = config.model.quantization
-    if q is not None and q.compute_dtype != "auto":
-        dtype = DTYPES[q.compute_dtype]
     shape = model_shape(config, dtype, hf_config)
     t = config.train
     tasks = len(config.tasks) or 1

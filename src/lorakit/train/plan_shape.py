@@ -73,12 +73,11 @@ def load_hf_config(config: RunConfig):
     """transformers' config of model.name_or_path: config.json of a local directory, or the hub's."""
     from transformers import AutoConfig
 
-    from ..base_model import _checked_source
+    from ..base_model import _checked_source, _hub_options
 
     m = config.model
     try:
-        return AutoConfig.from_pretrained(_checked_source(m), trust_remote_code=m.trust_remote_code,
-                                          revision=m.revision)
+        return AutoConfig.from_pretrained(_checked_source(m), **_hub_options(m))
     except (OSError, ValueError) as err:
         from ..errors import ConfigError
 
@@ -92,7 +91,7 @@ def model_shape(config: RunConfig, dtype: torch.dtype, hf_config=None) -> ModelS
     from transformers import AutoModelForCausalLM
 
     from ..quant.load import _quantize_targets  # the loader's own choice of layers to quantize
-    from .chunked_loss import LOGIT_POSTPROCESSING
+    from .chunked_loss import logits_postprocessed
 
     hf_config = hf_config if hf_config is not None else load_hf_config(config)
     on_disk = _element(getattr(hf_config, "dtype", None))  # before from_config sets the dtype asked for
@@ -117,11 +116,11 @@ def model_shape(config: RunConfig, dtype: torch.dtype, hf_config=None) -> ModelS
                 fp32 += p.numel()
             else:
                 other += p.numel()
-    head = model.get_output_embeddings()
-    configs = [hf_config, text]
-    chunked = (isinstance(head, torch.nn.Linear) and not any(getattr(c, a, None) is not None
-                                                              for c in configs for a in LOGIT_POSTPROCESSING))
-    lora_model = _wrap(model, config)
+    chunked = isinstance(model.get_output_embeddings(), torch.nn.Linear) and not logits_postprocessed(hf_config)
+    from .run import wrap_adapters
+
+    # as training wraps it, with a plain init: the values are irrelevant and PiSSA's SVD cannot run on meta
+    lora_model = wrap_adapters(model, config, _init=True)
     layers = getattr(text, "num_hidden_layers")
     inputs: list[set] = [set() for _ in range(layers)]
     per_layer = [[0, 0, 0] for _ in range(layers)]  # rank sum, A and B weights, tensors
@@ -138,12 +137,11 @@ def model_shape(config: RunConfig, dtype: torch.dtype, hf_config=None) -> ModelS
             continue
         inputs[index].add((parent, layer.in_features))
     lora_params = lora_bytes = lora_tensors = 0
-    adapter_element = 2 if config.model.adapter_dtype == "bfloat16" else 4
-    for pname, p in lora_model.named_parameters():
+    for p in lora_model.parameters():
         if p.requires_grad:
             lora_params += p.numel()
             lora_tensors += 1
-            lora_bytes += p.numel() * (adapter_element if ".lora_" in pname else p.element_size())
+            lora_bytes += p.numel() * p.element_size()
     trained = [i for i in range(layers) if per_layer[i][0]]
     heads = text.num_attention_heads
     hidden = text.hidden_size
@@ -179,26 +177,11 @@ def _lora_configs(config: RunConfig) -> list:
     return [t.lora or config.lora for t in config.tasks] if config.tasks else [config.lora]
 
 
-def _wrap(model: torch.nn.Module, config: RunConfig):
-    """The model wrapped as run_training wraps it (one adapter, or one per task), with a plain init: the
-    adapters' values are irrelevant here and PiSSA's SVD cannot run on the meta device."""
-    from ..lora import LoraModel
-
-    tasks = config.tasks
-    if not tasks:
-        return LoraModel(model, config.lora, _init=True)
-    lora_model = LoraModel(model, tasks[0].lora or config.lora, tasks[0].name, _init=True)
-    for task in tasks[1:]:
-        lora_model.add_adapter(task.name, task.lora or config.lora, _init=True)
-    lora_model.set_adapter([t.name for t in tasks])
-    return lora_model
-
-
 def _element(dtype) -> int:
     """Bytes per element of a config's dtype ("bfloat16", torch.float32, None: assume 16-bit)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
-    return torch.tensor([], dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 2
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 2
 
 
 def _layer_index(name: str) -> int | None:

@@ -14,7 +14,7 @@ from ..config import RunConfig, TaskConfig, data_options
 from ..data import PreparedData, prepare, split_validation
 from ..deploy import check_run_config
 from ..errors import ConfigError
-from ..lora import LoraModel, wrap
+from ..lora import LoraModel
 from .distributed import QUANTIZED_FSDP, DistributedRun, init_distributed, shard_base_layers, silent
 from .loop import FitResult, fit
 from .plan_check import check_before_training
@@ -46,12 +46,7 @@ def _run(config: RunConfig, resume: str | None, log: Callable[[str], None],
     check_before_training(config, log, enforce=distributed is None)  # predicted peak memory (plan_check.py)
     loaded = load_base_model(config.model, log=log, shard_over=distributed if fsdp else None)
     log(loaded.describe())
-    if config.tasks:
-        lora_model = _wrap_tasks(loaded.model, config)
-    else:
-        lora_model = wrap(loaded.model, config.lora)
-    if config.model.adapter_dtype != "float32":
-        lora_model.cast_adapters(getattr(torch, config.model.adapter_dtype))
+    lora_model = wrap_adapters(loaded.model, config)
     if fsdp:
         layers = shard_base_layers(lora_model, distributed)  # a no-op for layers loaded into their shards
         log(f"fsdp: the frozen weights of {layers} decoder layers are sharded over {distributed.world} processes")
@@ -92,17 +87,21 @@ def _prepare_data(config: RunConfig, tokenizer, options, log: Callable[[str], No
     return train, validation
 
 
-def _wrap_tasks(model: torch.nn.Module, config: RunConfig) -> LoraModel:
-    """One adapter per task, each initialised from the same seed as a run training it alone would be."""
+def wrap_adapters(model: torch.nn.Module, config: RunConfig, *, _init=None) -> LoraModel:
+    """The run's adapters on `model`, in model.adapter_dtype: the lora section's, or one per task, each initialised
+    from the same seed as a run training it alone would be. `_init` overrides the init (the planner's meta model)."""
+    tasks = [(task.name, task.lora or config.lora) for task in config.tasks] or [("default", config.lora)]
     lora_model = None
-    for task in config.tasks:
-        torch.manual_seed(config.train.seed)
-        lora = task.lora or config.lora
+    for name, lora in tasks:
+        if config.tasks:
+            torch.manual_seed(config.train.seed)
         if lora_model is None:
-            lora_model = wrap(model, lora, adapter_name=task.name)
+            lora_model = LoraModel(model, lora, name, _init=_init)
         else:
-            lora_model.add_adapter(task.name, lora)
-    lora_model.set_adapter([task.name for task in config.tasks])
+            lora_model.add_adapter(name, lora, _init=_init)
+    lora_model.set_adapter([name for name, _ in tasks])
+    if config.model.adapter_dtype != "float32":
+        lora_model.cast_adapters(getattr(torch, config.model.adapter_dtype))
     return lora_model
 
 
