@@ -136,19 +136,18 @@ def load_base_model(config: ModelConfig, *, log=lambda _: None, shard_over=None)
     options = _hub_options(config)
     spec = quant_spec(config, dtype, device)
     try:
-        model = None
-        if spec is None and shard_over is not None:
-            model = _load_into_shards(source, dtype, device, shard_over, options, config, log)
-        if model is None and spec is None:
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, attn_implementation=config.attn_implementation, **options
-            )
-            model.to(device)
-        elif model is None:
+        if spec is not None:
             from .quant import load_quantized
 
             model = load_quantized(source, spec, device=device, log=log,
                                    options=dict(options, attn_implementation=config.attn_implementation))
+        else:
+            model = None if shard_over is None else _load_into_shards(source, dtype, device, shard_over, options,
+                                                                      config, log)
+            if model is None:  # not fsdp, or a checkpoint that cannot be loaded into shards
+                model = AutoModelForCausalLM.from_pretrained(
+                    source, dtype=dtype, attn_implementation=config.attn_implementation, **options)
+                model.to(device)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path: cannot load {source!r}: {err}", where="run config") from None
     model.eval()

@@ -149,9 +149,10 @@ def _encode(tensor: torch.Tensor, quant: str, gguf):
     or q8_0 where the row length is a multiple of q8_0's 32-value block (else f16)."""
     array = tensor.numpy()
     if tensor.dim() == 1:
-        return array.astype("float32"), gguf.GGMLQuantizationType.F32
-    if quant == "q8_0" and tensor.shape[-1] % 32 == 0:
-        return gguf.quantize(array.astype("float32"), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+        return array.astype("float32", copy=False), gguf.GGMLQuantizationType.F32
+    if quant == "q8_0" and tensor.shape[-1] % 32 == 0:  # the tensor is float32 already: no second copy
+        return (gguf.quantize(array.astype("float32", copy=False), gguf.GGMLQuantizationType.Q8_0),
+                gguf.GGMLQuantizationType.Q8_0)
     return array.astype("float16"), gguf.GGMLQuantizationType.F16
 
 
@@ -226,8 +227,9 @@ def _vocabulary(tokenizer, size: int, *, sentencepiece: bool) -> tuple[list[str]
     added = tokenizer.added_tokens_decoder  # id -> AddedToken
     special = set(tokenizer.all_special_ids) | {i for i, token in added.items() if token.special}
     tokens, types = [], []
+    known = len(tokenizer)  # once: older tokenizers versions copy the whole vocabulary on every len()
     for i in range(size):
-        if i >= len(tokenizer):
+        if i >= known:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
             continue

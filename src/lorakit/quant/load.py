@@ -129,6 +129,21 @@ def _set_tensor(model: nn.Module, target: str, tensor: torch.Tensor, device: tor
         module._buffers[leaf] = tensor.to(device)
 
 
+def build_on_meta(config, files: list[Path], *, dtype: torch.dtype, options: dict):
+    """(the model of `config` with its parameters on meta, the checkpoint entries it uses, checkpoint name ->
+    model name) for the streaming loaders; or the reason (a str) when the checkpoint's names are not its own."""
+    from transformers import AutoModelForCausalLM
+
+    entries = [entry for path in files for entry in read_header(path)]
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=options.get("trust_remote_code", False),
+                                                 attn_implementation=options.get("attn_implementation"))
+    mapping, unknown = map_names(model, entries)
+    if unknown:
+        return f"checkpoint tensor names such as {unknown[:3]} are not this model's own"
+    return model, [e for e in entries if e.name in mapping], mapping
+
+
 def stream_quantized(source: str, config, spec: QuantSpec, files: list[Path], *, device: torch.device,
                      from_config_options: dict) -> nn.Module | tuple[None, str]:
     """Build the model and fill it from `files`, quantizing linear weights as they are read.
@@ -136,20 +151,14 @@ def stream_quantized(source: str, config, spec: QuantSpec, files: list[Path], *,
     Returns the model, or (None, reason) when the checkpoint's tensor names are not the model's own
     (the caller then uses transformers' loader, which knows its renames).
     """
-    from transformers import AutoModelForCausalLM
-
     require_bitsandbytes()
-    entries = [entry for path in files for entry in read_header(path)]
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=spec.compute_dtype,
-                                                 trust_remote_code=from_config_options.get("trust_remote_code", False),
-                                                 attn_implementation=from_config_options.get("attn_implementation"))
-    mapping, unknown = map_names(model, entries)
-    if unknown:
-        return None, f"checkpoint tensor names such as {unknown[:3]} are not this model's own"
+    built = build_on_meta(config, files, dtype=spec.compute_dtype, options=from_config_options)
+    if isinstance(built, str):
+        return None, built
+    model, entries, mapping = built
     targets = _quantize_targets(model)
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    for entry, tensor in iter_tensors(files, [e for e in entries if e.name in mapping]):
+    for entry, tensor in iter_tensors(files, entries):
         target = mapping[entry.name]
         module_name, _, leaf = target.rpartition(".")
         expected = model.get_submodule(module_name)._parameters.get(leaf)

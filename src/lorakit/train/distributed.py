@@ -108,8 +108,7 @@ QUANTIZED_FSDP = ("distributed.strategy: fsdp cannot shard a 4/8-bit (bitsandbyt
 def shard_base_layers(model: nn.Module, run: DistributedRun) -> int:
     """fully_shard every decoder layer's frozen weights across the processes; the trainable (LoRA) weights stay
     whole. Returns the number of layers sharded."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule
 
     from .checkpointing import decoder_layers
 
@@ -121,14 +120,20 @@ def shard_base_layers(model: nn.Module, run: DistributedRun) -> int:
                           where="run config")
     if any(type(m).__module__.startswith("bitsandbytes") for m in base.modules()):
         raise ConfigError(QUANTIZED_FSDP, where="run config")
-    from torch.distributed.fsdp import FSDPModule
+    todo = [layer for layer in layers if not isinstance(layer, FSDPModule)]  # not loaded into shards already
+    if todo:
+        fully_shard_layers(todo, run.world, "cuda" if run.backend == "nccl" else "cpu")
+    return len(layers)
 
-    layers = [layer for layer in layers if not isinstance(layer, FSDPModule)]  # not loaded into shards already
-    if layers:
-        mesh = init_device_mesh("cuda" if run.backend == "nccl" else "cpu", (run.world,))
-        for layer in layers:
-            fully_shard(layer, mesh=mesh, ignored_params={p for p in layer.parameters() if p.requires_grad})
-    return len(decoder_layers(base))
+
+def fully_shard_layers(layers: list[nn.Module], world: int, device_type: str) -> None:
+    """fully_shard each layer over `world` processes (FSDP2); its trainable (LoRA) parameters stay whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device_type, (world,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, ignored_params={p for p in layer.parameters() if p.requires_grad})
 
 
 def launched_processes() -> int:

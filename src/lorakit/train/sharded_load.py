@@ -16,36 +16,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .distributed import DistributedRun
+from .distributed import DistributedRun, fully_shard_layers
 
 
 def load_into_shards(source: str, config, files: list[Path], *, dtype: torch.dtype, device: torch.device,
                      run: DistributedRun, options: dict) -> nn.Module | tuple[None, str]:
     """The model of `config` with its decoder layers fully_shard-ed over `run`'s processes and every tensor
     read from `files`; or (None, reason) when the checkpoint's names are not the model's own."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-    from transformers import AutoModelForCausalLM
 
-    from ..quant.load import check_shape, map_names, parameters_on_meta, require_complete
-    from ..quant.stream import iter_tensors, read_header
+    from ..quant.load import build_on_meta, check_shape, require_complete
+    from ..quant.stream import iter_tensors
     from .checkpointing import decoder_layers
 
-    entries = [entry for path in files for entry in read_header(path)]
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=options.get("trust_remote_code", False),
-                                                 attn_implementation=options.get("attn_implementation"))
-    mapping, unknown = map_names(model, entries)
-    if unknown:
-        return None, f"checkpoint tensor names such as {unknown[:3]} are not this model's own"
+    built = build_on_meta(config, files, dtype=dtype, options=options)
+    if isinstance(built, str):
+        return None, built
+    model, entries, mapping = built
     layers = decoder_layers(model)
     if not layers:
         return None, f"{type(model).__name__} has no decoder layers lorakit can shard"
     model.requires_grad_(False)
-    mesh = init_device_mesh(device.type, (run.world,))
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
+    fully_shard_layers(layers, run.world, device.type)
     # to_empty allocates every parameter (a layer's as its local shard) and every buffer, uninitialised;
     # buffers computed at construction (rotary tables) were made for real, so they are put back.
     buffers = {name: b for name, b in model.named_buffers() if not b.is_meta}
@@ -56,7 +48,7 @@ def load_into_shards(source: str, config, files: list[Path], *, dtype: torch.dty
 
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
-    for entry, tensor in iter_tensors(files, [e for e in entries if e.name in mapping]):
+    for entry, tensor in iter_tensors(files, entries):
         target = mapping[entry.name]
         param = params.get(target)
         if param is None:  # a persistent buffer
@@ -69,9 +61,9 @@ def load_into_shards(source: str, config, files: list[Path], *, dtype: torch.dty
                 local = param.to_local()
                 pieces = torch.chunk(tensor, run.world, dim=0)
                 mine = pieces[run.rank] if run.rank < len(pieces) else tensor[:0]
-                local.copy_(mine.to(local.dtype))
+                local.copy_(mine)  # copy_ converts the dtype: no second full tensor
             else:
-                param.copy_(tensor.to(param.dtype))
+                param.copy_(tensor)
         loaded.add(target)
         del tensor
     model.tie_weights()  # to_empty gave tied parameters separate storage; tie them again
