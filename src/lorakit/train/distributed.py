@@ -30,6 +30,7 @@ from torch import nn
 
 from ..config import DistributedConfig
 from ..errors import ConfigError
+from ..lora.inject import is_quantized_linear
 
 T = TypeVar("T")
 
@@ -118,7 +119,7 @@ def shard_base_layers(model: nn.Module, run: DistributedRun) -> int:
         raise ConfigError(f"distributed.strategy: fsdp shards decoder layers, and lorakit finds none in "
                           f"{type(base).__name__} (transformers' GradientCheckpointingLayer); use ddp",
                           where="run config")
-    if any(type(m).__module__.startswith("bitsandbytes") for m in base.modules()):
+    if any(is_quantized_linear(m) for m in base.modules()):
         raise ConfigError(QUANTIZED_FSDP, where="run config")
     todo = [layer for layer in layers if not isinstance(layer, FSDPModule)]  # not loaded into shards already
     if todo:

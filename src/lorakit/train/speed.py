@@ -20,6 +20,7 @@ from torch import nn
 from ..config import SpeedConfig
 from ..errors import ConfigError
 from ..lora import LoraModel
+from ..lora.inject import is_quantized_linear
 from .checkpointing import decoder_layers
 
 COMPILE_MIN_STEPS = 300
@@ -96,7 +97,7 @@ def compile_obstacles(model: nn.Module, layers: list[nn.Module], device: str, ch
                        "find (transformers' GradientCheckpointingLayer)")
     if checkpointing:
         reasons.append("train.gradient_checkpointing is on (compiled layers are not checkpointed)")
-    if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+    if any(is_quantized_linear(m) for m in model.modules()):
         reasons.append("the base is quantized (bitsandbytes layers are not compiled)")
     from torch.distributed.fsdp import FSDPModule
 
