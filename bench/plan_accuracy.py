@@ -109,7 +109,7 @@ def worker(config: str, overrides: list[str]) -> None:
         assert main(["plan", config, "--json", *sets]) == 0
     plan = json.loads(captured.getvalue().strip().splitlines()[-1])
     with contextlib.redirect_stdout(io.StringIO()):
-        code = main(["train", config, *sets])
+        code = main(["train", config, "--overwrite", *sets])  # each shape reuses the work directory
     status = {k: int(v.split()[0]) * 1024 for k, _, v in
               (line.partition(":") for line in Path("/proc/self/status").read_text().splitlines())
               if k in ("VmHWM", "VmRSS")}

@@ -197,7 +197,7 @@ def lorakit_worker(args, opts: dict, probe: Probe) -> dict:
             print(line, file=sys.stderr)
 
     run_mod.fit = fit
-    result = run_mod.run_training(load_run_config(path), log=log)
+    result = run_mod.run_training(load_run_config(path), overwrite=True, log=log)  # repeats reuse out_dir
     settings = (f"yaml {json.dumps({k: cfg[k] for k in ('model', 'data', 'train')}, separators=(',', ':'))}; "
                 f"packing={seen['packing']}")
     return dict(loss_first=result.losses[0], loss_last=result.losses[-1], settings=settings)

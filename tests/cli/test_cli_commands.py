@@ -227,6 +227,8 @@ def test_quickstart_runs_every_stage_offline(tmp_path, capsys):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "qs" / "merged")
     assert merged.config.model_type == "llama"
     assert (tmp_path / "qs" / "adapter" / "adapter_config.json").is_file()
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "4"]) == 2  # never over the earlier run
+    assert "--overwrite" in capsys.readouterr().err
 
 
 def test_train_with_packing_and_gradient_checkpointing(run_config, tmp_path):

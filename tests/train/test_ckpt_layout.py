@@ -160,6 +160,6 @@ def test_fingerprints_are_kept_and_drift_is_reported_key_by_key(tmp_path):
     state = resume(tmp_path, *linear_setup()[1:])
     assert state.fingerprints == saved
     now = {**saved, "config_sha256": "abd", "seed": 2}
-    with pytest.raises(CheckpointError, match=r"config_sha256: checkpoint 'abc', now 'abd'\n  - seed: checkpoint 1"):
+    with pytest.raises(CheckpointError, match=r"config_sha256: checkpoint 'abc', now 'abd'\n  - train.seed: checkpoint 1"):
         compare_fingerprints(state.fingerprints, now)
     compare_fingerprints(state.fingerprints, now, allow_change=["config_sha256", "seed"])

@@ -212,7 +212,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process(workdir, reference, str
         assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5), step
     # A different number of micro-batches per step would change the run: refused, saying what differs.
     done = _single(["train", config, "--set", "train.resume=auto", "--set", "train.max_steps=14"])
-    assert done.returncode != 0 and "grad_accum: checkpoint 2, now 1" in done.stdout + done.stderr
+    assert done.returncode != 0 and "train.grad_accum_x_processes: checkpoint 2, now 1" in done.stdout + done.stderr
 
 
 def test_a_failing_rank_stops_every_rank_with_its_error_shown(workdir, tmp_path):

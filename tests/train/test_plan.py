@@ -229,7 +229,7 @@ config, sets = sys.argv[1], [x for o in sys.argv[2:] for x in ("--set", o)]
 out = io.StringIO()
 with contextlib.redirect_stdout(out):
     assert main(["plan", config, "--json", *sets]) == 0
-    code = main(["train", config, *sets])
+    code = main(["train", config, "--overwrite", *sets])  # every case trains into the same out/
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
 plan = json.loads(next(l for l in out.getvalue().splitlines() if l.startswith("{")))
 print("RESULT " + json.dumps({"code": code, "predicted": plan["peak_bytes"],

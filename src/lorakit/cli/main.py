@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import AdapterError, CheckpointError, ConfigError, DataError, LorakitError
+from ..signals import Terminated
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -19,7 +20,8 @@ HINTS = {
     ConfigError: "fix the field named above; `lorakit train --help` lists every field with its allowed values",
     DataError: "fix the record at the location shown, or set data.skip_bad_records: true to skip and count bad records",
     AdapterError: "check that the adapter directory was written by lorakit or PEFT for this base model",
-    CheckpointError: "resume from another checkpoint (--resume PATH), or start fresh with --resume never",
+    CheckpointError: "resume from another checkpoint (--resume PATH), or start over with --overwrite (or another "
+                     "output_dir)",
 }
 
 
@@ -37,7 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hint:
             print(f"hint: {hint}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, Terminated):
+            print("terminated (SIGTERM)", file=sys.stderr)
+            return stop.exit_code
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
@@ -57,7 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="the run config (YAML)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                        help="override a config field, e.g. --set train.lr=2e-4 (repeatable)")
-    train.add_argument("--resume", default=None, help="auto (latest complete checkpoint), never, or a checkpoint directory")
+    train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|never|PATH",
+                       help="continue the run in output_dir: auto (the default when given bare: the latest intact "
+                       "checkpoint), never, or a checkpoint directory")
+    train.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds a previous "
+                       "run: deletes lorakit's outputs there (checkpoints, adapter, metrics, ...), nothing else")
+    train.add_argument("--allow-change", action="append", default=[], metavar="FIELD",
+                       help="resume although FIELD (e.g. train.lr, or a whole section: lora) differs from the "
+                       "checkpoint's settings (repeatable; max_steps, epochs, logging and saving may always change)")
     train.add_argument("--force", action="store_true", help="train even where the memory plan predicts the run "
                        "does not fit (the same as --set train.memory_check=false)")
     train.set_defaults(handler=_train)
@@ -128,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick = sub.add_parser("quickstart", help="the whole workflow on a shipped tiny model and dataset, offline")
     quick.add_argument("--out", default="lorakit-quickstart", help="output directory (adapter, metrics, merged model)")
     quick.add_argument("--steps", type=int, default=1000, help="training steps")
+    quick.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart in --out")
     quick.set_defaults(handler=_quickstart)
 
     for name, helptext in (("generate", "generate a completion for one prompt, streamed"),
@@ -177,7 +190,8 @@ def _train(args: argparse.Namespace) -> int:
     from ..train.run import run_training
 
     config = load_run_config(args.config, args.overrides + (["train.memory_check=false"] if args.force else []))
-    run_training(config, resume=args.resume, log=print)  # fit logs its own closing summary
+    run_training(config, resume=args.resume, overwrite=args.overwrite, allow_change=args.allow_change,
+                 log=print)  # fit logs its own closing summary
     return 0
 
 
@@ -222,7 +236,7 @@ def _chosen_task(config, name: str | None):
 def _quickstart(args: argparse.Namespace) -> int:
     from ..quickstart import run_quickstart
 
-    run_quickstart(args.out, max_steps=args.steps, log=print)
+    run_quickstart(args.out, max_steps=args.steps, overwrite=args.overwrite, log=print)
     return 0
 
 

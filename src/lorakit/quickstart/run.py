@@ -67,13 +67,16 @@ def _answers(loaded: LoadedModel, model: torch.nn.Module, prompts: list[str], ma
     return out
 
 
-def run_quickstart(output_dir: str | Path = "lorakit-quickstart", *, max_steps: int = 1000,
+def run_quickstart(output_dir: str | Path = "lorakit-quickstart", *, max_steps: int = 1000, overwrite: bool = False,
                    log: Callable[[str], None] = print) -> QuickstartResult:
+    """`overwrite` replaces an earlier quickstart in `output_dir` (without it, one there is refused)."""
+    from ..train.output_dir import check_output_dir
     from ..train.run import run_training
 
     started = time.perf_counter()
     output_dir = Path(output_dir)
     config = quickstart_config(output_dir, max_steps=max_steps)
+    check_output_dir(output_dir, resuming=False, overwrite=overwrite)  # before the first step, not after
     demo = json.loads((ASSETS / "data" / "demo_prompts.json").read_text(encoding="utf-8"))
     prompts, expected = [d["prompt"] for d in demo], [d["expected"] for d in demo]
 
@@ -85,7 +88,7 @@ def run_quickstart(output_dir: str | Path = "lorakit-quickstart", *, max_steps: 
 
     log(f"\n== 2/4  training a LoRA adapter (r={config.lora.r}, {config.train.max_steps} steps) on "
         f"{Path(config.data.train).name}")
-    result = run_training(config, resume="never", log=log)
+    result = run_training(config, resume="never", overwrite=overwrite, log=log)
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     eval_losses = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     log("validation loss: " + "  ".join(f"step {s}: {v:.3f}" for s, v in eval_losses))

@@ -208,7 +208,11 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model_params: dict[st
             raise CheckpointError(f"saving checkpoint step {step} in {root} failed: {err}") from err
         raise
     if keep_last is not None:
-        rotate_checkpoints(out_dir, keep_last, keep_steps=() if best_step is None else (best_step,))
+        try:
+            rotate_checkpoints(out_dir, keep_last, keep_steps=() if best_step is None else (best_step,))
+        except OSError as err:  # the new checkpoint is committed; an old one we cannot delete costs only space
+            warnings.warn(f"checkpoint step {step} is saved, but deleting older checkpoints failed: {err}; "
+                          "training goes on (delete them by hand to free the space)", stacklevel=2)
     return final
 
 
@@ -235,7 +239,11 @@ def rotate_checkpoints(out_dir: str | os.PathLike, keep_last: int, keep_steps: I
         if path in keep or _step_of(path) >= newest:
             continue
         aside = path.with_name(f"{TMP_PREFIX}delete-{path.name}")
-        os.rename(path, aside)
+        try:
+            os.rename(path, aside)
+        except OSError as err:  # one we cannot move (permissions, a busy mount) is kept; the others still go
+            warnings.warn(f"could not delete old checkpoint {path}: {err}; keeping it", stacklevel=2)
+            continue
         shutil.rmtree(aside, ignore_errors=True)
         removed.append(path)
         _fault("mid_rotate")

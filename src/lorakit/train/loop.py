@@ -9,10 +9,8 @@ Step numbers are 1-based: step n is the n-th optimizer step, and checkpoint step
 
 from __future__ import annotations
 
-import array
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -37,14 +35,15 @@ from .chunked_loss import lm_loss_sum, split_head
 from .distributed import DistributedRun, silent
 from .evaluate import EvalResult, eval_result, evaluate, loss_sums, model_device, model_inputs
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, NullMetricsLog, plot_losses
-from .restore import compare_fingerprints, resume as resume_checkpoint
+from .fingerprint import MAY_CHANGE, run_fingerprints
+from .output_dir import ADAPTER_DIR, TRAINER_STATE, check_output_dir, clear_own_outputs, write_run_file
+from .restore import resume as resume_checkpoint
+from ..signals import Terminated, sigterm_as_interrupt
 from .schedule import build_scheduler
 from .speed import setup_speed
 from .tasks import TaskSet, adapter_parameters, clip_by_task, supervised_by_task, task_loss_sums
 
 Hook = Callable[[str, dict], None]
-ADAPTER_DIR = "adapter"
-TRAINER_STATE = "trainer_state.json"
 MAX_CONSECUTIVE_SKIPS = 3  # RELIABILITY.md section 4: stop after 3 consecutive or 10 total skipped updates
 MAX_TOTAL_SKIPS = 10
 SPIKE_FACTOR, SPIKE_WINDOW = 10.0, 100  # a loss above 10x the median of the last 100 steps is logged as a spike
@@ -116,26 +115,6 @@ def total_steps_for(config: TrainConfig, n_batches: int, processes: int = 1) -> 
     return max(1, math.ceil(config.epochs * math.ceil(n_batches / (config.grad_accum * processes))))
 
 
-def run_fingerprints(data: PreparedData | TaskSet, config: TrainConfig, processes: int = 1) -> dict:
-    """What fixes the sequence of batches; a resume must match it or the data order would silently change.
-    "grad_accum" is the micro-batches per step, grad_accum x processes: a run checkpointed on 2 processes
-    resumes exactly on 1 with grad_accum doubled (the data position counts micro-batches, not steps).
-    A TaskSet hashes each task's name and examples in order (its data is never packed)."""
-    tasks = data.tasks if isinstance(data, TaskSet) else None
-    digest = hashlib.sha256()
-    for name, prepared in ([(t.name, t.data) for t in tasks] if tasks else [(None, data)]):
-        if name is not None:
-            digest.update(name.encode() + b"\0")
-        for e in prepared.examples:
-            digest.update(array.array("q", e.input_ids).tobytes())
-            digest.update(array.array("q", e.labels).tobytes())
-            digest.update(b"|")
-    out = {"data_sha256": digest.hexdigest(), "examples": data.examples if tasks else len(data.examples),
-           "packing": False if tasks else data.packing, "batch_size": config.batch_size,
-           "grad_accum": config.grad_accum * processes, "seed": config.seed}
-    return {**out, "tasks": [t.name for t in tasks]} if tasks else out
-
-
 def _windows(batches: Iterator[dict], size: int) -> Iterator[list[dict]]:
     """Group micro-batches into accumulation windows of `size` (the epoch's last one may be shorter)."""
     while True:
@@ -175,13 +154,18 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config: TrainConfig, output_dir: str | Path, *,
         eval_data: PreparedData | None = None, hooks: Iterable[Hook] = (), log: Callable[[str], None] = print,
         resume: str | None = None, speed: SpeedConfig | None = None,
-        distributed: DistributedRun | None = None) -> FitResult:
+        distributed: DistributedRun | None = None, overwrite: bool = False, allow_change: Iterable[str] = (),
+        settings: dict | None = None) -> FitResult:
     """Train the trainable parameters of `lora_model` on `train_data` as `config` says; write checkpoints,
     metrics.jsonl, trainer_state.json and the final adapter (PEFT layout) under `output_dir`.
 
-    `resume` ("never", "auto" or a checkpoint directory) overrides `config.resume`. Hooks are called as
-    hook(event, info) with event "step", "eval" or "save". On KeyboardInterrupt a checkpoint of the last
-    completed step is saved and the interrupt re-raised. Non-finite loss or gradients follow
+    `resume` ("never", "auto" or a checkpoint directory) overrides `config.resume`. `output_dir` must be new or
+    empty, or hold the run being resumed (output_dir.py); `overwrite` deletes a previous run's outputs there
+    first (and nothing else). A resumed checkpoint must match this run's settings (`settings`: the run config's
+    other sections, as fingerprint.run_settings records them; the train section is recorded here), except those
+    in fingerprint.MAY_CHANGE and those named in `allow_change`. Hooks are called as
+    hook(event, info) with event "step", "eval" or "save". On KeyboardInterrupt (and SIGTERM, raised as one) a
+    checkpoint of the last completed step is saved and the interrupt re-raised. Non-finite loss or gradients follow
     `config.nan_policy`; giving up raises TrainingError and leaves the last good checkpoint in place.
     `speed` (default: SpeedConfig()'s fast path) is applied for the run and undone when fit returns.
     `distributed` (from init_distributed, under torchrun): this process trains on its share of each step's
@@ -196,6 +180,9 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config:
     if not main:
         log = silent
     resume_from = str(config.resume if resume is None else resume)
+    if overwrite and resume_from != "never":
+        raise ConfigError(f"overwrite starts the run over and resume={resume_from} continues it; choose one",
+                          where="train")
     if config.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"nan_policy: {config.nan_policy!r} is not one of stop, skip", where="train config")
     tasks = train_data if isinstance(train_data, TaskSet) else None
@@ -214,7 +201,7 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config:
     rows = packed_rows(train_data) if tasks is None and train_data.packing else None
     eval_rows = packed_rows(eval_data) if eval_data is not None and eval_data.packing else None
     evaluates = eval_data is not None or (tasks is not None and any(t.eval_data for t in tasks.tasks))
-    fingerprints = run_fingerprints(train_data, config, processes)
+    fingerprints = run_fingerprints(train_data, config, processes, settings)
     if tasks is None:
         n_batches = batches_per_epoch(train_data, config.batch_size, rows)
     else:
@@ -325,24 +312,36 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config:
                 else "no checkpoint had been saved yet")
 
     try:
-        with checkpoint_lock(out) if main else contextlib.nullcontext():
-            # ---- resume ----
+        with checkpoint_lock(out) if main else contextlib.nullcontext(), sigterm_as_interrupt():
+            # ---- the output directory, then resume ----
+            found = check_output_dir(out, resuming=resume_from != "never", overwrite=overwrite) if main else None
+            resumed = None
             if resume_from != "never":
-                resumed = resume_checkpoint(out, params, optimizer, scheduler, checkpoint=resume_from)
+                resumed = resume_checkpoint(out, params, optimizer, scheduler, checkpoint=resume_from,
+                                            fingerprints=fingerprints, allow_change=allow_change, may_change=MAY_CHANGE)
+                if resumed is None and found is not None and found.previous_run:
+                    raise CheckpointError(f"resume={resume_from}: {out} holds a previous run ({found.describe()}) but "
+                                          "no checkpoint to continue it from; start over with --overwrite, or choose "
+                                          "another output_dir")
                 if resumed is None:
                     log(f"resume={resume_from}: no checkpoint in {out}; starting from step 0")
-                else:
-                    compare_fingerprints(resumed.fingerprints, fingerprints)
-                    position = resumed.data_position
-                    if not (isinstance(position.get("epoch"), int) and isinstance(position.get("batches_done"), int)):
-                        raise CheckpointError(f"{resumed.path}: data_position {position!r} lacks epoch/batches_done")
-                    for key, value in resumed.trainer_state.items():
-                        if hasattr(state, key):
-                            setattr(state, key, value)
-                    state.step, state.epoch, state.batches_done = resumed.step, position["epoch"], position["batches_done"]
-                    resumed_from = last_saved = resumed.step
-                    log(f"resumed from {resumed.path} at step {resumed.step} "
-                        f"(epoch {state.epoch}, batch {state.batches_done} of {n_batches})")
+            if resumed is None and main:
+                if overwrite and found.own:
+                    log(f"overwrite: deleting the previous run's {', '.join(clear_own_outputs(found))} in {out}")
+                write_run_file(out, fingerprints)
+            if resumed is not None:
+                for change in resumed.changes:
+                    log(f"resuming with a changed setting: {change}")
+                position = resumed.data_position
+                if not (isinstance(position.get("epoch"), int) and isinstance(position.get("batches_done"), int)):
+                    raise CheckpointError(f"{resumed.path}: data_position {position!r} lacks epoch/batches_done")
+                for key, value in resumed.trainer_state.items():
+                    if hasattr(state, key):
+                        setattr(state, key, value)
+                state.step, state.epoch, state.batches_done = resumed.step, position["epoch"], position["batches_done"]
+                resumed_from = last_saved = resumed.step
+                log(f"resumed from {resumed.path} at step {resumed.step} "
+                    f"(epoch {state.epoch}, batch {state.batches_done} of {n_batches})")
             if distributed is not None:  # resumed or seeded alike, made identical to be sure
                 distributed.broadcast_parameters(list(params.values()))
             metrics = MetricsLog(out, keep_until_step=resumed_from) if main else NullMetricsLog()
@@ -497,7 +496,7 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config:
                         if fresh_epoch and state.step == step_at_start:  # would loop forever
                             raise DataError("no batch of the training data has a supervised token (every label is "
                                             "-100); check the template and train_on_prompt")
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as stop:
                 # Save where the last completed step left off; a half-done accumulation window is redone on resume
                 # (its gradients are dropped and the RNG rewound to the window's start).
                 if window_rng is not None:
@@ -507,7 +506,8 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config:
                 if metrics is not None:
                     metrics.close()
                     metrics = None
-                log(f"interrupted at step {state.step}; saving a checkpoint to resume from")
+                why = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+                log(f"{why} at step {state.step}; saving a checkpoint to resume from")
                 path = save("interrupted")
                 log(f"resume with resume=auto (or {path})")
                 raise

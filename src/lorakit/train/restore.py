@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -34,6 +34,8 @@ class Resumed:
     data_position: dict
     trainer_state: dict
     fingerprints: dict
+    changes: list[str] = field(default_factory=list)
+    """Settings that differ from the checkpoint's and were accepted (may_change or allow_change)."""
 
 
 # ---- parse and check ----------------------------------------------------------------------------------
@@ -72,11 +74,15 @@ def _check_model_tensors(file: Path, tensors: dict[str, torch.Tensor], params: d
 
 
 def load_checkpoint(path: str | os.PathLike, model_params: dict[str, nn.Parameter],
-                    optimizer: torch.optim.Optimizer | None = None, scheduler=None) -> Resumed:
+                    optimizer: torch.optim.Optimizer | None = None, scheduler=None, *,
+                    fingerprints: dict | None = None, allow_change: Iterable[str] = (),
+                    may_change: Iterable[str] = ()) -> Resumed:
     """Restore parameters, optimizer, scheduler and RNG from checkpoint `path`, in place.
 
     Every file's sha256 is checked and every part parsed and matched against the live objects first; only
     then is anything changed, so a refused checkpoint (CheckpointError) leaves the objects as they were.
+    A checkpoint that is intact but does not fit (`fingerprints` differ, or the tensors do) raises
+    CheckpointMismatch, so that callers can tell it from a corrupt one.
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -85,14 +91,26 @@ def load_checkpoint(path: str | os.PathLike, model_params: dict[str, nn.Paramete
         # Hash the very bytes we parse, so the file cannot change between check and use.
         blobs[name] = (path / name).read_bytes()
         check_sha256(path / name, blobs[name], manifest["files"][name]["sha256"])
+    changes = []
+    if fingerprints is not None:
+        changes = compare_fingerprints(manifest.get("fingerprints") or {}, fingerprints, allow_change=allow_change,
+                                       may_change=may_change)
+    return _apply(path, manifest, blobs, model_params, optimizer, scheduler, changes)
+
+
+def _apply(path: Path, manifest: dict, blobs: dict[str, bytes], model_params: dict[str, nn.Parameter],
+           optimizer, scheduler, changes: list[str]) -> Resumed:
     tensors = _parse_tensors(path / MODEL_FILE, blobs[MODEL_FILE])
     optim_tensors = _parse_tensors(path / OPTIMIZER_FILE, blobs[OPTIMIZER_FILE])
     state = _parse_state(path / STATE_FILE, blobs[STATE_FILE])
-    _check_model_tensors(path / MODEL_FILE, tensors, model_params)
     optim_sd = None
-    if optimizer is not None:
-        optim_sd = optimizer_state_from_names(optimizer, model_params, optim_tensors, state["optimizer"],
-                                              str(path / STATE_FILE))
+    try:  # intact files whose tensors are not this model's: a mismatch, never a reason to try an older checkpoint
+        _check_model_tensors(path / MODEL_FILE, tensors, model_params)
+        if optimizer is not None:
+            optim_sd = optimizer_state_from_names(optimizer, model_params, optim_tensors, state["optimizer"],
+                                                  str(path / STATE_FILE))
+    except CheckpointError as err:
+        raise CheckpointMismatch(str(err)) from None
     if scheduler is not None:
         saved = state["scheduler"]
         if not isinstance(saved, dict) or saved.get("class") != type(scheduler).__name__ \
@@ -116,34 +134,74 @@ def load_checkpoint(path: str | os.PathLike, model_params: dict[str, nn.Paramete
         scheduler.load_state_dict(state["scheduler"]["state"])
     restore_rng_state(state["rng"])
     return Resumed(path=path, step=manifest["step"], data_position=state["data_position"],
-                   trainer_state=state["trainer_state"], fingerprints=manifest.get("fingerprints") or {})
+                   trainer_state=state["trainer_state"], fingerprints=manifest.get("fingerprints") or {},
+                   changes=changes)
 
 
 def resume(out_dir: str | os.PathLike, model_params: dict[str, nn.Parameter],
            optimizer: torch.optim.Optimizer | None = None, scheduler=None, *,
-           checkpoint: str | os.PathLike = "auto") -> Resumed | None:
-    """Resume from `checkpoint`: a path (errors raise), or "auto": the newest checkpoint under `out_dir` that
-    loads, falling back past corrupt ones with a warning each. None means there is nothing to resume from."""
+           checkpoint: str | os.PathLike = "auto", fingerprints: dict | None = None,
+           allow_change: Iterable[str] = (), may_change: Iterable[str] = ()) -> Resumed | None:
+    """Resume from `checkpoint`: a path (errors raise), or "auto": the newest checkpoint under `out_dir`,
+    falling back past corrupt ones (a bad manifest or hash) with a warning each. None means there is no
+    checkpoint at all. A checkpoint that is intact but does not fit this run (other settings, other shapes:
+    CheckpointMismatch) is never skipped, and neither is a directory whose every checkpoint is corrupt: both
+    stop the run, because starting over would write over the run that is there.
+    With `fingerprints`, the checkpoint's recorded settings are compared first (compare_fingerprints)."""
     if str(checkpoint) != "auto":
-        return load_checkpoint(checkpoint, model_params, optimizer, scheduler)
+        return load_checkpoint(checkpoint, model_params, optimizer, scheduler, fingerprints=fingerprints,
+                               allow_change=allow_change, may_change=may_change)
     candidates = list_checkpoints(out_dir)
+    problems = []
     for path in reversed(candidates):
         try:
-            return load_checkpoint(path, model_params, optimizer, scheduler)
+            return load_checkpoint(path, model_params, optimizer, scheduler, fingerprints=fingerprints,
+                                   allow_change=allow_change, may_change=may_change)
+        except CheckpointMismatch:
+            raise
         except CheckpointError as err:
+            problems.append(f"{path.name}: {err}")
             warnings.warn(f"cannot resume from {path.name}: {err}; trying the previous checkpoint", stacklevel=2)
     if candidates:
-        warnings.warn(f"no valid checkpoint found in {Path(out_dir) / CHECKPOINTS} "
-                      f"({len(candidates)} present, none loads)", stacklevel=2)
+        raise CheckpointError(f"none of the {len(candidates)} checkpoints in {Path(out_dir) / CHECKPOINTS} is intact:\n"
+                              + "\n".join(f"  - {p}" for p in problems)
+                              + "\nresume from a copy you trust (--resume PATH), or start over with --overwrite")
     return None
 
 
-def compare_fingerprints(saved: dict, current: dict, *, allow_change: Iterable[str] = ()) -> None:
-    """Refuse a resume whose settings drifted: CheckpointError listing each differing key, unless allowed."""
-    allowed = set(allow_change)
-    diffs = [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
-             for key in sorted(set(saved) | set(current))
-             if key not in allowed and saved.get(key) != current.get(key)]
-    if diffs:
-        raise CheckpointError("the run differs from the checkpoint it resumes:\n" + "\n".join(f"  - {d}" for d in diffs)
-                              + "\nresume with the original settings, or allow the change explicitly")
+class CheckpointMismatch(CheckpointError):
+    """An intact checkpoint that does not fit this run: its settings or tensors differ from the run's."""
+
+
+# Fingerprint keys written by lorakit before 2026-12, read under today's names.
+LEGACY_KEYS = {"data_sha256": "data.sha256", "examples": "data.examples", "packing": "data.packing",
+               "batch_size": "train.batch_size", "grad_accum": "train.grad_accum_x_processes", "seed": "train.seed"}
+
+
+def _by_current_names(fingerprints: dict) -> dict:
+    return {LEGACY_KEYS.get(key, key): value for key, value in fingerprints.items()}
+
+
+def _allowed(key: str, allowed: set[str]) -> bool:
+    """`train.lr` is allowed by "train.lr", "train" or "all"; data.* by "data"."""
+    return "all" in allowed or any(key == a or key.startswith(a + ".") for a in allowed)
+
+
+def compare_fingerprints(saved: dict, current: dict, *, allow_change: Iterable[str] = (),
+                         may_change: Iterable[str] = ()) -> list[str]:
+    """Refuse a resume whose settings drifted: CheckpointMismatch listing each differing key, unless allowed
+    (`allow_change`: the user's word; `may_change`: settings that may legitimately differ, such as max_steps).
+    Keys the checkpoint did not record (an older lorakit wrote it) are not compared. Returns the accepted
+    differences, one line each, for the log."""
+    saved, current = _by_current_names(saved), _by_current_names(current)
+    allowed, free = {LEGACY_KEYS.get(a, a) for a in allow_change}, set(may_change)
+    diffs = [(key, f"{key}: checkpoint {saved[key]!r}, now {current[key]!r}")
+             for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
+    refused = [line for key, line in diffs if not _allowed(key, allowed | free)]
+    if refused:
+        raise CheckpointMismatch("the run differs from the checkpoint it resumes:\n"
+                                 + "\n".join(f"  - {d}" for d in refused)
+                                 + "\nresume with the checkpoint's settings, accept the change explicitly "
+                                 f"(--allow-change {' --allow-change '.join(k for k, l in diffs if l in refused)}), "
+                                 "or start over (--overwrite, or another output_dir)")
+    return [line for _, line in diffs]

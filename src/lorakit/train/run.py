@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -16,29 +16,36 @@ from ..deploy import check_run_config
 from ..errors import ConfigError
 from ..lora import LoraModel
 from .distributed import QUANTIZED_FSDP, DistributedRun, init_distributed, shard_base_layers, silent
+from .fingerprint import run_settings
 from .loop import FitResult, fit
+from .output_dir import check_output_dir
 from .plan_check import check_before_training
 from .tasks import Task, TaskSet
 from .tensorboard import TensorBoardHook
 
 
-def run_training(config: RunConfig, *, resume: str | None = None, log: Callable[[str], None] = print) -> FitResult:
+def run_training(config: RunConfig, *, resume: str | None = None, overwrite: bool = False,
+                 allow_change: Iterable[str] = (), log: Callable[[str], None] = print) -> FitResult:
     """Train the adapter `config` describes; `resume` ("never", "auto" or a checkpoint) overrides train.resume.
-    Under torchrun with several processes, each runs this (distributed.py); only rank 0 logs and writes."""
+    `overwrite` replaces a previous run in output_dir; `allow_change` names settings a resume may change (see
+    fit). Under torchrun with several processes, each runs this (distributed.py); only rank 0 logs and writes."""
     distributed = init_distributed(config.distributed)
     if distributed is not None and not distributed.is_main:
         log = silent
     try:
-        return _run(config, resume, log, distributed)
+        return _run(config, resume, overwrite, tuple(allow_change), log, distributed)
     finally:
         if distributed is not None:
             distributed.close()
 
 
-def _run(config: RunConfig, resume: str | None, log: Callable[[str], None],
-         distributed: DistributedRun | None) -> FitResult:
+def _run(config: RunConfig, resume: str | None, overwrite: bool, allow_change: tuple[str, ...],
+         log: Callable[[str], None], distributed: DistributedRun | None) -> FitResult:
     torch.manual_seed(config.train.seed)  # the LoRA A init draws from it
     random.seed(config.train.seed)
+    resume = str(config.train.resume if resume is None else resume)
+    if distributed is None or distributed.is_main:  # a directory we may not write into stops the run before loading
+        check_output_dir(config.output_dir, resuming=resume != "never", overwrite=overwrite)
     fsdp = distributed is not None and distributed.strategy == "fsdp"
     if fsdp and config.model.quantization is not None:
         raise ConfigError(QUANTIZED_FSDP, where="run config")  # before loading it, not after
@@ -61,7 +68,8 @@ def _run(config: RunConfig, resume: str | None, log: Callable[[str], None],
         hooks.append(TensorBoardHook(Path(config.output_dir) / "tensorboard"))
     try:
         return fit(lora_model, train, config.train, config.output_dir, eval_data=validation, log=log, resume=resume,
-                   hooks=hooks, speed=config.speed, distributed=distributed)
+                   hooks=hooks, speed=config.speed, distributed=distributed, overwrite=overwrite,
+                   allow_change=allow_change, settings=run_settings(config))
     finally:
         for hook in hooks:
             hook.close()

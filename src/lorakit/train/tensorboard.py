@@ -20,11 +20,13 @@ class TensorBoardHook:
         except ImportError:
             raise ConfigError("train.tensorboard: true needs the tensorboard package: pip install tensorboard "
                               "(or set train.tensorboard: false)", where="run config") from None
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self._writer_class, self.log_dir, self.writer = SummaryWriter, str(log_dir), None
 
     def __call__(self, event: str, info: dict) -> None:
         if event not in ("step", "eval"):
             return
+        if self.writer is None:  # made at the first event: after fit has checked the output directory
+            self.writer = self._writer_class(log_dir=self.log_dir)
         for key, tag in SCALARS.items():
             value = info.get(key)
             if isinstance(value, (int, float)):
@@ -33,4 +35,5 @@ class TensorBoardHook:
             self.writer.flush()  # evaluations are rare and worth seeing at once
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
