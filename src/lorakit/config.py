@@ -228,7 +228,8 @@ def _read_config_file(path: Path) -> dict:
         raise ConfigError(f"{path}: is a directory; give the run config's YAML file (e.g. {path / 'run.yaml'})",
                           where="run config") from None
     except OSError as err:  # permission denied, an unreadable device, ...
-        raise ConfigError(f"{path}: cannot read it ({err.strerror or type(err).__name__})", where="run config") from None
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(f"{path}: cannot read it ({reason})", where="run config") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not valid YAML (not UTF-8 text: byte offset {err.start})",
                           where="run config") from None
