@@ -175,6 +175,20 @@ def test_plain_tensor_pickle_loads_with_weights_only(tmp_path, input_ids):
     torch.testing.assert_close(_logits(loaded, input_ids), expected, rtol=0, atol=0)
 
 
+def test_pickle_is_refused_unread_on_torch_before_2_10(tmp_path, monkeypatch):
+    """torch < 2.10's weights_only unpickler is not safe (CVE-2026-24747): the .bin is never opened there."""
+    path, _ = _saved(tmp_path)
+    _replace_with_pickle(path, load_file(str(path / WEIGHTS)))
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cpu")
+    monkeypatch.setattr(torch, "load", never)
+    with pytest.raises(AdapterError, match=r"adapter_model.bin: refused; .* needs torch>=2.10 .this is torch 2.9.1"):
+        lorakit.load_adapter(build_model("llama"), path)
+
+
 # ---- bad tensors ---------------------------------------------------------------------------------------------
 KEY = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
 

@@ -99,6 +99,60 @@ def test_missing_file_and_malformed_override_are_clear(minimal, tmp_path):
         load_run_config(minimal, ["train.lr"])
 
 
+def test_six_bad_overrides_are_all_reported_with_the_files_problems(minimal):
+    """A malformed override (no '=', bad YAML) does not hide the others, and a type problem in a section does not
+    hide a range problem later in the same section: every problem is listed, each with its path."""
+    minimal.write_text(MINIMAL.replace("  dtype: auto", "  dtype: fp8"))  # and one problem in the file itself
+    bad = ["train.lr=abc",            # bad type
+           "train.lrr=1",             # unknown field
+           "trian.lr=1",              # unknown section
+           "train.batch_size",        # no '='
+           "train.epochs=[1",         # not YAML
+           "train.warmup_steps=-1"]   # out of range (after train.lr in the section)
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(minimal, bad)
+    message = str(caught.value)
+    for expected in ["train.lr: expected a number, got str 'abc'", "train.lrr: unknown key (did you mean 'lr'?)",
+                     "trian: unknown key (did you mean 'train'?)",
+                     "--set 'train.batch_size': must look like section.field=value",
+                     "--set 'train.epochs=[1': the value is not valid YAML",
+                     "train.warmup_steps: must be 0 or more, got -1", "model.dtype: must be one of"]:
+        assert expected in message
+    assert "(7 problems)" in message
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda d: d, "is a directory; give the run config's YAML file"),
+    (lambda d: d / "missing.yaml", "no such file"),
+    (lambda d: _write(d / "bad.yaml", "model: [unclosed\n"), r"bad.yaml:2:1: not valid YAML \(while parsing"),
+    (lambda d: _write(d / "latin1.yaml", "model: caf\xe9\n", "latin-1"), "not valid YAML .not UTF-8"),
+], ids=["directory", "missing", "bad-yaml", "not-utf8"])
+def test_config_file_problems_are_one_line_errors_naming_the_path(tmp_path, make, expected):
+    path = make(tmp_path)
+    with pytest.raises(ConfigError, match=expected) as caught:
+        load_run_config(path)
+    assert "\n" not in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_an_unreadable_config_file_is_a_config_error(tmp_path, monkeypatch):
+    """(Simulated: these tests may run as root, who can read a chmod 0 file.)"""
+    from pathlib import Path
+
+    path = _write(tmp_path / "run.yaml", MINIMAL)
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(ConfigError, match="run.yaml: cannot read it .Permission denied.$"):
+        load_run_config(path)
+
+
+def _write(path, text: str, encoding: str = "utf-8"):
+    path.write_text(text, encoding=encoding)
+    return path
+
+
 def test_the_commented_example_config_loads_and_names_every_field():
     """examples/run.yaml documents every field: it loads, and each field of each section appears in it."""
     from dataclasses import fields

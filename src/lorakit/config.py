@@ -199,38 +199,76 @@ def data_options(data: DataConfig):
 
 # ---- loading --------------------------------------------------------------------------------------------
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML run config, apply `key.path=value` overrides, validate everything at once."""
+    """Read a YAML run config, apply `key.path=value` overrides, validate everything at once: the problems of
+    every override and of the config they produce are reported together."""
     path = Path(path)
+    raw = _read_config_file(path)
+    problems: list[str] = []
+    for override in overrides:
+        try:
+            apply_override(raw, override)
+        except ConfigError as err:  # keep going: the next overrides and the config may have problems too
+            problems += err.problems
+    try:
+        config = run_config_from_dict(raw, where=str(path))
+    except ConfigError as err:
+        problems += err.problems
+    if problems:
+        raise ConfigError(problems, where=str(path))
+    return config
+
+
+def _read_config_file(path: Path) -> dict:
+    """The file's top-level mapping; anything else is a one-line ConfigError naming the path."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file", where="run config") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})", where="run config") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; give the run config's YAML file (e.g. {path / 'run.yaml'})",
+                          where="run config") from None
+    except OSError as err:  # permission denied, an unreadable device, ...
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(f"{path}: cannot read it ({reason})", where="run config") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid YAML (not UTF-8 text: byte offset {err.start})",
+                          where="run config") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{_yaml_place(path, err)}: not valid YAML ({_one_line(err)})", where="run config") from None
     if raw is None:
-        raw = {}
+        return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, lora, data, train, speed, distributed, output_dir)", where="run config")
-    for override in overrides:
-        apply_override(raw, override)
-    return run_config_from_dict(raw, where=str(path))
+    return raw
+
+
+def _yaml_place(path: Path, err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+
+
+def _one_line(err: yaml.YAMLError) -> str:
+    """PyYAML's message without its multi-line excerpt of the source (the place is given separately)."""
+    parts = [getattr(err, "context", None), getattr(err, "problem", None)]
+    text = ", ".join(p for p in parts if p) or str(err)
+    return " ".join(text.split())
 
 
 def apply_override(raw: dict, override: str) -> None:
     """Set `a.b.c=value` in a nested mapping; the value is parsed as YAML (2e-4, true, [q_proj, v_proj])."""
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {override!r} must look like section.field=value, e.g. train.lr=2e-4", where="--set")
+        raise ConfigError(f"--set {override!r}: must look like section.field=value, e.g. train.lr=2e-4", where="--set")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {override!r}: value is not valid YAML ({err})", where="--set") from None
+        raise ConfigError(f"--set {override!r}: the value is not valid YAML ({_one_line(err)})", where="--set") from None
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {part!r} is not a section", where="--set")
+            raise ConfigError(f"--set {override!r}: {part!r} is not a section", where="--set")
     node[parts[-1]] = value
 
 
@@ -292,8 +330,9 @@ def _build(cls: type, values: Any, path: str, problems: list[str]) -> Any:
             if required:
                 problems.append(f"{where}: required{_field_doc(cls, name)}")
             continue
+        known = len(problems)
         kwargs[name] = _coerce(hints[name], values[name], where, problems)
-        if len(problems) == before:
+        if len(problems) == known:  # range-check every well-typed field, not only those before the first problem
             _check_range(cls, name, kwargs[name], where, problems)
     return cls(**kwargs) if len(problems) == before else None
 

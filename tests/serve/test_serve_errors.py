@@ -116,6 +116,45 @@ def test_missing_and_bad_chat_fields(served):
         served.client().completions.create(model="tiny-llama", prompt="hi", n=3)
 
 
+# Raw JSON bodies holding the escape \ud800 (a lone UTF-16 surrogate): json.loads accepts it, a tokenizer or
+# the UTF-8 encoder of a reply quoting it does not. Each must be a 400 naming the field.
+SURROGATE = "\\ud800"
+LONE_SURROGATES = {
+    "completion_prompt": ("/v1/completions", f'{{"model": "tiny-llama", "prompt": "hi {SURROGATE}"}}', "prompt"),
+    "chat_content": ("/v1/chat/completions",
+                     f'{{"model": "tiny-llama", "messages": [{{"role": "user", "content": "{SURROGATE}"}}]}}',
+                     "messages.0.content"),
+    "chat_content_part": ("/v1/chat/completions",
+                          '{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}, '
+                          '{"role": "assistant", "content": "yes"}, {"role": "user", "content": '
+                          f'[{{"type": "text", "text": "a"}}, {{"type": "text", "text": "b{SURROGATE}c"}}]}}]}}',
+                          "messages.2.content.1.text"),
+    "stop_string": ("/v1/completions", f'{{"model": "tiny-llama", "prompt": "hi", "stop": "{SURROGATE}"}}', "stop"),
+    "stop_list": ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], '
+                  f'"stop": ["x", "{SURROGATE}"]}}', "stop.1"),
+    "model": ("/v1/completions", f'{{"model": "tiny{SURROGATE}", "prompt": "hi"}}', "model"),
+    "user": ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], '
+             f'"user": "{SURROGATE}"}}', "user"),
+    "role": ("/v1/chat/completions", f'{{"model": "tiny-llama", "messages": [{{"role": "{SURROGATE}", '
+             '"content": "hi"}]}', "messages.0.role"),
+    "adapter_name": ("/v1/adapters", f'{{"name": "a{SURROGATE}"}}', "name"),
+    "field_name": ("/v1/completions", f'{{"model": "tiny-llama", "prompt": "hi", "x{SURROGATE}": 1}}', None),
+}
+
+
+@pytest.mark.parametrize("path,raw,param", LONE_SURROGATES.values(), ids=LONE_SURROGATES.keys())
+def test_a_lone_surrogate_in_any_string_is_400_naming_the_field(served, path, raw, param):
+    r = httpx.post(served.url + path, content=raw.encode("ascii"), headers={"content-type": "application/json"})
+    err = _error(r, 400)
+    assert err["param"] == param and "lone UTF-16 surrogate" in err["message"]
+    if param:
+        assert err["message"].startswith(param + ":")
+    # a valid surrogate pair (an emoji, written as the escapes) is still text and is served
+    ok = httpx.post(served.url + "/v1/completions", content=b'{"model": "tiny-llama", "prompt": "hi \\ud83d\\ude00", '
+                    b'"max_tokens": 2}', headers={"content-type": "application/json"})
+    assert ok.status_code == 200, ok.text
+
+
 def test_limits_long_prompt_and_max_tokens_are_400(served):
     err = _error(httpx.post(served.url + "/v1/completions",
                             json={"model": "tiny-llama", "prompt": "hello world " * 100}), 400)
@@ -139,6 +178,37 @@ def test_body_over_one_mib_is_413(served):
 
     _error(httpx.post(served.url + "/v1/completions", content=chunked(), headers={"content-type": "application/json"}),
            413)
+
+
+@pytest.mark.parametrize("size", [20 * 1024, 64 * 1024], ids=["20KiB", "64KiB"])
+def test_request_headers_over_16_kib_are_431(served, size):
+    """A head that arrives whole (one write) is parsed by h11 whatever its size; the guard measures it."""
+    from lorakit.serve.guard import MAX_HEADER_BYTES
+
+    assert MAX_HEADER_BYTES == 16 * 1024
+    err = _error(httpx.get(served.url + "/v1/models", headers={"x-big": "a" * size}), 431)
+    assert err["code"] == "request_header_fields_too_large" and "16384" in err["message"]
+    split = {f"x-{i}": "b" * 1000 for i in range(size // 1000)}  # many headers add up the same way
+    _error(httpx.get(served.url + "/v1/models", headers=split), 431)
+    _error(httpx.get(served.url + "/v1/models?" + "q" * (20 * 1024)), 431)  # and so does the request line
+    assert httpx.get(served.url + "/v1/models", headers={"x-fine": "a" * 8 * 1024}).status_code == 200
+
+
+def test_a_head_still_arriving_past_16_kib_is_refused_by_h11(served):
+    """h11's own limit (uvicorn's h11_max_incomplete_event_size) answers before the head is complete."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(served.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (20 * 1024))  # no blank line yet
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.split(b" ")[1] in (b"400", b"431"), reply[:200]
 
 
 def test_no_chat_template_is_a_clear_400(served):

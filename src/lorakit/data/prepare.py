@@ -19,7 +19,8 @@ import torch
 
 from ..errors import DataError
 from .collate import LengthGroupedBatchSampler, PackedMask, collate, collate_packed
-from .formats import describe_keys, detect_format, normalise
+from .budget import tokenize_within_budget
+from .formats import Normalised, describe_keys, detect_format, normalise
 from .options import DataOptions
 from .packing import PackedRow, pack
 from .records import BadRecord, Record, read_records, records_from_objects
@@ -115,12 +116,8 @@ def prepare(source: Source, tokenizer: Any, options: DataOptions | None = None, 
             if fmt != "text" and template is None:
                 template = resolve_template(tokenizer, opts.template)  # DataError: stops at once, not per record
             item = normalise(rec.data, fmt, opts.columns)
-            if isinstance(item, str):
-                tok = tokenize_text(item, tokenizer)
-            else:
-                assert template is not None
-                tok = tokenize_conversation(item, tokenizer, template, train_on_prompt=opts.train_on_prompt)
-            example = _apply_length_policy(tok, rec.location, opts, summary, chat=not isinstance(item, str))
+            tok, cut = _tokenize(item, tokenizer, template, opts)
+            example = _apply_length_policy(tok, rec.location, opts, summary, chat=not isinstance(item, str), cut=cut)
         except BadRecord as e:
             where = e if e.location else e.at(rec.location)
             _drop(summary, e.reason, str(where))
@@ -143,15 +140,29 @@ def prepare(source: Source, tokenizer: Any, options: DataOptions | None = None, 
     return PreparedData(examples, summary, opts.packing_for(summary.format), opts.max_seq_len, pad)
 
 
+def _tokenize(item: Normalised, tokenizer: Any, template: ChatTemplate | None, opts: DataOptions) \
+        -> tuple[Tokenized, bool]:
+    """(the record tokenized, whether its text was cut to the budget first: see budget.py)."""
+    if isinstance(item, str):
+        return tokenize_within_budget(item, opts.max_seq_len, lambda text: tokenize_text(text, tokenizer))
+    assert template is not None
+    return tokenize_within_budget(
+        item, opts.max_seq_len, lambda turns: tokenize_conversation(turns, tokenizer, template,
+                                                                    train_on_prompt=opts.train_on_prompt),
+        template.literal_strings)
+
+
 def _apply_length_policy(tok: Tokenized, location: str, opts: DataOptions, summary: DataSummary, *,
-                         chat: bool) -> Example | None:
+                         chat: bool, cut: bool = False) -> Example | None:
     """Truncate or drop an over-long example (None when dropped); count chat examples cut inside their reply (a
-    cut document is normal for text data). Raises BadRecord for an example left with nothing to learn."""
+    cut document is normal for text data). Raises BadRecord for an example left with nothing to learn.
+    `cut`: the text was cut before tokenizing, so the whole record has more tokens than `tok`."""
     ids, labels = tok.input_ids, tok.labels
     cut_reply = False
     if len(ids) > opts.max_seq_len:
         if opts.truncation == "drop":
-            _drop(summary, "too_long", f"{location}: {len(ids)} tokens > max_seq_len={opts.max_seq_len}")
+            more = "+" if cut else ""
+            _drop(summary, "too_long", f"{location}: {len(ids)}{more} tokens > max_seq_len={opts.max_seq_len}")
             return None
         # Cut after the last assistant turn that fits whole, so every kept turn ends with its end-of-turn
         # token; if none fits, a plain cut (the partial reply is trained without an end-of-turn token).

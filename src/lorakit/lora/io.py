@@ -190,6 +190,17 @@ def _check_size(path: Path, budget_bytes: int) -> None:
         )
 
 
+def _refuse_pickle_on_old_torch(pickle_file: Path) -> None:
+    # torch.load's weights_only unpickler has a known hole before torch 2.10 (CVE-2026-24747); pip keeps an
+    # older torch that meets an older floor, so check the torch that is actually installed.
+    from torch.torch_version import TorchVersion
+
+    if TorchVersion(torch.__version__) < (2, 10):
+        raise AdapterError(f"{pickle_file}: refused; reading a pickled adapter safely needs torch>=2.10 (this is "
+                           f"torch {torch.__version__}). Upgrade torch, or convert the file to safetensors with a "
+                           "trusted tool.")
+
+
 def _read_tensors(directory: Path, budget_bytes: int) -> tuple[Path, dict[str, torch.Tensor]]:
     st, pickle_file = directory / WEIGHTS_FILE, directory / PICKLE_FILE
     if st.is_file():
@@ -200,6 +211,7 @@ def _read_tensors(directory: Path, budget_bytes: int) -> tuple[Path, dict[str, t
             raise AdapterError(f"{st}: not a valid safetensors file ({err})") from None
     if pickle_file.is_file():
         _check_size(pickle_file, budget_bytes)
+        _refuse_pickle_on_old_torch(pickle_file)
         try:
             # Never anything but weights_only: a pickle can run code (CVE-2025-32434 and kin).
             tensors = torch.load(pickle_file, map_location="cpu", weights_only=True)

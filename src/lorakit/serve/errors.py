@@ -21,7 +21,8 @@ log = logging.getLogger("lorakit.serve")
 # OpenAI's `type` values by status, for errors that don't name their own.
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
-         413: "request_too_large", 429: "rate_limit_exceeded", 500: "internal_error", 503: "service_unavailable"}
+         413: "request_too_large", 429: "rate_limit_exceeded", 431: "invalid_request_error", 500: "internal_error",
+         503: "service_unavailable"}
 
 
 class APIError(LorakitError):

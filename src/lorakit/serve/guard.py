@@ -1,4 +1,4 @@
-"""The outermost ASGI layer: API-key check, body-size cap and HTTP status counts, for every route.
+"""The outermost ASGI layer: request-head and body-size caps, API-key check and HTTP status counts, for every route.
 
 It decides on `scope["path"]` exactly as routed, and exempts only `GET /health` (vLLM's prefix-based checks
 were bypassed via `/v2`, `/inference` and `root_path`; a Host header fooled `URL(scope).path`). Keys are
@@ -17,6 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import APIError
 
 OPEN_PATHS = {("GET", "/health"), ("HEAD", "/health")}
+# The request line and headers together at most (vLLM CVE-2025-48956: unbounded headers). h11's
+# max_incomplete_event_size (uvicorn_config) only bounds a head that is still arriving: one that comes whole in
+# a single read is parsed whatever its size, so the complete head is measured here too.
+MAX_HEADER_BYTES = 16 * 1024
 
 
 class BodyTooLarge(APIError):
@@ -25,11 +29,19 @@ class BodyTooLarge(APIError):
                          code="request_too_large")
 
 
+class HeadersTooLarge(APIError):
+    def __init__(self, limit: int):
+        super().__init__(431, f"The request line and headers are larger than this server's limit of {limit} bytes.",
+                         code="request_header_fields_too_large")
+
+
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, status_counts: Counter):
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, status_counts: Counter,
+                 max_header_bytes: int = MAX_HEADER_BYTES):
         self.app = app
         self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
         self.status_counts = status_counts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -49,6 +61,8 @@ class GuardMiddleware:
         await self.app(scope, receive, counting_send)
 
     def _refusal(self, scope: Scope) -> APIError | None:
+        if _head_size(scope) > self.max_header_bytes:
+            return HeadersTooLarge(self.max_header_bytes)
         headers = {}
         for key, value in scope.get("headers", ()):
             headers.setdefault(key.lower(), value)
@@ -68,6 +82,13 @@ class GuardMiddleware:
             if int(length) > self.max_body_bytes:
                 return BodyTooLarge(self.max_body_bytes)
         return None
+
+
+def _head_size(scope: Scope) -> int:
+    """About the bytes of the request head as sent: request line, then `name: value\r\n` per header."""
+    line = len(scope["method"]) + len(scope.get("raw_path") or scope["path"].encode()) + \
+        len(scope.get("query_string", b"")) + 16
+    return line + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
 
 
 async def _send_error(error: APIError, send: Send) -> None:

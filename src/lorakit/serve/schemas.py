@@ -6,7 +6,8 @@ every bound is checked here so a bad request is a 400 naming its field, never a 
 from __future__ import annotations
 
 import json
-from typing import Literal, Union
+import re
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -16,6 +17,9 @@ MAX_STOP = 4  # OpenAI's own cap
 MAX_STOP_CHARS = 64
 MAX_MESSAGES = 1024
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+# JSON's "\ud800" escape decodes to a lone surrogate: not Unicode text, so a tokenizer (or the UTF-8 encoder of
+# an error message that quotes it) fails on it. json.loads joins valid pairs, so any surrogate left is lone.
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Request(BaseModel):
@@ -127,6 +131,7 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
         raise APIError(400, f"The request body is not valid JSON: {reason}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    _refuse_surrogates(data)
     try:
         return model.model_validate(data)
     except ValidationError as err:
@@ -141,3 +146,22 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
             problem += f" (and {more} more problem{'s' if more > 1 else ''})"
         raise APIError(400, problem, param=param, code="invalid_value") from None
 
+
+def _refuse_surrogates(data: dict) -> None:
+    """400 naming the first string (field value or field name, at any depth) that holds a lone surrogate."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if SURROGATE.search(value):
+                raise APIError(400, f"{path}: the string holds a lone UTF-16 surrogate (such as \\ud800 without its "
+                                    "pair), which is not valid Unicode text", param=path, code="invalid_value")
+        elif isinstance(value, dict):
+            for key in value:
+                if SURROGATE.search(key):
+                    where = f"a field name in {path}" if path else "a field name"
+                    raise APIError(400, f"{where} holds a lone UTF-16 surrogate, which is not valid Unicode text",
+                                   param=path or None, code="invalid_value")
+            stack.extend((f"{path}.{k}" if path else k, v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", v) for i, v in reversed(list(enumerate(value))))

@@ -8,10 +8,9 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .adapters import NAME
+from .guard import MAX_HEADER_BYTES
 
 log = logging.getLogger("lorakit.serve")
-
-MAX_HEADER_BYTES = 16 * 1024  # h11 refuses larger request heads (vLLM CVE-2025-48956: unbounded headers)
 
 
 @dataclass
@@ -93,6 +92,7 @@ def build(options: ServeOptions, *, log_fn=print):
 def uvicorn_config(app, host: str, port: int):
     import uvicorn
 
+    # h11 refuses (400) a head still incomplete past the limit; GuardMiddleware refuses (431) a complete one over it
     return uvicorn.Config(app, host=host, port=port, http="h11", h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                           timeout_keep_alive=5, log_level="info", server_header=False)
 
