@@ -19,11 +19,19 @@ def _adapted(lora) -> list[str]:
 # ---- field validation ----------------------------------------------------------------------------------
 BAD_FIELDS = {
     # name: (kwargs, message regex)
-    "r_zero": (dict(r=0), r"r must be a positive integer, got 0"),
+    "r_zero": (dict(r=0), r"r must be a positive integer, at most 65536, got 0"),
     "r_negative": (dict(r=-4), r"r must be a positive integer"),
     "r_float": (dict(r=2.5), r"r must be a positive integer"),
     "r_bool": (dict(r=True), r"r must be a positive integer"),
     "alpha_zero": (dict(lora_alpha=0), r"lora_alpha must be a positive number"),
+    # NaN fails every comparison, so `alpha <= 0` let it (and inf) through; a finite but absurd alpha overflows
+    "alpha_nan": (dict(lora_alpha=float("nan")), r"lora_alpha must be a positive number, finite and at most 1,000,000, got nan"),
+    "alpha_inf": (dict(lora_alpha=float("inf")), r"lora_alpha must be a positive number, finite .* got inf"),
+    "alpha_huge": (dict(lora_alpha=1e300), r"lora_alpha must be .* at most 1,000,000, got 1e\+300"),
+    "alpha_huge_int": (dict(lora_alpha=10**400), r"lora_alpha must be .* at most 1,000,000"),
+    "r_huge": (dict(r=2**40), r"r must be a positive integer, at most 65536, got 1099511627776"),
+    "alpha_pattern_inf": (dict(alpha_pattern={"q_proj": float("inf")}), r"alpha_pattern\['q_proj'\] must be a positive number, finite"),
+    "rank_pattern_huge": (dict(rank_pattern={"q_proj": 10**30}), r"rank_pattern\['q_proj'\] must be a positive integer, at most 65536"),
     "dropout_one": (dict(lora_dropout=1.0), r"lora_dropout must be a number in \[0, 1\)"),
     "unknown_init": (dict(init_lora_weights="xavier"), r"init_lora_weights must be .*'xavier'"),
     "pissa_niter_zero": (dict(init_lora_weights="pissa_niter_0"), r"init_lora_weights"),

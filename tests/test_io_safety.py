@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -443,3 +444,104 @@ def test_bias_keys_in_the_other_spelling_load(tmp_path):
     for n, p in loaded.model.named_parameters():
         if n.endswith("bias"):
             torch.testing.assert_close(p, expected[n], rtol=0, atol=0, msg=n)
+
+
+# ---- numbers in adapter_config.json ----------------------------------------------------------------------------
+def _set_raw(path: Path, where: tuple, token: str) -> None:
+    """Put the raw JSON text `token` (NaN, 1e999, "16", ...) at key path `where` of adapter_config.json."""
+    data = json.loads((path / CONFIG).read_text())
+    node = data
+    for key in where[:-1]:
+        node = node.setdefault(key, {})
+    node[where[-1]] = "__TOKEN__"
+    (path / CONFIG).write_text(json.dumps(data).replace('"__TOKEN__"', token))
+
+
+ALPHA = r"lora_alpha must be a positive number, finite and at most 1,000,000"
+BAD_NUMBERS = {
+    # name: (key path, raw JSON token, message regex after the file name)
+    "alpha_nan": (("lora_alpha",), "NaN", rf"lora_alpha is NaN \({ALPHA}\).*JSON numbers must be finite"),
+    "alpha_infinity": (("lora_alpha",), "Infinity", rf"lora_alpha is Infinity \({ALPHA}\)"),
+    "alpha_minus_infinity": (("lora_alpha",), "-Infinity", rf"lora_alpha is -Infinity \({ALPHA}\)"),
+    "alpha_overflowing": (("lora_alpha",), "1e999", rf"lora_alpha is 1e999 \({ALPHA}\)"),  # json reads it as inf
+    "alpha_huge": (("lora_alpha",), "1e300", rf"{ALPHA}, got 1e\+300"),
+    "alpha_string": (("lora_alpha",), '"16"', rf"{ALPHA}, got '16'"),
+    "alpha_bool": (("lora_alpha",), "true", rf"{ALPHA}, got True"),
+    "r_huge": (("r",), "1" + "0" * 30, r"r must be a positive integer, at most 65536"),
+    "dropout_nan": (("lora_dropout",), "NaN", r"lora_dropout is NaN \(lora_dropout must be a number in \[0, 1\)\)"),
+    "rank_pattern_nan": (("rank_pattern", "q_proj"), "NaN", r"rank_pattern\['q_proj'\] is NaN \(rank_pattern must be"),
+    "alpha_pattern_inf": (("alpha_pattern", "v_proj"), "Infinity", r"alpha_pattern\['v_proj'\] is Infinity"),
+    # init_lora_weights does not matter for a file (any value loads as true): NaN there must still be refused
+    "init_nan": (("init_lora_weights",), "NaN", r"init_lora_weights is NaN"),
+    "informational_nan": (("peft_version",), "NaN", r"peft_version is NaN"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_NUMBERS)
+def test_a_config_number_that_is_not_finite_or_in_range_is_refused_naming_file_and_field(case, tmp_path, input_ids):
+    """Such files used to load (NaN alpha: NaN logits, empty completions); the loader, the server's hot-load
+    (LoraModel.load_adapter) and lorakit check share read_adapter_config, so all refuse them."""
+    where, token, message = BAD_NUMBERS[case]
+    path, _ = _saved(tmp_path)
+    _set_raw(path, where, token)
+    model = build_model("llama")
+    before = _plain_state(model)
+    with pytest.raises(AdapterError, match=rf"{re.escape(str(path / CONFIG))}: .*{message}"):
+        lorakit.load_adapter(model, path)
+    _assert_plain_unchanged(model, before)
+    assert _no_lorakit_modules(model)
+    lora = wrap(build_model("llama"), LoraConfig(target_modules=["q_proj"]))
+    expected = _logits(lora, input_ids)
+    with pytest.raises(AdapterError, match=message):
+        lora.load_adapter(path, "hot")
+    assert list(lora.adapter_configs) == ["default"]
+    torch.testing.assert_close(_logits(lora, input_ids), expected, rtol=0, atol=0)
+
+
+# ---- the safetensors header ------------------------------------------------------------------------------------
+def _write_safetensors(path: Path, header_text: str, data: bytes) -> None:
+    raw = header_text.encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def test_a_duplicate_tensor_name_in_the_header_is_refused_naming_file_and_key(tmp_path):
+    """Two entries for one name, here the same bytes read as float32 (16, 8) and as bfloat16 (16, 16): which
+    one a reader keeps decides what loads (safetensors itself accepted the file). The spec forbids it."""
+    path, _ = _saved(tmp_path)
+    tensors = load_file(str(path / WEIGHTS))
+    entries, data = [], b""
+    for key, tensor in tensors.items():
+        raw = tensor.contiguous().numpy().tobytes()
+        entries.append(f'"{key}": {{"dtype": "F32", "shape": {list(tensor.shape)}, '
+                       f'"data_offsets": [{len(data)}, {len(data) + len(raw)}]}}')
+        if key == KEY:
+            entries.append(f'"{key}": {{"dtype": "BF16", "shape": [16, 16], '
+                           f'"data_offsets": [{len(data)}, {len(data) + len(raw)}]}}')
+        data += raw
+    _write_safetensors(path / WEIGHTS, "{" + ", ".join(entries) + "}", data)
+    model = build_model("llama")
+    with pytest.raises(AdapterError, match=rf"{re.escape(str(path / WEIGHTS))}: not a valid safetensors file "
+                                           rf"\(its header names '{KEY}' twice"):
+        lorakit.load_adapter(model, path)
+    assert _no_lorakit_modules(model)
+
+
+def test_a_header_over_safetensors_100_mb_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from lorakit.safetensors_header import read_header
+
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:
+        f.write((200 << 20).to_bytes(8, "little"))
+        f.truncate(300 << 20)  # sparse: room for the claimed header, nothing on disk
+    monkeypatch.setattr(json, "loads", lambda *a, **k: pytest.fail("the oversize header was parsed"))
+    with pytest.raises(AdapterError, match=r"header length 209715200 does not fit the file or safetensors' 100 MB"):
+        read_header(path, error=AdapterError)
+
+
+def test_a_header_that_leaves_a_hole_in_the_data_is_refused(tmp_path):
+    from lorakit.safetensors_header import read_header
+
+    path = tmp_path / "hole.safetensors"
+    _write_safetensors(path, '{"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}', b"\0" * 16)
+    with pytest.raises(AdapterError, match="leaves a hole before it"):
+        read_header(path, error=AdapterError)

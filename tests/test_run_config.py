@@ -168,3 +168,17 @@ def test_the_commented_example_config_loads_and_names_every_field():
                 lorakit.LoraConfig):
         for f in fields(cls):
             assert f"  {f.name}:" in text, f"{cls.__name__}.{f.name} is not documented in examples/run.yaml"
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.lr=.nan", "train.lr: expected a finite number, got nan"),
+    ("train.lr=.inf", "train.lr: expected a finite number, got inf"),  # passed `lr > 0` before
+    ("train.epochs=1e999", "train.epochs: expected a finite number, got '1e999'"),  # a string to YAML 1.1
+    ("train.max_grad_norm=.inf", "train.max_grad_norm: expected a number or null, got float inf"),
+    ("lora.lora_alpha=.inf", "lora.lora_alpha must be a positive number, finite and at most 1,000,000, got inf"),
+])
+def test_non_finite_numbers_are_refused_with_their_path(minimal, override, field):
+    """YAML reads .nan and .inf as floats; no field of a run config means anything by them."""
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(minimal, [override])
+    assert field in str(caught.value)

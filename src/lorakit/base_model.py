@@ -155,6 +155,20 @@ def load_base_model(config: ModelConfig, *, log=lambda _: None, shard_over=None)
                        quantization=spec.describe() if spec else None)
 
 
+def meta_model(directory: str | Path) -> torch.nn.Module:
+    """The causal LM of a local model directory, built from its config.json on the meta device: the modules and
+    shapes load_base_model builds, with no memory used and no weight read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"{directory}: transformers cannot build a causal LM from its config.json ({err})",
+                          where="base model") from None
+
+
 def _load_into_shards(source, dtype, device, run, options, config: ModelConfig, log):
     """The model loaded straight into FSDP shards, or None (with a note) when the checkpoint does not allow it."""
     from transformers import AutoConfig

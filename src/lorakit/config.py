@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,16 +413,24 @@ def _coerce(kind: Any, value: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where}: expected an integer, got {_describe(value)}")
         return value
     if kind is float:
+        number = value
         if isinstance(value, str):
             # PyYAML (YAML 1.1) reads 2e-4 as a string (it wants 2.0e-4); accept what users write.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             problems.append(f"{where}: expected a number, got {_describe(value)}")
             return value
-        return float(value)
+        try:
+            number = float(number)
+        except OverflowError:  # an integer beyond float range
+            number = math.inf
+        if not math.isfinite(number):  # YAML's .nan and .inf, "nan", 1e999
+            problems.append(f"{where}: expected a finite number, got {value!r}")
+            return value
+        return number
     if kind is str:
         if not isinstance(value, str):
             problems.append(f"{where}: expected a string, got {_describe(value)}")

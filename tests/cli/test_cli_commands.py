@@ -284,3 +284,111 @@ def test_qlora_train_eval_and_merge_through_the_cli(run_config, tmp_path, capsys
     with torch.no_grad():
         expected = lorakit.load_adapter(quantized, adapter).eval()(input_ids=ids).logits
         torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---- eval never prints invalid JSON --------------------------------------------------------------------------
+def _strict_json(text: str):
+    import json
+
+    return json.loads(text, parse_constant=lambda token: pytest.fail(f"invalid JSON token {token}"))
+
+
+def test_eval_fails_on_a_non_finite_loss_instead_of_printing_nan(model_dir, tmp_path, capsys):
+    """A model whose logits are NaN made `eval --json` print {"loss": NaN, ...} (not JSON) and exit 0."""
+    import shutil
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(model_dir, broken)
+    model = AutoModelForCausalLM.from_pretrained(broken, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")  # every logit row gets NaN in one entry
+    model.save_pretrained(broken)
+    _write_chat_data(tmp_path / "val.jsonl", 4, seed=1)
+    capsys.readouterr()
+    code = main(["eval", "--model", str(broken), "--data", str(tmp_path / "val.jsonl"), "--json", "--dtype", "float32"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "NaN" not in captured.out and "nan" not in captured.out.lower().replace("nan-model", "")
+    assert "error: the loss is nan" in captured.err and "non-finite logits" in captured.err
+    # and a healthy model's report is strict JSON
+    assert main(["eval", "--model", str(model_dir), "--data", str(tmp_path / "val.jsonl"), "--json",
+                 "--dtype", "float32"]) == 0
+    report = _strict_json(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["tokens"] > 0 and report["loss"] > 0
+
+
+# ---- merge: --overwrite replaces only an earlier merge; the dtype is the checkpoint's -------------------------
+def _merge(model_dir, adapter_dir, out, *extra):
+    return main(["merge", "--model", str(model_dir), "--adapter", str(adapter_dir), "--out", str(out), *extra])
+
+
+def test_merge_overwrite_replaces_an_earlier_merge_and_nothing_else(model_dir, adapter_dir, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert _merge(model_dir, adapter_dir, out, "--dtype", "float32") == 0
+    marker = __import__("json").loads((out / "lorakit_merge.json").read_text())
+    assert marker["adapter"] == str(adapter_dir) and marker["dtype"] == "float32"
+    assert set(marker["files"]) | {"lorakit_merge.json"} == {p.name for p in out.iterdir()}
+    assert _merge(model_dir, adapter_dir, out, "--dtype", "bfloat16", "--overwrite") == 0  # an earlier merge
+    assert __import__("json").loads((out / "lorakit_merge.json").read_text())["dtype"] == "bfloat16"
+
+    (out / "notes.txt").write_text("mine")  # a file the merge did not write: now the directory is not replaceable
+    capsys.readouterr()
+    assert _merge(model_dir, adapter_dir, out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "would be lost" in err and "new --out" in err
+    assert (out / "notes.txt").read_text() == "mine"
+
+    mine = tmp_path / "my-project"  # any directory of the user's, a model directory included
+    (mine / "src").mkdir(parents=True)
+    (mine / "config.json").write_text("{}")
+    assert _merge(model_dir, adapter_dir, mine, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "config.json, src/" in err and "no lorakit_merge.json" in err
+    assert (mine / "config.json").read_text() == "{}" and (mine / "src").is_dir()
+
+    assert _merge(model_dir, adapter_dir, model_dir, "--overwrite") == 2  # the base itself
+    assert "is (or holds) the input" in capsys.readouterr().err
+    assert (model_dir / "config.json").is_file()
+
+
+def test_merge_of_a_float32_base_is_float32_with_the_adapted_logits(model_dir, adapter_dir, tmp_path, monkeypatch):
+    """--dtype auto picked the compute dtype: bf16 on CPUs with bf16 units (forced here), so a float32 base came
+    out bf16 with logits ~3e-3 off. Now auto is the checkpoint's dtype, merged in float32 and rounded once."""
+    from safetensors import safe_open
+
+    monkeypatch.setattr("lorakit.base_model.cpu_has_bf16_matmul", lambda: True)
+    out = tmp_path / "merged"
+    assert _merge(model_dir, adapter_dir, out) == 0
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.dtype == torch.float32
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        expected = _adapted(model_dir, adapter_dir)(input_ids=ids).logits
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_export_overwrite_replaces_only_gguf_files_and_ollama_directories(model_dir, adapter_dir, tmp_path, capsys):
+    """Refused before any model loads; an earlier export is replaced (export/outputs.py rules)."""
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_text("my notes")
+    code = main(["export", "--model", str(model_dir), "--adapter", str(adapter_dir), "--format", "gguf",
+                 "--out", str(not_gguf), "--overwrite"])
+    assert code == 2 and "model.gguf (not a GGUF file)" in capsys.readouterr().err
+    assert not_gguf.read_text() == "my notes"
+    from lorakit.export.outputs import check_out
+
+    gguf_file = tmp_path / "old.gguf"
+    gguf_file.write_bytes(b"GGUF\x03\x00\x00\x00")
+    check_out(gguf_file, "gguf", overwrite=True)  # an earlier export: replaceable
+    ollama = tmp_path / "ollama"
+    ollama.mkdir()
+    (ollama / "Modelfile").write_text("FROM ./model.gguf\n")
+    (ollama / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    check_out(ollama, "ollama", overwrite=True)
+    (ollama / "params.txt").write_text("mine")
+    code = main(["export", "--model", str(model_dir), "--adapter", str(adapter_dir), "--format", "ollama",
+                 "--out", str(ollama), "--overwrite"])
+    assert code == 2 and "params.txt" in capsys.readouterr().err
+    assert sorted(p.name for p in ollama.iterdir()) == ["Modelfile", "model.gguf", "params.txt"]

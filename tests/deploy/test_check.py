@@ -147,9 +147,9 @@ def test_gpt2_base_is_refused_by_vllm_llama_cpp_and_ollama(llama_dir, save, tmp_
     assert report["refused"] == ["vllm", "llama.cpp", "ollama"]
     llama_cpp = next(f for f in report["findings"] if f["target"] == "llama.cpp")
     assert "GPT2LMHeadModel" in llama_cpp["problem"] and "Llama, Mistral or Qwen2" in llama_cpp["fix"]
-    # --base overrides the adapter's own base_model_name_or_path
-    code, report = _report(capsys, adapter, "--for", "llama.cpp", "--base", llama_dir)
-    assert code == 0 and report["architecture"] == "LlamaForCausalLM"
+    # --base overrides the adapter's own base_model_name_or_path: this GPT-2 adapter does not load on a Llama
+    code, out = _check(capsys, adapter, "--for", "llama.cpp", "--base", llama_dir)
+    assert code == 2 and "target_modules ['c_attn'] matched no module" in out
 
 
 PEFT_CASES = {  # name: (PEFT LoraConfig options, targets that refuse it)
@@ -290,3 +290,78 @@ def _tensor_names(adapter) -> list[str]:
 
     with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
         return list(f.keys())
+
+
+# ---- the loader's own checks ----------------------------------------------------------------------------
+V_B = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+
+
+def _edit_weights(adapter, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+
+
+def _rename(tensors, old, new):
+    tensors[new] = tensors.pop(old)
+
+
+BAD_ADAPTERS = {  # name: edit of the tensors; each is refused by lorakit.load_adapter
+    "missing_tensor": lambda t: t.pop(V_B),
+    "extra_tensor": lambda t: t.__setitem__(V_B.replace("v_proj", "k_proj"), torch.zeros(16, 8)),
+    "int32_weights": lambda t: t.__setitem__(V_B, t[V_B].to(torch.int32)),
+    "lora_B_of_the_wrong_shape": lambda t: t.__setitem__(V_B, torch.zeros(32, 8)),  # v_proj has 16 outputs
+    "path_traversal_name": lambda t: _rename(t, V_B, "base_model.model.model.layers.1/../../../etc.lora_B.weight"),
+    "nan_values": lambda t: t[V_B].fill_(float("nan")),
+}
+
+
+@pytest.mark.parametrize("base_given", [False, True], ids=["base_from_adapter_config", "base_flag"])
+@pytest.mark.parametrize("case", BAD_ADAPTERS)
+def test_an_adapter_the_loader_refuses_is_bad_input_with_the_loaders_message(case, base_given, save, llama_dir,
+                                                                            tmp_path, capsys):
+    """`lorakit check` said "ok" to these; now it runs the loader's checks (names, dtypes and shapes against
+    the base built on the meta device from its config.json, values) and exits 2 with the loader's message.
+    The base directory holds its config.json only: no base weight is needed (or read)."""
+    adapter = save(f"bad-{case}")
+    _edit_weights(adapter, BAD_ADAPTERS[case])
+    with pytest.raises(lorakit.AdapterError) as loader:
+        lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32), adapter)
+    config_only = tmp_path / "base-config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_bytes((llama_dir / "config.json").read_bytes())
+    if base_given:
+        _set_config(adapter, base_model_name_or_path="org/a-hub-id")  # never downloaded: --base gives the base
+    else:
+        _set_config(adapter, base_model_name_or_path=str(config_only))
+    code, out = _check(capsys, adapter, *(["--base", config_only] if base_given else []))
+    assert code == 2 and "Traceback" not in out
+    assert f"error: {loader.value}" in out
+
+
+def _set_config(adapter, **changes) -> None:
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_a_nan_lora_alpha_is_bad_input_not_a_crash(save, capsys):
+    """`lorakit check` crashed on NaN alpha (`cannot convert float NaN to integer`, in the Ollama rule)."""
+    adapter = save("nan-alpha")
+    path = adapter / "adapter_config.json"
+    path.write_text(path.read_text().replace('"lora_alpha": 8', '"lora_alpha": NaN'))
+    code, out = _check(capsys, adapter)
+    assert code == 2 and "lora_alpha is NaN" in out and str(path) in out and "hint:" in out
+
+
+def test_without_a_base_names_dtypes_and_values_are_still_checked(save, capsys):
+    """With no base at hand (a hub id), shapes cannot be checked, and the report says so; the checks that need
+    no base still run."""
+    adapter = save("no-base")
+    _set_config(adapter, base_model_name_or_path="org/a-hub-id")
+    code, report = _report(capsys, adapter)
+    assert code == 0 and "shapes not checked against a base (pass --base)" in report["tensors"]
+    _edit_weights(adapter, lambda t: _rename(t, V_B, "base_model.model.model/../../x.lora_B.weight"))
+    code, out = _check(capsys, adapter)
+    assert code == 2 and "is not PEFT's form" in out

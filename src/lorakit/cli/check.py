@@ -1,9 +1,11 @@
 """`lorakit check ADAPTER_DIR --for vllm ...`: would each server load this adapter, and compute what was trained?
 
-Reads adapter_config.json and the safetensors header (names and shapes, never the tensors; a pickled
-adapter_model.bin is refused, not unpickled), and the base model's config.json when one is at hand. The rules
-live in lorakit.deploy. Exit code: 0 when no target refuses the adapter, 1 when one does (EXIT_REFUSED), 2 for
-bad input through the CLI's error boundary.
+First the adapter gets every check lorakit's own loader makes (lorakit.lora.io.validate_adapter: the config's
+numbers, the safetensors header, tensor names, dtypes and values, and, when the base model's directory is at
+hand, names and shapes against the base built on the meta device from its config.json; no base weight is
+read, and a pickled adapter_model.bin is refused, not unpickled). Then the rules of lorakit.deploy. Exit code:
+0 when no target refuses the adapter, 1 when one does (EXIT_REFUSED), 2 for bad input, an adapter lorakit
+itself would refuse included, through the CLI's error boundary.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 from pathlib import Path
 
 from ..deploy import REFUSED, TARGETS, VLLM_DEFAULT_MAX_LORA_RANK, AdapterFacts, Finding, base_config_of, check
-from ..errors import AdapterError, ConfigError
+from ..errors import ConfigError
 
 EXIT_REFUSED = 1
 
@@ -35,54 +37,41 @@ def add_parser(sub) -> None:
     parser.set_defaults(handler=run)
 
 
-def read_facts(directory: Path) -> AdapterFacts:
-    """Tensor names and shapes from the safetensors header, and the config's keys; no tensor data is read."""
-    from safetensors import SafetensorError, safe_open
-
-    from ..lora.io import CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE
-
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        if (directory / PICKLE_FILE).is_file():
-            raise AdapterError(f"{directory / PICKLE_FILE}: lorakit check reads safetensors only (a pickle can run "
-                               f"code); convert it to {WEIGHTS_FILE} with a trusted tool")
-        raise AdapterError(f"{directory}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterError(f"{weights}: not a valid safetensors file ({err})") from None
-    keys = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))  # read_adapter_config parsed it first
-    return AdapterFacts(shapes=shapes, config_keys=frozenset(keys))
-
-
-def read_base(base: str | None, adapter_base: str | None) -> dict | None:
+def read_base(base: str | None, adapter_base: str | None) -> tuple[dict | None, Path | None]:
+    """(config.json, directory) of the base: --base, else the adapter's base_model_name_or_path when that is a
+    local directory; (None, None) when neither (a hub id is never downloaded)."""
     if base is not None:
         path = Path(base)
         config = base_config_of(path)
         if config is None:
             raise ConfigError(f"{path}: no readable config.json; pass the base model's directory", where="--base")
-        return config
-    return base_config_of(adapter_base) if adapter_base else None  # a hub id reads as None: nothing downloaded
+        return config, path
+    config = base_config_of(adapter_base) if adapter_base else None
+    return config, Path(adapter_base) if config is not None else None
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..lora.io import read_adapter_config
+    from ..base_model import meta_model
+    from ..lora.io import CONFIG_FILE, read_adapter_config, validate_adapter
 
     directory = Path(args.adapter)
-    config = read_adapter_config(directory)  # missing dir, no config, bad JSON, not LoRA: AdapterError
-    facts = read_facts(directory)
-    base = read_base(args.base, config.base_model_name_or_path)
+    config = read_adapter_config(directory)  # missing dir, no config, bad JSON or numbers, not LoRA: AdapterError
+    base, base_dir = read_base(args.base, config.base_model_name_or_path)
+    config, entries = validate_adapter(directory, meta_model(base_dir) if base_dir else None)
+    keys = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))  # valid: read_adapter_config passed
+    facts = AdapterFacts(shapes={key: entry.shape for key, entry in entries.items()}, config_keys=frozenset(keys))
     targets = tuple(dict.fromkeys(args.targets or TARGETS))
     findings = check(config, targets, facts=facts, base_config=base, max_lora_rank=args.max_lora_rank)
     refused = sorted({f.target for f in findings if f.severity == REFUSED}, key=targets.index)
+    tensors = (f"loads as lorakit loads it onto {base_dir}" if base_dir else
+               "names, dtypes and values valid; shapes not checked against a base (pass --base)")
     if args.json:
         print(json.dumps({"adapter": str(directory), "architecture": (base or {}).get("architectures", [None])[0],
-                          "targets": {t: _status(t, findings) for t in targets}, "refused": refused,
-                          "findings": [f.to_dict() for f in findings]}, indent=2))
+                          "tensors": tensors, "targets": {t: _status(t, findings) for t in targets},
+                          "refused": refused, "findings": [f.to_dict() for f in findings]}, indent=2))
     else:
         arch = (base or {}).get("architectures", ["unknown (pass --base)"])[0]
-        print(f"{directory}: r={config.r}, lora_alpha={config.lora_alpha}, base {arch}")
+        print(f"{directory}: r={config.r}, lora_alpha={config.lora_alpha}, base {arch}\ntensors: {tensors}")
         for target in targets:
             print(f"{target}: {_status(target, findings)}")
             for f in (f for f in findings if f.target == target):

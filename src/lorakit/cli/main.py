@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -48,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 QUANTIZE_HELP = "load the base in 4-bit NF4 or 8-bit (bitsandbytes: pip install 'lorakit[quant]')"
+MERGE_DTYPE_HELP = ("dtype of the merged model (default auto: the checkpoint's own, from its config.json or "
+                    "safetensors); each weight is merged in float32 and rounded once")
+OVERWRITE_HELP = ("replace --out if it exists, but only a directory an earlier lorakit merge/export wrote (it lists "
+                  "its files in lorakit_merge.json); anything else there is refused, never deleted")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,18 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-seq-len", type=int, default=None)
     evaluate.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"])
     evaluate.add_argument("--quantize", type=int, choices=[4, 8], help=QUANTIZE_HELP + "; default: the run config's")
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object (loss, perplexity, tokens)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object (loss, perplexity, tokens; "
+                          "perplexity null where exp(loss) overflows); a non-finite loss is an error (exit 2)")
     evaluate.set_defaults(handler=_eval)
 
     merge = sub.add_parser("merge", help="fold an adapter into its base and save a plain transformers model")
     merge.add_argument("--model", "--base", dest="model", required=True, help="base model directory or hub id")
     merge.add_argument("--adapter", required=True, help="adapter directory")
     merge.add_argument("--out", required=True, help="output directory for the merged model")
-    merge.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    merge.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                       help=MERGE_DTYPE_HELP)
     merge.add_argument("--quantize", type=int, choices=[4, 8], help="merge into the 4/8-bit base the adapter was "
                        "trained on (QLoRA): its dequantized weights plus the adapter, written in 16 bits")
     merge.add_argument("--max-shard-size", default="2GB")
-    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    merge.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     merge.set_defaults(handler=_merge)
 
     export = sub.add_parser("export", help="write a deployable model: a merged transformers checkpoint (hf) or one "
@@ -110,11 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output directory (hf, ollama) or .gguf file (gguf, lora-gguf)")
     export.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type (gguf, ollama)")
     export.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                        help="dtype of the merge (auto: the model's for hf, float32 for gguf, rounded once at the end)")
+                        help=MERGE_DTYPE_HELP + "; gguf, ollama: auto merges in float32, then --quant")
     export.add_argument("--quantize", type=int, choices=[4, 8], help="the adapter was trained on a 4/8-bit base: "
                         "merge into the dequantized weights of that base (the output is 16-bit)")
     export.add_argument("--max-shard-size", default="2GB", help="hf only")
-    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + "; a .gguf file only if it is "
+                        "GGUF, an ollama directory only if it holds nothing but a Modelfile and .gguf files")
     export.set_defaults(handler=_export)
 
     from .check import add_parser as add_check_parser
@@ -286,8 +294,16 @@ def _eval(args: argparse.Namespace) -> int:
     loaded = _load(model, adapter, args.dtype, quantize)
     data = prepare(data_path, loaded.tokenizer, options)
     result = evaluate(loaded.model, iter_batches(data, args.batch_size, dtype=loaded.dtype))
-    if args.json:
-        print(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens}))
+    if not result.tokens:
+        raise LorakitError(f"{data_path}: no token carries loss (every label is masked): nothing to evaluate")
+    if not math.isfinite(result.loss):
+        what = f"the model with adapter {adapter}" if adapter else "the base model"
+        raise LorakitError(f"the loss is {result.loss} over {result.tokens} tokens: {what} computes non-finite "
+                           "logits on this data; check the adapter (lorakit check ADAPTER --base MODEL) and the "
+                           "base weights, or evaluate in --dtype float32 (float16 overflows easily)")
+    if args.json:  # strict JSON: a perplexity too large for a float (loss > 709) is null
+        perplexity = result.perplexity if math.isfinite(result.perplexity) else None
+        print(json.dumps({"loss": result.loss, "perplexity": perplexity, "tokens": result.tokens}, allow_nan=False))
     else:
         print(f"{data.summary.line()}\nloss {result.loss:.4f}  perplexity {result.perplexity:.3f}  ({result.tokens} tokens)")
     return 0
@@ -296,10 +312,15 @@ def _eval(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from ..base_model import load_base_model
     from ..export import merge_to_directory
+    from ..export.hf import merge_dtypes
+    from ..export.outputs import check_out
 
-    loaded = load_base_model(_model_config(args.model, args.dtype, args.quantize, device="cpu"), log=print)
+    check_out(args.out, "hf", overwrite=args.overwrite, inputs=(args.model, args.adapter))  # before the long part
+    load, dtype = (args.dtype, None) if args.quantize else merge_dtypes(args.model, args.dtype)
+    loaded = load_base_model(_model_config(args.model, load, args.quantize, device="cpu"), log=print)
     print(loaded.describe())
-    out = merge_to_directory(loaded, args.adapter, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    out = merge_to_directory(loaded, args.adapter, args.out, max_shard_size=args.max_shard_size,
+                             overwrite=args.overwrite, dtype=dtype)
     print(f"merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
     if loaded.quantization:
         print(f"note: the merged model is 16-bit: the {loaded.quantization.split(',')[0]} base weights dequantized plus "
@@ -317,11 +338,13 @@ def _export(args: argparse.Namespace) -> int:
     from ..base_model import load_base_model
     from ..export import merge_to_directory, write_gguf, write_lora_gguf
 
+    from ..export.outputs import check_out
+
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise LorakitError(f"{out} already exists; choose another --out or pass --overwrite")
+    check_out(out, args.format if args.format == "ollama" else "gguf", overwrite=args.overwrite,
+              inputs=(args.model, args.adapter))
     if args.format == "lora-gguf":
-        write_lora_gguf(_load(args.model, args.adapter, "float32").model, out)
+        write_lora_gguf(_load(args.model, args.adapter, "float32").model, out, overwrite=args.overwrite)
         print(f"GGUF LoRA adapter written to {out} (llama.cpp: llama-cli -m BASE.gguf --lora {out})")
         return 0
     dtype = "float32" if args.dtype == "auto" else args.dtype
@@ -332,12 +355,13 @@ def _export(args: argparse.Namespace) -> int:
     try:
         merged = merge_to_directory(loaded, args.adapter, work / "merged", overwrite=True)
         if args.format == "gguf":
-            write_gguf(merged, out, quant=args.quant, name=Path(args.adapter).name)
+            write_gguf(merged, out, quant=args.quant, name=Path(args.adapter).name, overwrite=args.overwrite)
             print(f"GGUF ({args.quant}) written to {out} (llama.cpp: llama-cli -m {out})")
             return 0
         from ..export.ollama import write_ollama_directory
 
-        note = write_ollama_directory(merged, out, quant=args.quant, name=Path(args.adapter).name)
+        note = write_ollama_directory(merged, out, quant=args.quant, name=Path(args.adapter).name,
+                                      overwrite=args.overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"Ollama model written to {out} (ollama create NAME -f {out / 'Modelfile'})")

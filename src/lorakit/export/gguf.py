@@ -34,12 +34,17 @@ class ExportError(LorakitError):
     """The model or tokenizer cannot be written as GGUF (and why)."""
 
 
-def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16", name: str | None = None) -> Path:
-    """Convert the transformers model directory `model_dir` (a merged export) into one GGUF file."""
+def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16", name: str | None = None,
+               overwrite: bool = False) -> Path:
+    """Convert the transformers model directory `model_dir` (a merged export) into one GGUF file; `overwrite`
+    replaces an existing GGUF file, and nothing else (export/outputs.py)."""
     gguf = gguf_module()
     from safetensors import safe_open
 
+    from .outputs import check_out
+
     model_dir, out = Path(model_dir), Path(out_file)
+    check_out(out, "gguf", overwrite=overwrite)
     if quant not in QUANTS:
         raise ExportError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
     config = json.loads((model_dir / "config.json").read_text())
@@ -59,7 +64,7 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16
     layers = config["num_hidden_layers"]
     names = gguf.get_tensor_name_map(model_arch(gguf, arch), layers)
 
-    with gguf_file(out, gguf.MODEL_ARCH_NAMES[model_arch(gguf, arch)]) as writer:
+    with gguf_file(out, gguf.MODEL_ARCH_NAMES[model_arch(gguf, arch)], overwrite=overwrite) as writer:
         writer.add_name(name or model_dir.name)
         writer.add_context_length(config.get("max_position_embeddings", 2048))
         writer.add_embedding_length(hidden)
@@ -114,8 +119,11 @@ def gguf_module():
 
 
 @contextlib.contextmanager
-def gguf_file(out: Path, arch_name: str):
-    """A GGUFWriter whose file replaces `out` atomically when the block succeeds (lorakit.atomic)."""
+def gguf_file(out: Path, arch_name: str, *, overwrite: bool = False):
+    """A GGUFWriter whose file replaces `out` atomically when the block succeeds (lorakit.atomic); an existing
+    `out` only with `overwrite`, and only if it is a GGUF file."""
+    from .outputs import check_out
+
     gguf = gguf_module()
     with atomic_path(out) as staging:
         writer = gguf.GGUFWriter(staging, arch_name)
@@ -124,6 +132,7 @@ def gguf_file(out: Path, arch_name: str):
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        check_out(out, "gguf", overwrite=overwrite)  # just before the replace
 
 
 def model_arch(gguf, arch: str):

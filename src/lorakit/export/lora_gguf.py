@@ -18,8 +18,12 @@ from ..lora.layer import LoraLinear
 from .gguf import ARCHITECTURES, ExportError, _interleave_rope, gguf_file, gguf_module, model_arch
 
 
-def write_lora_gguf(model: LoraModel, out_file: str | Path, *, adapter: str = "default") -> Path:
-    """Write adapter `adapter` of `model` (a LoraModel on its transformers base) as one GGUF LoRA file."""
+def write_lora_gguf(model: LoraModel, out_file: str | Path, *, adapter: str = "default", overwrite: bool = False) -> Path:
+    """Write adapter `adapter` of `model` (a LoraModel on its transformers base) as one GGUF LoRA file;
+    `overwrite` replaces an existing GGUF file, and nothing else."""
+    from .outputs import check_out
+
+    check_out(out_file, "gguf", overwrite=overwrite)
     gguf = gguf_module()
     config = model.model.config
     architecture = (getattr(config, "architectures", None) or [type(model.model).__name__])[0]
@@ -39,7 +43,7 @@ def write_lora_gguf(model: LoraModel, out_file: str | Path, *, adapter: str = "d
     names = gguf.get_tensor_name_map(model_arch(gguf, arch), config.num_hidden_layers)
 
     out = Path(out_file)
-    with gguf_file(out, gguf.MODEL_ARCH_NAMES[model_arch(gguf, arch)]) as writer:
+    with gguf_file(out, gguf.MODEL_ARCH_NAMES[model_arch(gguf, arch)], overwrite=overwrite) as writer:
         writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 1.0)

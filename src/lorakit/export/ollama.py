@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..atomic import atomic_directory
 from .gguf import write_gguf
+from .outputs import check_out
 
 GO_TEMPLATES = {  # family -> (the marker its Jinja template writes, the Go template, stop sequences)
     "chatml": ("<|im_start|>",
@@ -69,11 +70,14 @@ def modelfile(gguf_name: str, model_dir: str | Path) -> tuple[str, str | None]:
 
 
 def write_ollama_directory(merged_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
-                           name: str | None = None) -> str | None:
+                           name: str | None = None, overwrite: bool = False) -> str | None:
     """`out_dir` holding model.gguf and its Modelfile, written atomically from a merged model directory;
-    returns the Modelfile note (None when a TEMPLATE was written)."""
+    returns the Modelfile note (None when a TEMPLATE was written). `overwrite` replaces only a directory
+    holding nothing but a Modelfile and GGUF files (export/outputs.py)."""
+    check_out(out_dir, "ollama", overwrite=overwrite)
     with atomic_directory(out_dir) as staging:
         write_gguf(merged_dir, staging / "model.gguf", quant=quant, name=name)
         text, note = modelfile("model.gguf", merged_dir)
         (staging / "Modelfile").write_text(text, encoding="utf-8")
+        check_out(out_dir, "ollama", overwrite=overwrite)  # just before the replace
     return note

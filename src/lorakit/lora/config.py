@@ -17,6 +17,19 @@ from ..errors import ConfigError
 BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = "true, false, 'gaussian', 'pissa' or 'pissa_niter_<N>'"
 ALL_LINEAR = "all-linear"
+# Upper bounds for the numbers of an adapter config (a file is a trust boundary, lora/io.py). No layer of a
+# released model is wider than MAX_RANK, and alpha / r beyond MAX_ALPHA only overflows the activations.
+MAX_RANK = 65536
+MAX_ALPHA = 1e6
+# What each numeric field allows, as every message about it says it.
+ALLOWED = {
+    "r": f"a positive integer, at most {MAX_RANK}",
+    "lora_alpha": f"a positive number, finite and at most {MAX_ALPHA:,.0f}",
+    "lora_dropout": "a number in [0, 1)",
+    "rank_pattern": f"a positive integer, at most {MAX_RANK}",
+    "alpha_pattern": f"a positive number, finite and at most {MAX_ALPHA:,.0f}",
+    "layers_to_transform": "a non-negative integer or a list of them",
+}
 
 # Targets used when `target_modules` is not given, by `model.config.model_type` (PEFT's defaults).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -98,19 +111,20 @@ class LoraConfig:
     def problems(self) -> list[str]:
         """Every problem with this config, each naming the field and what is allowed."""
         out: list[str] = []
-        if not _is_int(self.r) or self.r <= 0:
-            out.append(f"r must be a positive integer, got {self.r!r}")
-        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
-            out.append(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
-            out.append(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        # Written so that NaN fails every comparison (`not x <= 0` would let NaN through).
+        if not (_is_int(self.r) and 0 < self.r <= MAX_RANK):
+            out.append(f"r must be {ALLOWED['r']}, got {self.r!r}")
+        if not (_is_number(self.lora_alpha) and 0 < self.lora_alpha <= MAX_ALPHA):
+            out.append(f"lora_alpha must be {ALLOWED['lora_alpha']}, got {self.lora_alpha!r}")
+        if not (_is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0):
+            out.append(f"lora_dropout must be {ALLOWED['lora_dropout']}, got {self.lora_dropout!r}")
         for name in ("target_modules", "exclude_modules", "layers_pattern"):
             out += _check_names(name, getattr(self, name))
         ltt = self.layers_to_transform
         if ltt is not None:
             items = [ltt] if _is_int(ltt) else ltt
             if not isinstance(items, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in items):
-                out.append(f"layers_to_transform must be a non-negative integer or a list of them, got {ltt!r}")
+                out.append(f"layers_to_transform must be {ALLOWED['layers_to_transform']}, got {ltt!r}")
         # PEFT refuses these combinations; refusing them here keeps every saved config loadable there.
         # ("all-linear" is fine: it is saved as the list of layers it resolved to.)
         regex_targets = isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR
@@ -126,9 +140,10 @@ class LoraConfig:
                 continue
             for key, value in pattern.items():
                 out += _check_regex(f"{name} key", key)
-                ok = (_is_int(value) and value > 0) if kind == "rank" else (_is_number(value) and value > 0)
+                ok = (_is_int(value) and 0 < value <= MAX_RANK) if kind == "rank" else (
+                    _is_number(value) and 0 < value <= MAX_ALPHA)
                 if not ok:
-                    out.append(f"{name}[{key!r}] must be a positive {'integer' if kind == 'rank' else 'number'}, got {value!r}")
+                    out.append(f"{name}[{key!r}] must be {ALLOWED[name]}, got {value!r}")
         if self.bias not in BIAS_CHOICES:
             out.append(f"bias must be one of {', '.join(BIAS_CHOICES)}; got {self.bias!r}")
         mts = self.modules_to_save

@@ -5,24 +5,30 @@ Tensor names are PEFT's (`base_model.model.<module>.lora_A.weight`, `lora_embedd
 both ways between PEFT (and the servers that read PEFT files) and lorakit.
 
 Loading is a trust boundary: nothing is unpickled except through `torch.load(weights_only=True)`,
-and every tensor is checked (name, shape, dtype, finiteness) before the model is touched.
+every number in the config is checked (finite, in range), the safetensors header is checked (no duplicate
+names, at most 100 MB, lorakit.safetensors_header), and every tensor is checked (name, shape, dtype,
+finiteness) before the model is touched. `validate_adapter` runs the same checks without loading anything
+(`lorakit check`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import write_atomic, write_text_atomic
 from ..errors import AdapterError, ConfigError
-from .config import ALL_LINEAR, LoraConfig, _valid_init, field_names
+from ..safetensors_header import TensorEntry, read_header
+from .config import ALL_LINEAR, ALLOWED, LoraConfig, _valid_init, field_names
 from .layer import LoraEmbedding, LoraLinear
 
 if TYPE_CHECKING:
@@ -37,6 +43,8 @@ FILE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # PEFT config keys that describe the file, not the adapter; any value is fine.
 INFORMATIONAL_KEYS = {"peft_type", "auto_mapping", "revision", "inference_mode", "peft_version",
                       "megatron_core", "qalora_group_size", "library_name"}
+# PEFT's tensor names: the prefix, then module path and tensor name in dotted parts; no '/', '..' or spaces.
+KEY_FORM = re.compile(r"base_model\.model(\.[\w-]+)+")
 
 
 # ---- names ------------------------------------------------------------------------------------------
@@ -153,11 +161,17 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
     if not path.is_file():
         raise AdapterError(f"{directory}: no {CONFIG_FILE}; expected a folder written by save_adapter or PEFT's save_pretrained")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        # Python's json reads NaN, Infinity and overflowing numbers (1e999) as floats; keep them visible.
+        raw = json.loads(path.read_text(encoding="utf-8"), parse_constant=_NonFinite, parse_float=_parse_float)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise AdapterError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{path}: expected a JSON object of LoRA options")
+    non_finite = [f"{where} is {token}" + (f" ({field} must be {ALLOWED[field]})" if field in ALLOWED else "")
+                  for field, where, token in _non_finite(raw)]
+    if non_finite:
+        raise AdapterError(f"{path}: {'; '.join(non_finite)}. JSON numbers must be finite: NaN, Infinity and "
+                           "numbers too large for a float (such as 1e999) are refused")
     peft_type = str(raw.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterError(f"{path}: this is a {peft_type} adapter; lorakit loads LoRA adapters only")
@@ -178,6 +192,35 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
         return LoraConfig.from_dict(values, where=str(path))
     except ConfigError as err:
         raise AdapterError(str(err)) from None
+
+
+class _NonFinite(float):
+    """A NaN or infinite JSON number, spelled as the file spelled it (NaN, -Infinity, 1e999)."""
+
+    def __new__(cls, text: str) -> "_NonFinite":
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _parse_float(text: str) -> float:
+    number = float(text)
+    return number if math.isfinite(number) else _NonFinite(text)
+
+
+def _non_finite(value: Any, where: str = "", field: str = "") -> Iterator[tuple[str, str, str]]:
+    """(top-level field, where, token) for every non-finite number inside `value`."""
+    if isinstance(value, _NonFinite):
+        yield field, where, value.text
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{where}[{key!r}]" if where else str(key), field or str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _non_finite(item, f"{where}[{i}]", field)
 
 
 def _check_size(path: Path, budget_bytes: int) -> None:
@@ -205,6 +248,7 @@ def _read_tensors(directory: Path, budget_bytes: int) -> tuple[Path, dict[str, t
     st, pickle_file = directory / WEIGHTS_FILE, directory / PICKLE_FILE
     if st.is_file():
         _check_size(st, budget_bytes)
+        read_header(st, error=AdapterError)  # what safetensors lets through: duplicate names, a huge header
         try:
             return st, load_file(str(st))
         except (SafetensorError, OSError, ValueError) as err:
@@ -226,38 +270,63 @@ def _read_tensors(directory: Path, budget_bytes: int) -> tuple[Path, dict[str, t
     raise AdapterError(f"{directory}: no {WEIGHTS_FILE} (or {PICKLE_FILE}) next to {CONFIG_FILE}")
 
 
-def _check_and_copy(model: "LoraModel", name: str, source: Path, tensors: dict[str, torch.Tensor]) -> None:
+# ---- checks: loading and validate_adapter ------------------------------------------------------------
+def check_file_tensors(source: Path, tensors: Mapping[str, Any]) -> None:
+    """What needs no model: PEFT's name form and a dense float dtype for every tensor (a torch.Tensor or a
+    safetensors header entry)."""
+    for key, tensor in tensors.items():
+        if not KEY_FORM.fullmatch(key):
+            raise AdapterError(f"{source}: tensor name {key!r} is not PEFT's form ({PREFIX}<module path>.<tensor>, "
+                               "dotted parts of letters, digits, '_' and '-'); the file is corrupt or hostile")
+        layout = getattr(tensor, "layout", torch.strided)  # header entries are dense by construction
+        if layout != torch.strided or tensor.dtype not in FILE_DTYPES:
+            raise AdapterError(
+                f"{source}: tensor {key!r} is {tensor.dtype} ({layout}); adapter tensors must be dense "
+                "float16, bfloat16, float32 or float64"
+            )
+
+
+def check_against_model(model: "LoraModel", name: str, source: Path,
+                        tensors: Mapping[str, Any]) -> dict[str, nn.Parameter]:
+    """File key -> the parameter it fills, once every tensor adapter `name` of `model` expects is present,
+    nothing else is, and every shape matches. Needs shapes only: header entries and a model on the meta
+    device will do."""
     aliases = {alt: key for key, alt, _ in _bias_tensors(model, name)}
-    tensors = {aliases.get(k, k): v for k, v in tensors.items()}
     expected = adapter_tensors(model, name)
     optional = _optional_tensors(model, name)
-    unexpected = [k for k in tensors if k not in expected and k not in optional]
+    targets = {key: expected.get(aliases.get(key, key), optional.get(aliases.get(key, key))) for key in tensors}
+    unexpected = [k for k, target in targets.items() if target is None]
     if unexpected:
         raise AdapterError(
             f"{source}: tensor {unexpected[0]!r} does not belong to this model's adapter "
             f"({len(unexpected)} unexpected in all); was it trained on a different base model or config?"
         )
-    missing = [k for k in expected if k not in tensors]
+    present = {aliases.get(k, k) for k in tensors}
+    missing = [k for k in expected if k not in present]
     if missing:
         raise AdapterError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all); the file is incomplete")
     for key, tensor in tensors.items():
-        target = expected.get(key, optional.get(key))
-        if tensor.layout != torch.strided or tensor.dtype not in FILE_DTYPES:
+        if tuple(tensor.shape) != tuple(targets[key].shape):
             raise AdapterError(
-                f"{source}: tensor {key!r} is {tensor.dtype} ({tensor.layout}); adapter tensors must be dense "
-                "float16, bfloat16, float32 or float64"
+                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(targets[key].shape)}; the adapter was made for a different base model or rank"
             )
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise AdapterError(
-                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}; "
-                "the adapter was made for a different base model or rank"
-            )
-        if not torch.isfinite(tensor).all():
-            raise AdapterError(f"{source}: tensor {key!r} contains NaN or inf values")
+    return targets
+
+
+def check_finite(source: Path, key: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise AdapterError(f"{source}: tensor {key!r} contains NaN or inf values")
+
+
+def _check_and_copy(model: "LoraModel", name: str, source: Path, tensors: dict[str, torch.Tensor]) -> None:
+    check_file_tensors(source, tensors)
+    targets = check_against_model(model, name, source, tensors)
+    for key, tensor in tensors.items():
+        check_finite(source, key, tensor)
     with torch.no_grad():
         for key, tensor in tensors.items():
-            target = expected.get(key, optional.get(key))
-            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            targets[key].copy_(tensor.to(device=targets[key].device, dtype=targets[key].dtype))
 
 
 def _size_budget(model: "LoraModel", name: str) -> int:
@@ -320,6 +389,38 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
             p.requires_grad_(grads.get(id(p), p.requires_grad))
         raise
     return lora_model
+
+
+def validate_adapter(path: str | Path, base: nn.Module | None = None) -> tuple[LoraConfig, dict[str, TensorEntry]]:
+    """Every check load_adapter makes, with nothing loaded: the config, the safetensors header, each tensor's
+    name and dtype, its shape against `base` (when given) and its values (read one at a time). `base` is the
+    model the adapter is for, best built on the meta device; it gets wrapped, so pass one to throw away.
+    Returns the config and the header's entries. Safetensors only: a pickled adapter_model.bin is refused,
+    not unpickled."""
+    from .model import LoraModel
+
+    directory = Path(path)
+    config = read_adapter_config(directory)
+    source = directory / WEIGHTS_FILE
+    if not source.is_file():
+        if (directory / PICKLE_FILE).is_file():
+            raise AdapterError(f"{directory / PICKLE_FILE}: checked as safetensors only (a pickle can run code "
+                               f"when it is read); convert it to {WEIGHTS_FILE} with a trusted tool")
+        raise AdapterError(f"{directory}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
+    entries = {entry.name: entry for entry in read_header(source, error=AdapterError)}
+    check_file_tensors(source, entries)
+    if base is not None:
+        config = _drop_absent_modules_to_save(base, config, directory)
+        lora_model = LoraModel(base, config.replace(inference_mode=True), DEFAULT_NAME, _init=False)
+        _check_size(source, _size_budget(lora_model, DEFAULT_NAME))
+        check_against_model(lora_model, DEFAULT_NAME, source, entries)
+    try:
+        with safe_open(str(source), framework="pt") as f:
+            for key in entries:
+                check_finite(source, key, f.get_tensor(key))
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"{source}: not a valid safetensors file ({err})") from None
+    return config, entries
 
 
 def _warn_base_mismatch(model: nn.Module, config: LoraConfig, directory: Path) -> None:
