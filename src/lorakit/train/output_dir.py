@@ -10,6 +10,7 @@ the user says `overwrite`, and even then a foreign file with the name of a lorak
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -100,6 +101,9 @@ def check_output_dir(path: str | os.PathLike, *, resuming: bool, overwrite: bool
 
 
 def _ensure_writable(path: Path) -> None:
+    """Prove `path` can be created and written by doing it; what this made is removed again, so a run
+    refused later (before training) leaves nothing behind."""
+    made = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -107,6 +111,10 @@ def _ensure_writable(path: Path) -> None:
     except OSError as err:
         raise ConfigError(f"cannot write to {path}: {err.strerror or err}; choose a directory you can write to",
                           where=WHERE) from None
+    finally:
+        for directory in made:  # deepest first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def clear_own_outputs(found: OutputDir) -> list[str]:
