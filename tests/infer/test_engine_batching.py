@@ -40,11 +40,11 @@ def test_rows_leaving_early_do_not_change_the_others():
         assert [token_ids(h) for h in handles] == expected
 
 
-def test_first_token_logits_bit_identical_in_padded_prefill(monkeypatch):
-    """Prefill with left padding, masks and position ids gives exactly the logits of the prompt alone.
-
-    (Later decode steps can differ in the last bit: a one-row matmul takes a different BLAS kernel than a
-    multi-row one. Greedy token ids are still equal, which the tests above check.)
+def test_first_token_logits_equal_in_padded_prefill(monkeypatch):
+    """Prefill with left padding, masks and position ids gives the logits of the prompt alone, to the last bit
+    or two: the padding itself contributes nothing, but the BLAS may take another kernel for a batch of rows
+    than for one (MKL does on AMD EPYC: 1-ulp differences, ~6e-8 here; on Intel Xeons it gave equal bits).
+    Greedy token ids are equal either way, which the tests above check.
     """
     lora, tok = build_lora(), build_tok()
     seen: dict[str, list[torch.Tensor]] = {}
@@ -69,7 +69,8 @@ def test_first_token_logits_bit_identical_in_padded_prefill(monkeypatch):
         for h in batched:
             h.result()
     for s, b in zip(solo, batched):
-        assert torch.equal(seen[s.id][0], seen[b.id][0])
+        torch.testing.assert_close(seen[b.id][0], seen[s.id][0], rtol=0, atol=1e-6)  # padding leaking in moves them far more
+        assert seen[b.id][0].argmax() == seen[s.id][0].argmax()
 
 
 def test_different_adapters_give_different_outputs():
