@@ -21,6 +21,14 @@ class ConfigError(LorakitError, ValueError):
         super().__init__(message)
 
 
+class OutputDirError(ConfigError):
+    """The run's output_dir cannot be used as it is: it holds another run or files lorakit did not write, or it
+    cannot be written. The message says what is there and what to do."""
+
+    def __init__(self, problem: str):
+        super().__init__(problem, where="output_dir")
+
+
 class TargetNotFoundError(LorakitError, ValueError):
     """A target module pattern matched nothing (or nothing LoRA can wrap) in the base model."""
 

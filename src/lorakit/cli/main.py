@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import AdapterError, CheckpointError, ConfigError, DataError, LorakitError
+from ..errors import AdapterError, CheckpointError, ConfigError, DataError, LorakitError, OutputDirError
 from ..signals import Terminated
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 HINTS = {
+    OutputDirError: "continue the run there (--resume), start it over (--overwrite), or set another output_dir",
     ConfigError: "fix the field named above; `lorakit train --help` lists every field with its allowed values",
     DataError: "fix the record at the location shown, or set data.skip_bad_records: true to skip and count bad records",
     AdapterError: "check that the adapter directory was written by lorakit or PEFT for this base model",

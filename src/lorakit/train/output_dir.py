@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_text_atomic
-from ..errors import ConfigError
+from ..errors import OutputDirError
 from .checkpoint import CHECKPOINTS, MANIFEST, list_checkpoints
 from .lock import LOCK_FILE
 from .metrics import METRICS_FILE, PLOT_FILE
@@ -31,7 +31,6 @@ TRAINER_STATE = "trainer_state.json"
 TENSORBOARD_DIR = "tensorboard"
 # Everything a run writes; `overwrite` deletes these (but the lock) and nothing else.
 OWN_OUTPUTS = (RUN_FILE, CHECKPOINTS, ADAPTER_DIR, METRICS_FILE, PLOT_FILE, TRAINER_STATE, TENSORBOARD_DIR, LOCK_FILE)
-WHERE = "output_dir"
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,7 @@ def inspect_output_dir(path: str | os.PathLike) -> OutputDir:
     """Look at `path` without changing it; ConfigError if it exists and is not a directory."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"{path} exists and is not a directory; choose a directory for the run's outputs",
-                          where=WHERE)
+        raise OutputDirError(f"{path} exists and is not a directory; choose a directory for the run's outputs")
     names = sorted(os.listdir(path)) if path.is_dir() else []
     own = tuple(n for n in names if n in OWN_OUTPUTS and n != LOCK_FILE)
     foreign = tuple(n for n in names if n not in OWN_OUTPUTS)
@@ -84,19 +82,18 @@ def check_output_dir(path: str | os.PathLike, *, resuming: bool, overwrite: bool
     _ensure_writable(found.path)
     if found.own and not found.previous_run:
         listed = ", ".join(found.own[:4])
-        raise ConfigError(f"{found.path} holds {listed}, which lorakit did not write (no {RUN_FILE}); lorakit "
-                          "would write over them. Move them away or choose another output_dir", where=WHERE)
+        raise OutputDirError(f"{found.path} holds {listed}, which lorakit did not write (no {RUN_FILE}); lorakit "
+                          "would write over them. Move them away or choose another output_dir")
     if resuming or overwrite:
         return found
     if found.previous_run:
-        raise ConfigError(f"{found.path} holds a previous run ({found.describe()}). To continue it: --resume auto "
+        raise OutputDirError(f"{found.path} holds a previous run ({found.describe()}). To continue it: --resume auto "
                           f"(train.resume: auto); to replace it: --overwrite (deletes only lorakit's outputs: "
-                          f"{', '.join(n for n in OWN_OUTPUTS if n != LOCK_FILE)}); or choose another output_dir",
-                          where=WHERE)
+                          f"{', '.join(n for n in OWN_OUTPUTS if n != LOCK_FILE)}); or choose another output_dir")
     if found.foreign:
         listed = ", ".join(found.foreign[:4]) + (f" and {len(found.foreign) - 4} more" if len(found.foreign) > 4 else "")
-        raise ConfigError(f"{found.path} is not empty ({listed}); choose a new or empty output_dir, or pass "
-                          "--overwrite to train there anyway (files lorakit did not write are left alone)", where=WHERE)
+        raise OutputDirError(f"{found.path} is not empty ({listed}); choose a new or empty output_dir, or pass "
+                          "--overwrite to train there anyway (files lorakit did not write are left alone)")
     return found
 
 
@@ -109,8 +106,8 @@ def _ensure_writable(path: Path) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        raise ConfigError(f"cannot write to {path}: {err.strerror or err}; choose a directory you can write to",
-                          where=WHERE) from None
+        raise OutputDirError(f"cannot write to {path}: {err.strerror or err}; choose a directory you can "
+                             "write to") from None
     finally:
         for directory in made:  # deepest first
             with contextlib.suppress(OSError):
