@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class LorakitError(Exception):
-    """Base class of every error lorakit raises on purpose."""
+    """Base class of every error lorakit raises on purpose. `hint`, where set, is what the CLI prints as the way
+    out (else it prints its hint for the error's kind)."""
+
+    hint: str | None = None
 
 
 class ConfigError(LorakitError, ValueError):
@@ -25,8 +28,9 @@ class OutputDirError(ConfigError):
     """The run's output_dir cannot be used as it is: it holds another run or files lorakit did not write, or it
     cannot be written. The message says what is there and what to do."""
 
-    def __init__(self, problem: str):
+    def __init__(self, problem: str, *, hint: str):
         super().__init__(problem, where="output_dir")
+        self.hint = hint
 
 
 class TargetNotFoundError(LorakitError, ValueError):

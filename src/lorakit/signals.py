@@ -31,3 +31,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def sigterm_ignored() -> Iterator[None]:
+    """Within the block, further SIGTERMs are ignored: the save they asked for is under way (schedulers and
+    torchrun may each send one). Ctrl-C still aborts it, on purpose. No-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

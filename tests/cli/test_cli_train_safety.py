@@ -38,10 +38,13 @@ def test_training_again_into_a_run_is_refused_until_resumed_or_overwritten(run_c
 
     # a changed LoRA shape stops the run, naming the field, instead of starting over
     assert main(["train", str(run_config), "--resume", "auto", "--set", "lora.r=8"]) == 2
-    assert "lora.r: checkpoint 4, now 8" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "lora.r: checkpoint 4, now 8" in err and "hint: resume with the checkpoint's settings" in err
     assert _files(out) == before
 
-    # bare --resume means auto; extending max_steps is not a change to refuse
+    # bare --resume means auto, before or after the config; extending max_steps is not a change to refuse
+    assert main(["train", "--set", "train.max_steps=10", "--resume", str(run_config)]) == 0
+    assert "resumed from" in capsys.readouterr().out
     assert main(["train", str(run_config), "--resume", "--set", "train.max_steps=12"]) == 0
     assert "resumed from" in capsys.readouterr().out
 

@@ -7,6 +7,7 @@ into the same directory, resuming after a config change, resuming with changed s
 from __future__ import annotations
 
 import hashlib
+import re
 import os
 import warnings
 from pathlib import Path
@@ -38,7 +39,7 @@ def finished_run(tmp_path):
 def test_a_second_run_into_a_finished_run_is_refused_and_changes_nothing(finished_run):
     before = _snapshot(finished_run)
     assert {"adapter/adapter_model.safetensors", "metrics.jsonl", RUN_FILE} <= set(before)
-    with pytest.raises(ConfigError, match=r"holds a previous run .*--resume auto.*--overwrite"):
+    with pytest.raises(ConfigError, match=r"holds a previous run .*to continue it: --resume auto.*--overwrite"):
         fit(lora_model(seed=1), toy_data(8), config(max_steps=2), finished_run, log=quiet)
     assert _snapshot(finished_run) == before
 
@@ -60,8 +61,9 @@ def test_a_directory_of_foreign_files_is_refused_unless_overwrite_and_then_left_
     out = tmp_path / "mine"
     out.mkdir()
     (out / "paper.tex").write_text("draft")
-    with pytest.raises(ConfigError, match=r"not empty \(paper.tex\).*--overwrite"):
+    with pytest.raises(ConfigError, match=r"not empty \(paper.tex\)") as refused:
         fit(lora_model(), toy_data(8), config(max_steps=1), out, log=quiet)
+    assert "--overwrite" in refused.value.hint
     fit(lora_model(), toy_data(8), config(max_steps=1), out, log=quiet, overwrite=True)
     assert (out / "paper.tex").read_text() == "draft" and (out / "adapter").is_dir()
 
@@ -147,7 +149,7 @@ def test_resume_auto_in_a_run_without_checkpoints_is_refused(finished_run):
     import shutil
 
     shutil.rmtree(finished_run / "checkpoints")
-    with pytest.raises(CheckpointError, match="no checkpoint to continue it from"):
+    with pytest.raises(ConfigError, match="no checkpoint to continue it from"):
         fit(lora_model(), toy_data(8), config(max_steps=6), finished_run, log=quiet, resume="auto")
     assert (finished_run / "adapter").is_dir()
 
@@ -156,11 +158,11 @@ def test_an_output_dir_that_cannot_be_written_is_refused_by_name(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(ConfigError, match="exists and is not a directory"):
-        check_output_dir(a_file, resuming=False, overwrite=False)
+        check_output_dir(a_file, resume="never", overwrite=False)
     with pytest.raises(ConfigError, match="cannot write to"):
-        check_output_dir(a_file / "below", resuming=False, overwrite=False)
+        check_output_dir(a_file / "below", resume="never", overwrite=False)
     with pytest.raises(ConfigError, match="cannot write to"):
-        check_output_dir("/proc/lorakit-run", resuming=False, overwrite=False)
+        check_output_dir("/proc/lorakit-run", resume="never", overwrite=False)
 
 
 def test_a_checkpoint_that_cannot_be_rotated_away_only_warns(tmp_path, monkeypatch):
@@ -181,3 +183,110 @@ def test_a_checkpoint_that_cannot_be_rotated_away_only_warns(tmp_path, monkeypat
             path = save_checkpoint(tmp_path, 3, params, optimizer, keep_last=1)
     assert path.name == "step-00000003"
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+
+
+# ---- resuming a named checkpoint ----------------------------------------------------------------------
+def test_resuming_an_older_checkpoint_of_the_run_is_refused(finished_run):
+    """Resuming step 2 while step 4 exists would rotate step 4 away and rewrite metrics and adapter."""
+    before = _snapshot(finished_run)
+    older = list_checkpoints(finished_run)[0]
+    with pytest.raises(ConfigError, match="older than this run's newest checkpoint step-00000004") as refused:
+        fit(lora_model(), toy_data(8), config(max_steps=6), finished_run, log=quiet, resume=str(older))
+    assert "resume it into a new output_dir" in refused.value.hint
+    assert _snapshot(finished_run) == before
+
+
+def test_another_runs_checkpoint_is_not_resumed_over_a_run(finished_run, tmp_path):
+    other = tmp_path / "other"
+    fit(lora_model(), toy_data(8), config(max_steps=2), other, log=quiet)
+    before = _snapshot(finished_run)
+    with pytest.raises(ConfigError, match="holds another run .* would write over it"):
+        fit(lora_model(), toy_data(8), config(max_steps=6), finished_run, log=quiet,
+            resume=str(list_checkpoints(other)[-1]))
+    assert _snapshot(finished_run) == before
+
+
+def test_a_named_checkpoint_resumes_its_own_run_or_into_a_new_directory(finished_run, tmp_path):
+    newest = list_checkpoints(finished_run)[-1]
+    elsewhere = fit(lora_model(), toy_data(8), config(max_steps=5), tmp_path / "branch", log=quiet, resume=str(newest))
+    assert elsewhere.resumed_from == 4 and len(list_checkpoints(finished_run)) == 2  # the original is untouched
+    here = fit(lora_model(), toy_data(8), config(max_steps=5), finished_run, log=quiet, resume=str(newest))
+    assert here.resumed_from == 4
+
+
+def test_a_run_killed_before_it_saved_anything_starts_again(tmp_path):
+    """A run that only wrote its marker and some metrics (killed, out of memory) holds nothing to lose: a
+    scheduler that requeues it (resume: auto, or not) must not find it refused forever."""
+    for resume in ("auto", "never"):
+        out = tmp_path / resume
+        out.mkdir()
+        (out / RUN_FILE).write_text("{}\n")
+        (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+        lines = []
+        fit(lora_model(), toy_data(8), config(max_steps=1), out, log=lines.append, resume=resume)
+        assert any("the previous start saved nothing" in line for line in lines)
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # this run's step 1 only
+
+
+# ---- what a resume compares --------------------------------------------------------------------------
+def _settings(**lora):
+    from lorakit.config import run_config_from_dict
+
+    raw = {"model": {"name_or_path": "tiny"}, "data": {"train": "t.jsonl"},
+           "lora": {"r": 4, "target_modules": ["q_proj"], **lora}}
+    return run_settings(run_config_from_dict(raw))
+
+
+@pytest.mark.parametrize("before, after, named", [
+    ({}, {"alpha_pattern": {"q_proj": 64}}, "lora.alpha_pattern"),         # {} was one key, {q_proj: 64} another
+    ({"alpha_pattern": {"q_proj": 64}}, {"alpha_pattern": {"k_proj": 64}}, "lora.alpha_pattern.k_proj"),
+    ({}, {"rank_pattern": {"q_proj": 8}}, "lora.rank_pattern"),
+])
+def test_a_setting_that_appears_or_disappears_is_a_change(tmp_path, before, after, named):
+    out = tmp_path / "run"
+    fit(lora_model(), toy_data(8), config(max_steps=2), out, log=quiet, settings=_settings(**before))
+    with pytest.raises(CheckpointMismatch, match=re.escape(named)):
+        fit(lora_model(), toy_data(8), config(max_steps=4), out, log=quiet, resume="auto", settings=_settings(**after))
+
+
+def test_settings_that_compute_the_same_numbers_may_change(finished_run):
+    """What a resume after running out of memory changes: checkpointing, the loss's chunk size."""
+    result = fit(lora_model(), toy_data(8), config(max_steps=6, save_every=2, gradient_checkpointing=True,
+                                                   loss_chunk_tokens=3), finished_run, log=quiet, resume="auto")
+    assert result.resumed_from == 4
+
+
+def test_each_tasks_own_lora_settings_are_recorded():
+    from lorakit.config import run_config_from_dict
+
+    raw = {"model": {"name_or_path": "tiny"}, "data": {},
+           "tasks": [{"name": "sql", "train": "s.jsonl", "lora": {"r": 8, "lora_alpha": 16}},
+                     {"name": "chat", "train": "c.jsonl"}]}
+    settings = run_settings(run_config_from_dict(raw))
+    assert settings["tasks.sql.lora.r"] == 8 and settings["tasks.sql.lora.lora_alpha"] == 16
+
+
+def test_a_second_sigterm_during_the_interrupt_save_does_not_lose_the_checkpoint(tmp_path, monkeypatch):
+    """Schedulers and torchrun may each send SIGTERM: the second arrives while the first one's save runs."""
+    import signal
+
+    import lorakit.train.loop as loop_module
+    from lorakit.signals import Terminated
+
+    real_save, calls = loop_module.save_checkpoint, []
+
+    def save_then_signal(*args, **kwargs):
+        calls.append(kwargs.get("trainer_state", {}).get("step"))
+        if len(calls) == 1:  # the first save is the interrupted one (no save_every): signal in its middle
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(*args, **kwargs)
+
+    def hook(event, info):
+        if event == "step" and info["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_signal)
+    with pytest.raises(Terminated):
+        fit(lora_model(), toy_data(8), config(max_steps=50), tmp_path / "run", log=quiet, hooks=[hook])
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))

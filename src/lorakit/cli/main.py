@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import AdapterError, CheckpointError, ConfigError, DataError, LorakitError, OutputDirError
+from ..errors import AdapterError, CheckpointError, ConfigError, DataError, LorakitError
 from ..signals import Terminated
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 HINTS = {
-    OutputDirError: "continue the run there (--resume), start it over (--overwrite), or set another output_dir",
     ConfigError: "fix the field named above; `lorakit train --help` lists every field with its allowed values",
     DataError: "fix the record at the location shown, or set data.skip_bad_records: true to skip and count bad records",
     AdapterError: "check that the adapter directory was written by lorakit or PEFT for this base model",
@@ -37,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except LorakitError as err:
         print(f"error: {err}", file=sys.stderr)
-        hint = next((h for kind, h in HINTS.items() if isinstance(err, kind)), None)
+        hint = err.hint or next((h for kind, h in HINTS.items() if isinstance(err, kind)), None)
         if hint:
             print(f"hint: {hint}", file=sys.stderr)
         return EXIT_ERROR
@@ -65,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an adapter from a YAML run config",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="run config fields (see examples/run.yaml):\n\n" + field_reference())
-    train.add_argument("config", help="the run config (YAML)")
+    train.add_argument("config", nargs="?", help="the run config (YAML)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                        help="override a config field, e.g. --set train.lr=2e-4 (repeatable)")
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|never|PATH",
@@ -198,6 +197,11 @@ def _train(args: argparse.Namespace) -> int:
     from ..config import load_run_config
     from ..train.run import run_training
 
+    if args.config is None and args.resume and Path(args.resume).suffix in (".yaml", ".yml"):
+        args.config, args.resume = args.resume, "auto"  # `train --resume run.yaml`: a bare --resume took the config
+    if args.config is None:
+        raise ConfigError("give the run config: lorakit train run.yaml [--resume] [--set FIELD=VALUE ...]",
+                          where="lorakit train")
     config = load_run_config(args.config, args.overrides + (["train.memory_check=false"] if args.force else []))
     run_training(config, resume=args.resume, overwrite=args.overwrite, allow_change=args.allow_change,
                  log=print)  # fit logs its own closing summary

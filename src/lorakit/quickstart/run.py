@@ -76,7 +76,8 @@ def run_quickstart(output_dir: str | Path = "lorakit-quickstart", *, max_steps: 
     started = time.perf_counter()
     output_dir = Path(output_dir)
     config = quickstart_config(output_dir, max_steps=max_steps)
-    check_output_dir(output_dir, resuming=False, overwrite=overwrite)  # before the first step, not after
+    check_output_dir(output_dir, resume="never", overwrite=overwrite, option="--out",  # before the first step
+                     resume_option=None)
     demo = json.loads((ASSETS / "data" / "demo_prompts.json").read_text(encoding="utf-8"))
     prompts, expected = [d["prompt"] for d in demo], [d["expected"] for d in demo]
 

@@ -22,10 +22,16 @@ from .tasks import TaskSet
 # options and the process layout (the micro-batches per step are compared on their own, across layouts).
 MAY_CHANGE = ("train.max_steps", "train.epochs", "train.save_every", "train.eval_every", "train.log_every",
               "train.keep_checkpoints", "train.tensorboard", "train.memory_check", "train.resume", "output_dir",
-              "speed", "distributed", "deploy_targets", "data.skip_bad_records", "data.max_drop_fraction")
+              "speed", "distributed", "deploy_targets", "data.skip_bad_records", "data.max_drop_fraction",
+              # the same numbers computed another way: what a run resumed after running out of memory changes
+              "train.gradient_checkpointing", "train.checkpoint_every", "train.loss_chunk_tokens", "train.nan_policy",
+              "model.device", "model.attn_implementation")
+# Checkpoints that record this compare every key either side has (a section set on one side only is a change);
+# older ones recorded a few keys, compared where both have them.
+VERSION_KEY, VERSION = "fingerprint_version", 2
 # Compared through what they produce instead: the data files through the examples' hash (a moved file is the
 # same data), batch_size, grad_accum and seed through the batch-order keys below.
-NOT_RECORDED = ("data.train", "data.validation", "train.batch_size", "train.grad_accum", "train.seed", "tasks")
+NOT_RECORDED = ("data.train", "data.validation", "train.batch_size", "train.grad_accum", "train.seed")
 
 
 def flat_settings(value: Any, prefix: str) -> dict[str, Any]:
@@ -80,7 +86,7 @@ def run_fingerprints(data: PreparedData | TaskSet, config: TrainConfig, processe
             digest.update(array.array("q", e.labels).tobytes())
             digest.update(b"|")
     train = {k: v for k, v in flat_settings(config, "train").items() if not _not_recorded(k)}
-    out = {**(settings or {}), **train,
+    out = {VERSION_KEY: VERSION, **(settings or {}), **train,
            "data.sha256": digest.hexdigest(), "data.examples": data.examples if tasks else len(data.examples),
            "data.packing": False if tasks else data.packing, "train.batch_size": config.batch_size,
            "train.grad_accum_x_processes": config.grad_accum * processes, "train.seed": config.seed}

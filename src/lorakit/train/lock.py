@@ -70,10 +70,12 @@ def acquire_lock(out_dir: str | os.PathLike) -> None:
         else:
             busy = previous is not None and previous != os.getpid() and _alive(previous)
         if busy:
-            raise CheckpointError(
+            error = CheckpointError(
                 f"{out_dir} is in use by another run (pid {previous if previous is not None else 'unknown'}, "
-                f"lock file {path}); stop that run or choose another output directory"
+                f"lock file {path})"
             )
+            error.hint = "wait for that run to end (or stop it), or choose another output directory"
+            raise error
         if previous is not None and previous != os.getpid():
             warnings.warn(f"{path}: taking over a stale lock left by pid {previous}, which no longer holds it "
                           "(the run ended without releasing it)", stacklevel=3)

@@ -38,7 +38,7 @@ from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, NullMetricsLog, plot_l
 from .fingerprint import MAY_CHANGE, run_fingerprints
 from .output_dir import ADAPTER_DIR, TRAINER_STATE, check_output_dir, clear_own_outputs, write_run_file
 from .restore import resume as resume_checkpoint
-from ..signals import Terminated, sigterm_as_interrupt
+from ..signals import Terminated, sigterm_as_interrupt, sigterm_ignored
 from .schedule import build_scheduler
 from .speed import setup_speed
 from .tasks import TaskSet, adapter_parameters, clip_by_task, supervised_by_task, task_loss_sums
@@ -182,7 +182,7 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config:
     resume_from = str(config.resume if resume is None else resume)
     if overwrite and resume_from != "never":
         raise ConfigError(f"overwrite starts the run over and resume={resume_from} continues it; choose one",
-                          where="train")
+                          where="fit")
     if config.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"nan_policy: {config.nan_policy!r} is not one of stop, skip", where="train config")
     tasks = train_data if isinstance(train_data, TaskSet) else None
@@ -314,20 +314,17 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config:
     try:
         with checkpoint_lock(out) if main else contextlib.nullcontext(), sigterm_as_interrupt():
             # ---- the output directory, then resume ----
-            found = check_output_dir(out, resuming=resume_from != "never", overwrite=overwrite) if main else None
+            found = check_output_dir(out, resume=resume_from, overwrite=overwrite) if main else None
             resumed = None
             if resume_from != "never":
                 resumed = resume_checkpoint(out, params, optimizer, scheduler, checkpoint=resume_from,
                                             fingerprints=fingerprints, allow_change=allow_change, may_change=MAY_CHANGE)
-                if resumed is None and found is not None and found.previous_run:
-                    raise CheckpointError(f"resume={resume_from}: {out} holds a previous run ({found.describe()}) but "
-                                          "no checkpoint to continue it from; start over with --overwrite, or choose "
-                                          "another output_dir")
                 if resumed is None:
                     log(f"resume={resume_from}: no checkpoint in {out}; starting from step 0")
             if resumed is None and main:
-                if overwrite and found.own:
-                    log(f"overwrite: deleting the previous run's {', '.join(clear_own_outputs(found))} in {out}")
+                if found.own and (overwrite or found.saved_nothing):
+                    why = "overwrite" if overwrite else "the previous start saved nothing"
+                    log(f"{why}: deleting the previous run's {', '.join(clear_own_outputs(found))} in {out}")
                 write_run_file(out, fingerprints)
             if resumed is not None:
                 for change in resumed.changes:
@@ -508,7 +505,8 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config:
                     metrics = None
                 why = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
                 log(f"{why} at step {state.step}; saving a checkpoint to resume from")
-                path = save("interrupted")
+                with sigterm_ignored():
+                    path = save("interrupted")
                 log(f"resume with resume=auto (or {path})")
                 raise
 

@@ -38,12 +38,24 @@ class OutputDir:
     """What a run found in its output directory."""
 
     path: Path
-    previous_run: bool
-    """A lorakit run wrote here (its marker, a checkpoint or trainer_state.json is present)."""
+    marked: bool
+    """A lorakit run started here (lorakit_run.json)."""
+    results: bool
+    """A run left something to keep here: a checkpoint, an adapter, or (older lorakit) trainer_state.json."""
     own: tuple[str, ...]
     """Entries with the names of lorakit's outputs (the lock file left out)."""
     foreign: tuple[str, ...]
     """Entries lorakit never writes."""
+
+    @property
+    def previous_run(self) -> bool:
+        return self.marked or self.results
+
+    @property
+    def saved_nothing(self) -> bool:
+        """A run started here and was stopped before it saved anything (killed, out of memory): starting it
+        again destroys nothing, whatever `resume` says."""
+        return self.marked and not self.results
 
     def describe(self) -> str:
         checkpoints = list_checkpoints(self.path)
@@ -54,16 +66,16 @@ class OutputDir:
 
 
 def inspect_output_dir(path: str | os.PathLike) -> OutputDir:
-    """Look at `path` without changing it; ConfigError if it exists and is not a directory."""
+    """Look at `path` without changing it; OutputDirError if it exists and is not a directory."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise OutputDirError(f"{path} exists and is not a directory; choose a directory for the run's outputs")
+        raise OutputDirError(f"{path} exists and is not a directory", hint="choose a directory for the run's outputs")
     names = sorted(os.listdir(path)) if path.is_dir() else []
     own = tuple(n for n in names if n in OWN_OUTPUTS and n != LOCK_FILE)
     foreign = tuple(n for n in names if n not in OWN_OUTPUTS)
-    previous = (RUN_FILE in own or any((p / MANIFEST).is_file() for p in list_checkpoints(path))
-                or _is_trainer_state(path / TRAINER_STATE))
-    return OutputDir(path=path, previous_run=previous, own=own, foreign=foreign)
+    results = (any((p / MANIFEST).is_file() for p in list_checkpoints(path)) or (path / ADAPTER_DIR).is_dir()
+               or _is_trainer_state(path / TRAINER_STATE))
+    return OutputDir(path=path, marked=RUN_FILE in own, results=results, own=own, foreign=foreign)
 
 
 def _is_trainer_state(file: Path) -> bool:
@@ -75,26 +87,58 @@ def _is_trainer_state(file: Path) -> bool:
     return isinstance(state, dict) and {"step", "adapter", "metrics"} <= set(state)
 
 
-def check_output_dir(path: str | os.PathLike, *, resuming: bool, overwrite: bool) -> OutputDir:
-    """Refuse (ConfigError) a directory this run must not write into; create it if missing. Cheap: call it
-    before loading a model. `resuming`: the run continues from a checkpoint found here (or given)."""
+def check_output_dir(path: str | os.PathLike, *, resume: str, overwrite: bool, option: str = "output_dir",
+                     resume_option: str | None = "--resume auto") -> OutputDir:
+    """Refuse (OutputDirError) a directory this run must not write into. Cheap, changes nothing: call it before
+    loading a model. `resume`: "never", "auto" or a checkpoint path; `overwrite`: the user's word to replace a
+    previous run. `option` and `resume_option` name the caller's options in messages (quickstart has no resume)."""
     found = inspect_output_dir(path)
     _ensure_writable(found.path)
     if found.own and not found.previous_run:
-        listed = ", ".join(found.own[:4])
-        raise OutputDirError(f"{found.path} holds {listed}, which lorakit did not write (no {RUN_FILE}); lorakit "
-                          "would write over them. Move them away or choose another output_dir")
-    if resuming or overwrite:
+        raise OutputDirError(f"{found.path} holds {_listed(found.own)}, which lorakit did not write (no {RUN_FILE}); "
+                             "training there would write over them",
+                             hint=f"move them away, or choose another {option}")
+    if overwrite or found.saved_nothing:
         return found
-    if found.previous_run:
-        raise OutputDirError(f"{found.path} holds a previous run ({found.describe()}). To continue it: --resume auto "
-                          f"(train.resume: auto); to replace it: --overwrite (deletes only lorakit's outputs: "
-                          f"{', '.join(n for n in OWN_OUTPUTS if n != LOCK_FILE)}); or choose another output_dir")
-    if found.foreign:
-        listed = ", ".join(found.foreign[:4]) + (f" and {len(found.foreign) - 4} more" if len(found.foreign) > 4 else "")
-        raise OutputDirError(f"{found.path} is not empty ({listed}); choose a new or empty output_dir, or pass "
-                          "--overwrite to train there anyway (files lorakit did not write are left alone)")
+    if resume == "never":
+        if found.previous_run:
+            keep = f"to continue it: {resume_option}; " if resume_option else ""
+            raise OutputDirError(f"{found.path} holds a previous run ({found.describe()}); {keep}to replace it: "
+                                 f"--overwrite (deletes only lorakit's outputs: {', '.join(OWN_OUTPUTS[:-1])})",
+                                 hint=f"continue the run ({resume_option}), start it over (--overwrite), or choose "
+                                 f"another {option}" if resume_option else
+                                 f"start it over (--overwrite), or choose another {option}")
+        if found.foreign:
+            raise OutputDirError(f"{found.path} is not empty ({_listed(found.foreign)})",
+                                 hint=f"choose a new or empty {option}, or pass --overwrite to train there anyway "
+                                 "(files lorakit did not write are left alone)")
+    elif resume == "auto":
+        if found.results and not list_checkpoints(found.path):
+            raise OutputDirError(f"{found.path} holds a previous run ({found.describe()}) but no checkpoint to "
+                                 "continue it from", hint=f"start it over with --overwrite, or choose another {option}")
+    elif found.results:
+        _check_resume_path(found, Path(resume), option)
     return found
+
+
+def _check_resume_path(found: OutputDir, checkpoint: Path, option: str) -> None:
+    """Resuming a given checkpoint into a directory with results: only this run's newest checkpoint, since later
+    saves rotate away every newer one and rewrite metrics and adapter from the older step on."""
+    newest = list_checkpoints(found.path)[-1:] or [None]
+    inside = checkpoint.resolve().parent == (found.path / CHECKPOINTS).resolve()
+    if inside and newest[0] is not None and checkpoint.resolve() == newest[0].resolve():
+        return
+    if inside:
+        raise OutputDirError(f"{checkpoint.name} is older than this run's newest checkpoint {newest[0].name}; resuming "
+                             "from it would rotate the newer checkpoints away and rewrite the adapter and metrics",
+                             hint=f"to go back to it, resume it into a new {option} (--set output_dir=NEW --resume "
+                             f"{checkpoint}), or delete the newer checkpoints yourself")
+    raise OutputDirError(f"{found.path} holds another run ({found.describe()}); resuming {checkpoint} there would "
+                         "write over it", hint=f"resume it into a new or empty {option}")
+
+
+def _listed(names: tuple[str, ...]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 def _ensure_writable(path: Path) -> None:
@@ -106,8 +150,8 @@ def _ensure_writable(path: Path) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        raise OutputDirError(f"cannot write to {path}: {err.strerror or err}; choose a directory you can "
-                             "write to") from None
+        raise OutputDirError(f"cannot write to {path}: {err.strerror or err}",
+                             hint="choose a directory you can write to") from None
     finally:
         for directory in made:  # deepest first
             with contextlib.suppress(OSError):

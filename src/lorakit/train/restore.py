@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import CheckpointError
 from .checkpoint import (CHECKPOINTS, FILES, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, check_sha256, list_checkpoints,
                          read_manifest)
+from .fingerprint import VERSION_KEY
 from .optim_state import optimizer_state_from_names
 from .rng import check_rng_state, restore_rng_state
 
@@ -172,6 +173,9 @@ def resume(out_dir: str | os.PathLike, model_params: dict[str, nn.Parameter],
 class CheckpointMismatch(CheckpointError):
     """An intact checkpoint that does not fit this run: its settings or tensors differ from the run's."""
 
+    hint = ("resume with the checkpoint's settings, accept a changed setting with --allow-change FIELD, or start "
+            "over (--overwrite, or another output_dir)")
+
 
 # Fingerprint keys written by lorakit before 2026-12, read under today's names.
 LEGACY_KEYS = {"data_sha256": "data.sha256", "examples": "data.examples", "packing": "data.packing",
@@ -180,6 +184,13 @@ LEGACY_KEYS = {"data_sha256": "data.sha256", "examples": "data.examples", "packi
 
 def _by_current_names(fingerprints: dict) -> dict:
     return {LEGACY_KEYS.get(key, key): value for key, value in fingerprints.items()}
+
+
+_UNSET = object()
+
+
+def _shown(fingerprints: dict, key: str) -> str:
+    return repr(fingerprints[key]) if key in fingerprints else "not set"
 
 
 def _allowed(key: str, allowed: set[str]) -> bool:
@@ -195,8 +206,16 @@ def compare_fingerprints(saved: dict, current: dict, *, allow_change: Iterable[s
     differences, one line each, for the log."""
     saved, current = _by_current_names(saved), _by_current_names(current)
     allowed, free = {LEGACY_KEYS.get(a, a) for a in allow_change}, set(may_change)
-    diffs = [(key, f"{key}: checkpoint {saved[key]!r}, now {current[key]!r}")
-             for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
+    if saved.get(VERSION_KEY) is not None and current.get(VERSION_KEY) is not None:
+        # Every key either side has, within the sections both record: `lora.alpha_pattern: {}` recorded as one key
+        # and `{q_proj: 64}` as `lora.alpha_pattern.q_proj` must still differ. A section one side did not record
+        # at all (fit called without the run config's settings) is not compared.
+        sections = {k.split(".")[0] for k in saved} & {k.split(".")[0] for k in current}
+        keys = {k for k in set(saved) | set(current) if k.split(".")[0] in sections}
+    else:
+        keys = set(saved) & set(current)
+    diffs = [(key, f"{key}: checkpoint {_shown(saved, key)}, now {_shown(current, key)}")
+             for key in sorted(keys) if saved.get(key, _UNSET) != current.get(key, _UNSET)]
     refused = [line for key, line in diffs if not _allowed(key, allowed | free)]
     if refused:
         raise CheckpointMismatch("the run differs from the checkpoint it resumes:\n"

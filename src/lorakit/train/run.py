@@ -43,9 +43,15 @@ def _run(config: RunConfig, resume: str | None, overwrite: bool, allow_change: t
          log: Callable[[str], None], distributed: DistributedRun | None) -> FitResult:
     torch.manual_seed(config.train.seed)  # the LoRA A init draws from it
     random.seed(config.train.seed)
+    if overwrite and resume is None and config.train.resume != "never":
+        log(f"overwrite: starting over, so the run config's train.resume: {config.train.resume} does not apply")
+        resume = "never"
     resume = str(config.train.resume if resume is None else resume)
-    if distributed is None or distributed.is_main:  # a directory we may not write into stops the run before loading
-        check_output_dir(config.output_dir, resuming=resume != "never", overwrite=overwrite)
+    if overwrite and resume != "never":
+        raise ConfigError(f"--overwrite starts the run over and --resume {resume} continues it; choose one",
+                          where="lorakit train")
+    # Every process looks (the same files), so that a refusal stops them all before anything loads.
+    check_output_dir(config.output_dir, resume=resume, overwrite=overwrite)
     fsdp = distributed is not None and distributed.strategy == "fsdp"
     if fsdp and config.model.quantization is not None:
         raise ConfigError(QUANTIZED_FSDP, where="run config")  # before loading it, not after
