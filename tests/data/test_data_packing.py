@@ -128,6 +128,29 @@ def test_sampler_groups_by_length_and_puts_the_longest_batch_first():
     assert max(lengths[i] for i in batches[0]) == max(lengths)
 
 
+def _correlation(xs: list[float], ys: list[float]) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    return cov / (sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys)) ** 0.5
+
+
+def test_sampler_batch_order_is_no_longest_to_shortest_saw_tooth():
+    """Batches are length-grouped but not emitted longest to shortest within each mega-batch (a curriculum that
+    ends every stretch of steps on the shortest examples): over any mega-batch's worth of consecutive steps,
+    batch length and position are uncorrelated, not correlated ~-1."""
+    lengths = [(i * 37) % 101 + 1 for i in range(2000)]
+    factor = 10
+    for seed in range(3):
+        batches = LengthGroupedBatchSampler(lengths, 8, seed=seed, mega_batch_factor=factor).batches(0)
+        means = [sum(lengths[i] for i in b) / len(b) for b in batches]
+        # a mega-batch's worth of steps at a time, the first (which holds the longest-first batch) aside
+        windows = [means[k:k + factor] for k in range(factor, len(means) - factor + 1, factor)]
+        mean_corr = sum(_correlation(list(range(factor)), w) for w in windows) / len(windows)
+        assert abs(mean_corr) < 0.3, (seed, mean_corr)
+        falls = sum(a > b for a, b in zip(means, means[1:])) / (len(means) - 1)
+        assert 0.35 < falls < 0.65, (seed, falls)
+
+
 def test_sampler_drop_last():
     s = LengthGroupedBatchSampler(list(range(10)), 4, drop_last=True)
     assert len(s) == 2 and all(len(b) == 4 for b in s.batches(0))

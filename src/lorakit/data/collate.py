@@ -81,8 +81,9 @@ class LengthGroupedBatchSampler:
     """Batches of indices with similar lengths, in an order fixed by (seed, epoch).
 
     Like transformers' LengthGroupedSampler: shuffle, cut into mega-batches of `batch_size *
-    mega_batch_factor`, sort each by length (longest first), cut into batches, and move the batch holding
-    the longest example to the front so an out-of-memory shows up on step 1. With
+    mega_batch_factor`, sort each by length (longest first) and cut into batches; unlike it, the batches are
+    then shuffled (not taken longest to shortest within each mega-batch), and the batch holding the longest
+    example is moved to the front so an out-of-memory shows up on step 1. With
     `group_by_length=False` batches are plain shuffled slices (used for packed rows, which are already
     near max_seq_len). Usable as a torch DataLoader `batch_sampler`; call `set_epoch` each epoch.
     """
@@ -116,8 +117,13 @@ class LengthGroupedBatchSampler:
         if self.drop_last and out and len(out[-1]) < self.batch_size:
             out.pop()
         if self.group_by_length and out:
-            longest = max(range(len(out)), key=lambda k: max(self.lengths[i] for i in out[k]))
-            out[0], out[longest] = out[longest], out[0]
+            # Each mega-batch came out longest to shortest: trained in that order, every stretch of steps would
+            # run from long to short examples and end on the shortest (a saw-tooth curriculum that cost
+            # validation loss against a random order, bench/quality.py). So the batches are shuffled, and the
+            # one holding the longest example leads.
+            first = out.pop(max(range(len(out)), key=lambda k: max(self.lengths[i] for i in out[k])))
+            rng.shuffle(out)
+            out.insert(0, first)
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
