@@ -151,6 +151,35 @@ def test_sampler_batch_order_is_no_longest_to_shortest_saw_tooth():
         assert 0.35 < falls < 0.65, (seed, falls)
 
 
+def test_sampler_groups_only_within_each_mega_batch():
+    """mega_batch_factor=2 (a step of 2 micro-batches): the 2 batches of each step split its examples by length,
+    but the steps themselves are random samples, as spread out in length as plain shuffled pairs of batches."""
+    lengths = [(i * 37) % 101 + 1 for i in range(400)]
+    batches = LengthGroupedBatchSampler(lengths, 8, seed=0, mega_batch_factor=2).batches(0)
+    steps = [batches[k:k + 2] for k in range(0, len(batches), 2)]
+    for a, b in steps:
+        longer, shorter = sorted((a, b), key=lambda batch: -max(lengths[i] for i in batch))
+        assert min(lengths[i] for i in longer) >= max(lengths[i] for i in shorter)
+
+    def step_spread(batch_list):
+        pairs = [batch_list[k] + batch_list[k + 1] for k in range(0, len(batch_list) - 1, 2)]
+        return sum(max(lengths[i] for i in p) - min(lengths[i] for i in p) for p in pairs) / len(pairs)
+
+    random_batches = LengthGroupedBatchSampler(lengths, 8, seed=0, group_by_length=False).batches(0)
+    grouped_50 = LengthGroupedBatchSampler(lengths, 8, seed=0).batches(0)
+    assert step_spread(batches) > 0.8 * step_spread(random_batches)
+    assert step_spread(grouped_50) < 0.5 * step_spread(random_batches)  # the test can tell them apart
+    assert max(lengths[i] for i in batches[0]) == max(lengths)
+    assert sorted(i for batch in batches for i in batch) == list(range(400))
+
+
+def test_sampler_drop_last_drops_the_short_batch_wherever_it_falls():
+    lengths = [(i * 37) % 101 + 1 for i in range(90)]
+    for factor in (1, 3, 50):
+        batches = LengthGroupedBatchSampler(lengths, 8, seed=1, drop_last=True, mega_batch_factor=factor).batches(0)
+        assert len(batches) == 11 and all(len(b) == 8 for b in batches)
+
+
 def test_sampler_drop_last():
     s = LengthGroupedBatchSampler(list(range(10)), 4, drop_last=True)
     assert len(s) == 2 and all(len(b) == 4 for b in s.batches(0))
