@@ -17,12 +17,13 @@ from a step-end hook on each side (lorakit: its per-step log line; Trainer: a Tr
 so it covers batch collation, forward, backward, clipping and the optimizer step on both sides and excludes
 model loading, data preparation and the final save. tokens/s = real (non-pad) input tokens of the timed
 steps, counted by a forward pre-hook on the model (input_ids != <pad>), over that time. The samplers
-differ (lorakit groups by length, Trainer's default is random), so the steps see different examples; the
-`tokens` column gives each side's count.
+differ (both draw random batches by default, from different random streams; pf-best groups by length), so
+the steps see different examples; the `tokens` column gives each side's count.
 
 Configurations (--configs):
-  lk-default    lorakit defaults: model.dtype auto (bf16 on CPUs with AMX/AVX-512-BF16), length-grouped
-                batches, no packing (the default for chat data), no gradient checkpointing
+  lk-default    lorakit defaults: model.dtype auto (bf16 on CPUs with AMX/AVX-512-BF16), random batches
+                (length-grouped until issue 15, see bench/quality.py), no packing (the default for chat
+                data), no gradient checkpointing
   lk-fp32       as lk-default with model.dtype float32 (matched against PEFT's fp32 defaults)
   lk-best       lk-default + data.packing: true
   lk-best-gc    lk-best + train.gradient_checkpointing: true
@@ -44,7 +45,6 @@ loss of step 1 and of the last step.
 import argparse, json, os, random, resource, sys, tempfile, time
 
 import harness
-from harness import MALLOC_TUNE
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PRESETS = {
@@ -185,8 +185,9 @@ def lorakit_worker(args, opts: dict, probe: Probe) -> dict:
         yaml.safe_dump(cfg, f, sort_keys=False)
     real_fit, seen = run_mod.fit, {}
 
-    def fit(model, train, *a, **kw):  # instrumentation only: count real tokens at the model's forward
-        model.register_forward_pre_hook(probe.pre_hook, with_kwargs=True)
+    def fit(model, train, *a, **kw):  # instrumentation only: count real tokens at the input embeddings
+        # (not at the model's forward: the chunked loss runs the decoder alone, and that hook saw no tokens)
+        model.model.get_input_embeddings().register_forward_pre_hook(probe.pre_hook, with_kwargs=True)
         seen["packing"], seen["dtype"] = train.packing, str(next(model.parameters()).dtype)
         return real_fit(model, train, *a, **kw)
 
@@ -299,21 +300,13 @@ def main():
         args.config = args.worker
         return worker(args)
 
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        sys.exit(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    configs = harness.chosen_configs(args.configs, CONFIGS)
     if args.quick:
         args.warmup, args.steps, args.records = 1, 3, min(args.records, 64)
     shape = PRESETS["quick" if args.quick else args.preset]
 
-    import torch
-    from importlib.metadata import version
-    print(f"torch {torch.__version__}  transformers {version('transformers')}  peft {version('peft')}  "
-          f"lorakit {version('lorakit')}  cpus {os.cpu_count()}  threads {args.threads or torch.get_num_threads()}  "
-          f"loadavg {os.getloadavg()[0]:.2f}")
-    tune = {} if args.no_malloc_tune else MALLOC_TUNE
-    print("  ".join(f"{v}={os.environ.get(v, tune.get(v)) or '-'}" for v in ("LD_PRELOAD", *MALLOC_TUNE)))
+    print(harness.environment_line(args.threads))
+    print(harness.malloc_line(not args.no_malloc_tune))
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
         model_dir, data, n_vocab, n_params = build_setup(tmp, shape, args.records)

@@ -128,6 +128,58 @@ def test_sampler_groups_by_length_and_puts_the_longest_batch_first():
     assert max(lengths[i] for i in batches[0]) == max(lengths)
 
 
+def _correlation(xs: list[float], ys: list[float]) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    return cov / (sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys)) ** 0.5
+
+
+def test_sampler_batch_order_is_no_longest_to_shortest_saw_tooth():
+    """Batches are length-grouped but not emitted longest to shortest within each mega-batch (a curriculum that
+    ends every stretch of steps on the shortest examples): over any mega-batch's worth of consecutive steps,
+    batch length and position are uncorrelated, not correlated ~-1."""
+    lengths = [(i * 37) % 101 + 1 for i in range(2000)]
+    factor = 10
+    for seed in range(3):
+        batches = LengthGroupedBatchSampler(lengths, 8, seed=seed, mega_batch_factor=factor).batches(0)
+        means = [sum(lengths[i] for i in b) / len(b) for b in batches]
+        # a mega-batch's worth of steps at a time, the first (which holds the longest-first batch) aside
+        windows = [means[k:k + factor] for k in range(factor, len(means) - factor + 1, factor)]
+        mean_corr = sum(_correlation(list(range(factor)), w) for w in windows) / len(windows)
+        assert abs(mean_corr) < 0.3, (seed, mean_corr)
+        falls = sum(a > b for a, b in zip(means, means[1:])) / (len(means) - 1)
+        assert 0.35 < falls < 0.65, (seed, falls)
+
+
+def test_sampler_groups_only_within_each_mega_batch():
+    """mega_batch_factor=2 (a step of 2 micro-batches): the 2 batches of each step split its examples by length,
+    but the steps themselves are random samples, as spread out in length as plain shuffled pairs of batches."""
+    lengths = [(i * 37) % 101 + 1 for i in range(400)]
+    batches = LengthGroupedBatchSampler(lengths, 8, seed=0, mega_batch_factor=2).batches(0)
+    steps = [batches[k:k + 2] for k in range(0, len(batches), 2)]
+    for a, b in steps:
+        longer, shorter = sorted((a, b), key=lambda batch: -max(lengths[i] for i in batch))
+        assert min(lengths[i] for i in longer) >= max(lengths[i] for i in shorter)
+
+    def step_spread(batch_list):
+        pairs = [batch_list[k] + batch_list[k + 1] for k in range(0, len(batch_list) - 1, 2)]
+        return sum(max(lengths[i] for i in p) - min(lengths[i] for i in p) for p in pairs) / len(pairs)
+
+    random_batches = LengthGroupedBatchSampler(lengths, 8, seed=0, group_by_length=False).batches(0)
+    grouped_50 = LengthGroupedBatchSampler(lengths, 8, seed=0).batches(0)
+    assert step_spread(batches) > 0.8 * step_spread(random_batches)
+    assert step_spread(grouped_50) < 0.5 * step_spread(random_batches)  # the test can tell them apart
+    assert max(lengths[i] for i in batches[0]) == max(lengths)
+    assert sorted(i for batch in batches for i in batch) == list(range(400))
+
+
+def test_sampler_drop_last_drops_the_short_batch_wherever_it_falls():
+    lengths = [(i * 37) % 101 + 1 for i in range(90)]
+    for factor in (1, 3, 50):
+        batches = LengthGroupedBatchSampler(lengths, 8, seed=1, drop_last=True, mega_batch_factor=factor).batches(0)
+        assert len(batches) == 11 and all(len(b) == 8 for b in batches)
+
+
 def test_sampler_drop_last():
     s = LengthGroupedBatchSampler(list(range(10)), 4, drop_last=True)
     assert len(s) == 2 and all(len(b) == 4 for b in s.batches(0))

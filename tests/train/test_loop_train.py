@@ -26,6 +26,31 @@ def test_loss_falls_on_a_learnable_task(tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
+def _step_lengths(tmp_path, data, **overrides) -> list[list[int]]:
+    """The lengths of the examples each optimizer step trained on (a forward pre-hook reads the attention mask)."""
+    model, seen = lora_model(), []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"].sum(1).tolist()), with_kwargs=True)
+    cfg = config(max_steps=12, lr=1e-3, loss_chunk_tokens=None, **overrides)
+    fit(model, data, cfg, tmp_path / "x".join(map(str, overrides.values())), log=quiet)
+    per_step = cfg.grad_accum
+    return [sum(seen[k:k + per_step], []) for k in range(0, len(seen), per_step)]
+
+
+def test_each_step_trains_on_a_random_sample_not_a_length_group(tmp_path):
+    """Steps of similar-length examples (length-grouped batches) trained worse than random batches in
+    bench/quality.py: each step's examples must spread over the lengths like a random sample. With grad_accum 2
+    the step is a random sample too; only its 2 micro-batches split it by length."""
+    data = toy_data(96, lengths=tuple(range(4, 40, 3)), seed=2)
+
+    def spread(steps):
+        return sum(max(s) - min(s) for s in steps) / len(steps)
+
+    one = _step_lengths(tmp_path, data, batch_size=8, grad_accum=1)
+    two = _step_lengths(tmp_path, data, batch_size=4, grad_accum=2)
+    assert spread(one) > 20 and spread(two) > 20, (spread(one), spread(two))  # lengths 4..37; grouped: ~3
+    assert max(one[0]) == max(two[0]) == 37  # the longest example still comes first
+
+
 def test_only_lora_weights_change_and_base_stays_bit_identical(tmp_path):
     model = lora_model()
     base_before, lora_before = base_state(model), lora_state(model)

@@ -290,3 +290,17 @@ def test_a_second_sigterm_during_the_interrupt_save_does_not_lose_the_checkpoint
         fit(lora_model(), toy_data(8), config(max_steps=50), tmp_path / "run", log=quiet, hooks=[hook])
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_a_checkpoint_from_before_the_random_step_order_is_not_resumed_silently():
+    """Checkpoints written before 2026-12 trained on length-grouped steps; resuming one today would go on in
+    another batch order, so the resume names that (and --allow-change data.batch_order accepts it)."""
+    from lorakit.train.fingerprint import run_fingerprints
+    from lorakit.train.restore import compare_fingerprints
+
+    current = run_fingerprints(toy_data(8), config())
+    legacy = {"data_sha256": current["data.sha256"], "examples": 8, "packing": False, "batch_size": 2,
+              "grad_accum": 1, "seed": 0}
+    with pytest.raises(CheckpointMismatch, match="data.batch_order: checkpoint 'length-grouped steps"):
+        compare_fingerprints(legacy, current)
+    assert compare_fingerprints(legacy, current, allow_change=["data.batch_order"])

@@ -81,10 +81,15 @@ class LengthGroupedBatchSampler:
     """Batches of indices with similar lengths, in an order fixed by (seed, epoch).
 
     Like transformers' LengthGroupedSampler: shuffle, cut into mega-batches of `batch_size *
-    mega_batch_factor`, sort each by length (longest first), cut into batches, and move the batch holding
-    the longest example to the front so an out-of-memory shows up on step 1. With
-    `group_by_length=False` batches are plain shuffled slices (used for packed rows, which are already
-    near max_seq_len). Usable as a torch DataLoader `batch_sampler`; call `set_epoch` each epoch.
+    mega_batch_factor` examples, sort each by length and cut it into batches; the longest example is moved
+    into the first mega-batch and its batch leads, so an out-of-memory shows up on step 1. Unlike it, the
+    batches of each mega-batch come in random order, not longest to shortest: that order is a saw-tooth
+    curriculum that ends every mega-batch on its shortest examples, and it cost validation loss
+    (bench/quality.py). Mega-batches stay whole and in sequence, so with `mega_batch_factor` = the micro-batches
+    of one optimizer step each step's examples are a random sample, only split into micro-batches by length
+    (what training uses: see lorakit.train.loop). With `group_by_length=False` batches are plain shuffled slices
+    (used for packed rows, which are already near max_seq_len). Usable as a torch DataLoader `batch_sampler`;
+    call `set_epoch` each epoch.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, drop_last: bool = False,
@@ -104,20 +109,26 @@ class LengthGroupedBatchSampler:
         self.epoch = epoch
 
     def batches(self, epoch: int) -> list[list[int]]:
-        """The batches of `epoch`: a pure function of (lengths, batch_size, seed, epoch)."""
+        """The batches of `epoch`: a pure function of (lengths, batch_size, mega_batch_factor, seed, epoch)."""
         rng = random.Random(f"lorakit-batches:{self.seed}:{epoch}")  # str seeds hash with sha512: stable
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        if self.group_by_length:
-            mega = self.batch_size * self.mega_batch_factor
-            order = [i for k in range(0, len(order), mega)
-                     for i in sorted(order[k:k + mega], key=lambda j: -self.lengths[j])]
-        out = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
-        if self.drop_last and out and len(out[-1]) < self.batch_size:
-            out.pop()
-        if self.group_by_length and out:
-            longest = max(range(len(out)), key=lambda k: max(self.lengths[i] for i in out[k]))
-            out[0], out[longest] = out[longest], out[0]
+        if not self.group_by_length:
+            out = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+            return out[:len(self)]
+        if order:
+            longest = max(range(len(order)), key=lambda k: self.lengths[order[k]])
+            order[0], order[longest] = order[longest], order[0]
+        mega = self.batch_size * self.mega_batch_factor
+        out = []
+        for k in range(0, len(order), mega):
+            group = sorted(order[k:k + mega], key=lambda j: -self.lengths[j])  # (mega,) longest first
+            batches = [group[b:b + self.batch_size] for b in range(0, len(group), self.batch_size)]
+            lead = [batches.pop(0)] if k == 0 else []  # the longest example's batch
+            rng.shuffle(batches)
+            out += lead + batches
+        if self.drop_last and len(out) > len(self):  # the short batch (the last mega-batch's shortest)
+            out.remove(next(b for b in out if len(b) < self.batch_size))
         return out
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -240,11 +240,14 @@ def packed_rows(data: PreparedData) -> list[PackedRow]:
 
 def iter_batches(data: PreparedData, batch_size: int, *, seed: int = 0, epoch: int = 0,
                  rows: Sequence[PackedRow] | None = None, mask: PackedMask = "float",
-                 dtype: torch.dtype = torch.float32, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                 dtype: torch.dtype = torch.float32, drop_last: bool = False,
+                 group: int = 50) -> Iterator[dict[str, torch.Tensor]]:
     """The batches of one epoch, ready for `model(**batch)`; order fixed by (seed, epoch).
 
     Packed: rows (pass `rows=packed_rows(data)` to avoid re-packing each epoch) in shuffled batches, with
-    position_ids and a block-diagonal mask. Unpacked: length-grouped batches, dynamically padded.
+    position_ids and a block-diagonal mask. Unpacked: dynamically padded batches, grouped by length within each
+    run of `group` batches (LengthGroupedBatchSampler's mega_batch_factor). Training passes the micro-batches of
+    one optimizer step, so every step is a random sample of examples (1: plain random batches).
     """
     if data.packing:
         rows = packed_rows(data) if rows is None else rows
@@ -254,7 +257,7 @@ def iter_batches(data: PreparedData, batch_size: int, *, seed: int = 0, epoch: i
             yield collate_packed([rows[i] for i in idx], data.pad_token_id, mask=mask, dtype=dtype)
     else:
         sampler = LengthGroupedBatchSampler([len(e.input_ids) for e in data.examples], batch_size, seed=seed,
-                                            drop_last=drop_last)
+                                            drop_last=drop_last, mega_batch_factor=group)
         for idx in sampler.batches(epoch):
             yield collate([data.examples[i] for i in idx], data.pad_token_id)
 

@@ -29,6 +29,8 @@ MAY_CHANGE = ("train.max_steps", "train.epochs", "train.save_every", "train.eval
 # Checkpoints that record this compare every key either side has (a section set on one side only is a change);
 # older ones recorded a few keys, compared where both have them.
 VERSION_KEY, VERSION = "fingerprint_version", 2
+# How the sampler orders an epoch; checkpoints older than this key used length-grouped steps (restore.py).
+BATCH_ORDER = "random steps, grouped by length within a step"
 # Compared through what they produce instead: the data files through the examples' hash (a moved file is the
 # same data), batch_size, grad_accum and seed through the batch-order keys below.
 NOT_RECORDED = ("data.train", "data.validation", "train.batch_size", "train.grad_accum", "train.seed")
@@ -89,5 +91,6 @@ def run_fingerprints(data: PreparedData | TaskSet, config: TrainConfig, processe
     out = {VERSION_KEY: VERSION, **(settings or {}), **train,
            "data.sha256": digest.hexdigest(), "data.examples": data.examples if tasks else len(data.examples),
            "data.packing": False if tasks else data.packing, "train.batch_size": config.batch_size,
-           "train.grad_accum_x_processes": config.grad_accum * processes, "train.seed": config.seed}
+           "train.grad_accum_x_processes": config.grad_accum * processes, "train.seed": config.seed,
+           "data.batch_order": BATCH_ORDER}
     return {**out, "tasks": [t.name for t in tasks]} if tasks else out

@@ -361,13 +361,16 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config:
                         state.epoch, state.batches_done = state.epoch + 1, 0
                     step_at_start, fresh_epoch = state.step, state.batches_done == 0
                     # The order is a pure function of (seed, epoch): skipping k batches lands on the exact batch.
+                    # Examples are grouped by length only within a step's micro-batches: steps of similar lengths
+                    # pad less but train worse (bench/quality.py), so each step is a random sample.
+                    step_batches = config.grad_accum * processes
                     if tasks is None:
                         epoch_batches = iter_batches(train_data, config.batch_size, seed=config.seed,
-                                                     epoch=state.epoch, rows=rows, dtype=mask_dtype)
+                                                     epoch=state.epoch, rows=rows, dtype=mask_dtype, group=step_batches)
                         epoch_batches = itertools.islice(epoch_batches, state.batches_done, None)
                     else:
                         epoch_batches = tasks.batches(config.batch_size, seed=config.seed, epoch=state.epoch,
-                                                      start=state.batches_done)
+                                                      start=state.batches_done, group=step_batches)
                     for window in _windows(epoch_batches, config.grad_accum * processes):
                         # RNG at the window's start: an interrupt mid-window saves this, so the redo draws the same.
                         window_rng = (torch.get_rng_state(), random.getstate())

@@ -183,7 +183,10 @@ LEGACY_KEYS = {"data_sha256": "data.sha256", "examples": "data.examples", "packi
 
 
 def _by_current_names(fingerprints: dict) -> dict:
-    return {LEGACY_KEYS.get(key, key): value for key, value in fingerprints.items()}
+    renamed = {LEGACY_KEYS.get(key, key): value for key, value in fingerprints.items()}
+    if fingerprints and VERSION_KEY not in fingerprints and "data.sha256" in renamed:
+        renamed["data.batch_order"] = "length-grouped steps (lorakit before 2026-12)"  # a resume would reorder
+    return renamed
 
 
 _UNSET = object()

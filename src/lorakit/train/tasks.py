@@ -53,18 +53,18 @@ class TaskSet:
     def examples(self) -> int:
         return sum(len(task.data.examples) for task in self.tasks)
 
-    def _samplers(self, batch_size: int, seed: int) -> list[LengthGroupedBatchSampler]:
-        # The sampler iter_batches builds for the task alone: same lengths, batch size and seed, same order.
-        return [LengthGroupedBatchSampler([len(e.input_ids) for e in task.data.examples], batch_size, seed=seed)
-                for task in self.tasks]
+    def _samplers(self, batch_size: int, seed: int, group: int = 50) -> list[LengthGroupedBatchSampler]:
+        # The sampler iter_batches builds for the task alone: same lengths, batch size, seed and group, same order.
+        return [LengthGroupedBatchSampler([len(e.input_ids) for e in task.data.examples], batch_size, seed=seed,
+                                          mega_batch_factor=group) for task in self.tasks]
 
     def batches_per_epoch(self, batch_size: int) -> int:
         return max(len(sampler) for sampler in self._samplers(batch_size, 0))
 
-    def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0) -> Iterator[dict]:
+    def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0, group: int = 50) -> Iterator[dict]:
         """Joint micro-batches `start`, `start + 1`, ... of joint epoch `epoch`: a pure function of its
-        arguments, so a resume lands on the exact batch."""
-        samplers = self._samplers(batch_size, seed)
+        arguments, so a resume lands on the exact batch. `group` as for iter_batches."""
+        samplers = self._samplers(batch_size, seed, group)
         per_epoch = max(len(s) for s in samplers)
         orders: dict[tuple[int, int], list[list[int]]] = {}
         for index in range(start, per_epoch):
