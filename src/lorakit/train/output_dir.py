@@ -88,12 +88,15 @@ def _is_trainer_state(file: Path) -> bool:
 
 
 def check_output_dir(path: str | os.PathLike, *, resume: str, overwrite: bool, option: str = "output_dir",
-                     resume_option: str | None = "--resume auto") -> OutputDir:
+                     resume_option: str | None = "--resume auto", probe: bool = True) -> OutputDir:
     """Refuse (OutputDirError) a directory this run must not write into. Cheap, changes nothing: call it before
     loading a model. `resume`: "never", "auto" or a checkpoint path; `overwrite`: the user's word to replace a
-    previous run. `option` and `resume_option` name the caller's options in messages (quickstart has no resume)."""
+    previous run. `option` and `resume_option` name the caller's options in messages (quickstart has no resume).
+    `probe`: prove the directory writable by writing (one process of several only: the probe makes and removes
+    the directory, which would race with another process's probe)."""
     found = inspect_output_dir(path)
-    _ensure_writable(found.path)
+    if probe:
+        _ensure_writable(found.path)
     if found.own and not found.previous_run:
         raise OutputDirError(f"{found.path} holds {_listed(found.own)}, which lorakit did not write (no {RUN_FILE}); "
                              "training there would write over them",

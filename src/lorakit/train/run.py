@@ -51,7 +51,8 @@ def _run(config: RunConfig, resume: str | None, overwrite: bool, allow_change: t
         raise ConfigError(f"--overwrite starts the run over and --resume {resume} continues it; choose one",
                           where="lorakit train")
     # Every process looks (the same files), so that a refusal stops them all before anything loads.
-    check_output_dir(config.output_dir, resume=resume, overwrite=overwrite)
+    check_output_dir(config.output_dir, resume=resume, overwrite=overwrite,
+                     probe=distributed is None or distributed.is_main)
     fsdp = distributed is not None and distributed.strategy == "fsdp"
     if fsdp and config.model.quantization is not None:
         raise ConfigError(QUANTIZED_FSDP, where="run config")  # before loading it, not after
