@@ -20,28 +20,25 @@ def _raise_terminated(signum, frame) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises Terminated in the main thread; the previous handler is restored after.
-    Outside the main thread (where Python cannot install handlers) it does nothing."""
+def _sigterm_handled_by(handler) -> Iterator[None]:
+    """Within the block SIGTERM goes to `handler`; the previous handler is restored after. Outside the main
+    thread (where Python cannot install handlers) it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def sigterm_ignored() -> Iterator[None]:
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises Terminated in the main thread."""
+    return _sigterm_handled_by(_raise_terminated)
+
+
+def sigterm_ignored():
     """Within the block, further SIGTERMs are ignored: the save they asked for is under way (schedulers and
-    torchrun may each send one). Ctrl-C still aborts it, on purpose. No-op outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    torchrun may each send one). Ctrl-C still aborts it, on purpose."""
+    return _sigterm_handled_by(signal.SIG_IGN)

@@ -45,9 +45,8 @@ def flat_settings(value: Any, prefix: str) -> dict[str, Any]:
         for key, item in value.items():
             out.update(flat_settings(item, f"{prefix}.{key}"))
         return out
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = [_leaf(v) for v in value]
-        return {prefix: sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items}
+    if isinstance(value, (list, tuple)):
+        return {prefix: [_leaf(v) for v in value]}
     return {prefix: _leaf(value)}
 
 

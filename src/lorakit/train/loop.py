@@ -180,9 +180,6 @@ def fit(lora_model: torch.nn.Module, train_data: PreparedData | TaskSet, config:
     if not main:
         log = silent
     resume_from = str(config.resume if resume is None else resume)
-    if overwrite and resume_from != "never":
-        raise ConfigError(f"overwrite starts the run over and resume={resume_from} continues it; choose one",
-                          where="fit")
     if config.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"nan_policy: {config.nan_policy!r} is not one of stop, skip", where="train config")
     tasks = train_data if isinstance(train_data, TaskSet) else None

@@ -46,6 +46,8 @@ class OutputDir:
     """Entries with the names of lorakit's outputs (the lock file left out)."""
     foreign: tuple[str, ...]
     """Entries lorakit never writes."""
+    checkpoints: tuple[Path, ...]
+    """Its `step-N` checkpoint directories, oldest first."""
 
     @property
     def previous_run(self) -> bool:
@@ -58,8 +60,7 @@ class OutputDir:
         return self.marked and not self.results
 
     def describe(self) -> str:
-        checkpoints = list_checkpoints(self.path)
-        parts = [f"checkpoints up to {checkpoints[-1].name}" if checkpoints else None,
+        parts = [f"checkpoints up to {self.checkpoints[-1].name}" if self.checkpoints else None,
                  f"{ADAPTER_DIR}/" if ADAPTER_DIR in self.own else None,
                  METRICS_FILE if METRICS_FILE in self.own else None]
         return ", ".join(p for p in parts if p) or ", ".join(self.own)
@@ -73,9 +74,11 @@ def inspect_output_dir(path: str | os.PathLike) -> OutputDir:
     names = sorted(os.listdir(path)) if path.is_dir() else []
     own = tuple(n for n in names if n in OWN_OUTPUTS and n != LOCK_FILE)
     foreign = tuple(n for n in names if n not in OWN_OUTPUTS)
-    results = (any((p / MANIFEST).is_file() for p in list_checkpoints(path)) or (path / ADAPTER_DIR).is_dir()
+    checkpoints = tuple(list_checkpoints(path))
+    results = (any((p / MANIFEST).is_file() for p in checkpoints) or (path / ADAPTER_DIR).is_dir()
                or _is_trainer_state(path / TRAINER_STATE))
-    return OutputDir(path=path, marked=RUN_FILE in own, results=results, own=own, foreign=foreign)
+    return OutputDir(path=path, marked=RUN_FILE in own, results=results, own=own, foreign=foreign,
+                     checkpoints=checkpoints)
 
 
 def _is_trainer_state(file: Path) -> bool:
@@ -94,6 +97,9 @@ def check_output_dir(path: str | os.PathLike, *, resume: str, overwrite: bool, o
     previous run. `option` and `resume_option` name the caller's options in messages (quickstart has no resume).
     `probe`: prove the directory writable by writing (one process of several only: the probe makes and removes
     the directory, which would race with another process's probe)."""
+    if overwrite and resume != "never":
+        raise OutputDirError(f"overwrite starts the run over and resume={resume} continues it; choose one",
+                             hint="pass --overwrite or --resume, not both")
     found = inspect_output_dir(path)
     if probe:
         _ensure_writable(found.path)
@@ -116,7 +122,7 @@ def check_output_dir(path: str | os.PathLike, *, resume: str, overwrite: bool, o
                                  hint=f"choose a new or empty {option}, or pass --overwrite to train there anyway "
                                  "(files lorakit did not write are left alone)")
     elif resume == "auto":
-        if found.results and not list_checkpoints(found.path):
+        if found.results and not found.checkpoints:
             raise OutputDirError(f"{found.path} holds a previous run ({found.describe()}) but no checkpoint to "
                                  "continue it from", hint=f"start it over with --overwrite, or choose another {option}")
     elif found.results:
@@ -127,12 +133,12 @@ def check_output_dir(path: str | os.PathLike, *, resume: str, overwrite: bool, o
 def _check_resume_path(found: OutputDir, checkpoint: Path, option: str) -> None:
     """Resuming a given checkpoint into a directory with results: only this run's newest checkpoint, since later
     saves rotate away every newer one and rewrite metrics and adapter from the older step on."""
-    newest = list_checkpoints(found.path)[-1:] or [None]
+    newest = found.checkpoints[-1] if found.checkpoints else None
     inside = checkpoint.resolve().parent == (found.path / CHECKPOINTS).resolve()
-    if inside and newest[0] is not None and checkpoint.resolve() == newest[0].resolve():
+    if inside and newest is not None and checkpoint.resolve() == newest.resolve():
         return
     if inside:
-        raise OutputDirError(f"{checkpoint.name} is older than this run's newest checkpoint {newest[0].name}; resuming "
+        raise OutputDirError(f"{checkpoint.name} is older than this run's newest checkpoint {newest.name}; resuming "
                              "from it would rotate the newer checkpoints away and rewrite the adapter and metrics",
                              hint=f"to go back to it, resume it into a new {option} (--set output_dir=NEW --resume "
                              f"{checkpoint}), or delete the newer checkpoints yourself")

@@ -223,7 +223,6 @@ def compare_fingerprints(saved: dict, current: dict, *, allow_change: Iterable[s
     if refused:
         raise CheckpointMismatch("the run differs from the checkpoint it resumes:\n"
                                  + "\n".join(f"  - {d}" for d in refused)
-                                 + "\nresume with the checkpoint's settings, accept the change explicitly "
-                                 f"(--allow-change {' --allow-change '.join(k for k, l in diffs if l in refused)}), "
-                                 "or start over (--overwrite, or another output_dir)")
+                                 + "\nto accept: --allow-change "
+                                 + " --allow-change ".join(k for k, l in diffs if l in refused))
     return [line for _, line in diffs]

@@ -47,9 +47,6 @@ def _run(config: RunConfig, resume: str | None, overwrite: bool, allow_change: t
         log(f"overwrite: starting over, so the run config's train.resume: {config.train.resume} does not apply")
         resume = "never"
     resume = str(config.train.resume if resume is None else resume)
-    if overwrite and resume != "never":
-        raise ConfigError(f"--overwrite starts the run over and --resume {resume} continues it; choose one",
-                          where="lorakit train")
     # Every process looks (the same files), so that a refusal stops them all before anything loads.
     check_output_dir(config.output_dir, resume=resume, overwrite=overwrite,
                      probe=distributed is None or distributed.is_main)
