@@ -187,6 +187,11 @@ class RunConfig:
     run naming the lora field to change (remove the target to train anyway); silently mishandled options are
     logged. E.g. [vllm, ollama]."""
 
+    def adapters(self) -> list[tuple[str, LoraConfig]]:
+        """The adapters this run trains, as (adapter name, its LoRA config): one per task (the task's own lora,
+        else the run's), or the run's lora section as "default"."""
+        return [(task.name, task.lora or self.lora) for task in self.tasks] or [("default", self.lora)]
+
 
 def data_options(data: DataConfig):
     """The data pipeline's options from the run config's data section (same names and meanings)."""

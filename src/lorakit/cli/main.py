@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- handlers -------------------------------------------------------------------------------------------
 def _train(args: argparse.Namespace) -> int:
     from ..config import load_run_config
-    from ..train.run import run_training
+    from ..recipes.sft import run_training
 
     if args.config is None and args.resume and Path(args.resume).suffix in (".yaml", ".yml"):
         args.config, args.resume = args.resume, "auto"  # `train --resume run.yaml`: a bare --resume took the config

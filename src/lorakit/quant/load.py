@@ -74,7 +74,7 @@ def checkpoint_files(source: str, *, revision: str | None = None) -> list[Path] 
     return files
 
 
-def _quantize_targets(model: nn.Module) -> set[str]:
+def quantize_targets(model: nn.Module) -> set[str]:
     """Names of the linear layers to quantize: all but the output head and modules kept in fp32."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
@@ -156,7 +156,7 @@ def stream_quantized(source: str, config, spec: QuantSpec, files: list[Path], *,
     if isinstance(built, str):
         return None, built
     model, entries, mapping = built
-    targets = _quantize_targets(model)
+    targets = quantize_targets(model)
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     for entry, tensor in iter_tensors(files, entries):
         target = mapping[entry.name]
