@@ -18,9 +18,9 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .deploy import TARGETS as DEPLOY_TARGETS
 from .errors import ConfigError
 from .lora.config import LoraConfig
+from .serving_compat import TARGETS as DEPLOY_TARGETS
 
 
 @dataclass(kw_only=True)

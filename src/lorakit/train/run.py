@@ -12,9 +12,9 @@ import torch
 from ..base_model import load_base_model
 from ..config import RunConfig, TaskConfig, data_options
 from ..data import PreparedData, prepare, split_validation
-from ..deploy import check_run_config
 from ..errors import ConfigError
 from ..lora import LoraModel
+from ..serving_compat import check_run_config
 from .distributed import QUANTIZED_FSDP, DistributedRun, init_distributed, shard_base_layers, silent
 from .fingerprint import run_settings
 from .loop import FitResult, fit
