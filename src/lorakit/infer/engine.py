@@ -141,7 +141,7 @@ class Engine:
         """Queue a request; validation errors are raised here, before anything is queued."""
         prompt = list(prompt_ids)
         exceeded = self.limits.check(len(prompt), params.max_tokens)
-        problems = [_limit_problem(e) for e in exceeded] + params.problems()
+        problems = [str(e) for e in exceeded] + params.problems()
         if prompt and len(prompt) <= self.limits.max_prompt_tokens and not all(
                 isinstance(t, int) and 0 <= t < (self.vocab_size or float("inf")) for t in prompt):
             problems.insert(0, f"prompt_ids must be integers in [0, {self.vocab_size}) (the model's vocabulary)")
@@ -372,15 +372,6 @@ class Engine:
         with self._cond:
             self._batch.keep(keep)
             self._running = [self._running[i] for i in keep]
-
-
-def _limit_problem(exceeded: LimitExceeded) -> str:
-    """A limit problem named by the Engine argument that sets the limit."""
-    if exceeded.kind == "empty_prompt":
-        return "the prompt is empty; give at least one token"
-    if exceeded.kind == "prompt_too_long":
-        return f"the prompt has {exceeded.value} tokens, more than max_prompt_tokens={exceeded.limit}"
-    return f"max_tokens={exceeded.value} is more than this engine allows (max_new_tokens={exceeded.limit})"
 
 
 def _eos_ids(tokenizer, hf_model) -> set[int]:

@@ -4,7 +4,7 @@ The limits are defined and checked here only (RequestLimits.check). The engine (
 request over its limits with an InvalidRequest carrying the `LimitExceeded` problems; the HTTP layer checks its
 own limits with the same function before submitting, and answers a problem found by either with the same
 400 (serve/errors.py, limit_error). Each words it for its audience: the engine names its arguments
-(max_new_tokens), the HTTP layer the request's fields (max_tokens, max_completion_tokens).
+(max_new_tokens, LimitExceeded.__str__), the HTTP layer the request's fields (max_tokens, max_completion_tokens).
 """
 
 from __future__ import annotations
@@ -24,6 +24,14 @@ class LimitExceeded:
     """What the request asked for: its prompt tokens, or its max_tokens."""
     limit: int
     """The most allowed (the least, 1, for an empty prompt)."""
+
+    def __str__(self) -> str:
+        """In the library's words, naming the Engine argument that sets the limit."""
+        if self.kind == "empty_prompt":
+            return "the prompt is empty; give at least one token"
+        if self.kind == "prompt_too_long":
+            return f"the prompt has {self.value} tokens, more than max_prompt_tokens={self.limit}"
+        return f"max_tokens={self.value} is more than this engine allows (max_new_tokens={self.limit})"
 
 
 @dataclass(frozen=True)
