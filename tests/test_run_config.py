@@ -72,6 +72,28 @@ def test_every_problem_is_reported_together_with_its_path(minimal):
     assert "(8 problems)" in message
 
 
+def test_the_data_section_is_the_data_packages_options(minimal):
+    """One schema: the data section is a DataOptions plus where the data is, so its fields, checks and messages are
+    those of lorakit.data, reported at load time with the other problems."""
+    from dataclasses import fields
+
+    from lorakit.config import DataConfig
+    from lorakit.data import DataOptions
+
+    assert [f.name for f in fields(DataConfig)] == [f.name for f in fields(DataOptions)] + [
+        "train", "validation", "validation_fraction"]
+    config = load_run_config(minimal, ["data.columns={instruction: question}"])
+    assert isinstance(config.data, DataOptions)
+    assert dict(config.data.columns) == {"instruction": "question"}
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(minimal, ["data.columns={instrution: q}", "data.max_seq_len=1", "train.lr=0"])
+    assert caught.value.problems == [
+        "data.columns: unknown key 'instrution' (did you mean 'instruction'?); mappable: instruction, input, output, "
+        "system, history, messages, conversations, text, role, content, from, value",
+        "data.max_seq_len: expected an integer >= 2, got 1",
+        "train.lr: must be a positive number, got 0.0"]
+
+
 def test_missing_required_fields_say_what_to_give(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: {}\n")

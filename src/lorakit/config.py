@@ -12,15 +12,17 @@ import dataclasses
 import difflib
 import math
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .deploy import TARGETS as DEPLOY_TARGETS
+from .data.options import DataOptions
 from .errors import ConfigError
 from .lora.config import LoraConfig
+from .serving_compat import TARGETS as DEPLOY_TARGETS
 
 
 @dataclass(kw_only=True)
@@ -60,7 +62,10 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
-class DataConfig:
+class DataConfig(DataOptions):
+    """The data section: where the data is, plus every DataOptions field (format, template, max_seq_len, ...),
+    which lorakit.data.options defines, documents and checks once for the run config and the Python API."""
+
     train: str | None = None
     """Training data: a JSON, JSONL, CSV or Parquet file, or a hub dataset name. Required, unless `tasks` lists
     several datasets (then the other data fields apply to each of them)."""
@@ -68,23 +73,6 @@ class DataConfig:
     """Validation data file; or leave empty and set validation_fraction."""
     validation_fraction: float = 0.0
     """Fraction of the training records held out for validation (fixed seed) when no file is given."""
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = "auto"
-    """Record format; auto detects it from the first valid record."""
-    columns: dict[str, str] = field(default_factory=dict)
-    """Map the format's field names to your column names, e.g. {instruction: question, output: answer}."""
-    template: Literal["auto", "chatml", "llama3", "alpaca", "plain"] = "auto"
-    """Prompt template; auto uses the tokenizer's chat template when it has one, else chatml."""
-    max_seq_len: int = 2048
-    """Longer examples are truncated (or dropped, see truncation)."""
-    truncation: Literal["truncate", "drop"] = "truncate"
-    train_on_prompt: bool = False
-    """Compute the loss on every token, not only on the assistant's responses."""
-    packing: bool | None = None
-    """Several examples per row with no attention across them; None: on for text, off for chat data."""
-    skip_bad_records: bool = False
-    """Skip and count malformed records instead of stopping at the first one."""
-    max_drop_fraction: float = 0.01
-    """Stop when more than this fraction of records is dropped, naming the reasons."""
 
 
 @dataclass(kw_only=True)
@@ -191,16 +179,6 @@ class RunConfig:
         """The adapters this run trains, as (adapter name, its LoRA config): one per task (the task's own lora,
         else the run's), or the run's lora section as "default"."""
         return [(task.name, task.lora or self.lora) for task in self.tasks] or [("default", self.lora)]
-
-
-def data_options(data: DataConfig):
-    """The data pipeline's options from the run config's data section (same names and meanings)."""
-    from .data import DataOptions
-
-    return DataOptions(format=data.format, columns=dict(data.columns), template=data.template,
-                       max_seq_len=data.max_seq_len, truncation=data.truncation, train_on_prompt=data.train_on_prompt,
-                       packing=data.packing, skip_bad_records=data.skip_bad_records,
-                       max_drop_fraction=data.max_drop_fraction)
 
 
 # ---- loading --------------------------------------------------------------------------------------------
@@ -339,7 +317,7 @@ def _build(cls: type, values: Any, path: str, problems: list[str]) -> Any:
         known = len(problems)
         kwargs[name] = _coerce(hints[name], values[name], where, problems)
         if len(problems) == known:  # range-check every well-typed field, not only those before the first problem
-            _check_range(cls, name, kwargs[name], where, problems)
+            _check_range(cls, name, kwargs[name], path, problems)
     return cls(**kwargs) if len(problems) == before else None
 
 
@@ -361,18 +339,21 @@ RANGES = {
     ("TrainConfig", "keep_checkpoints"): (lambda v: v > 0, "a positive integer"),
     ("TrainConfig", "log_every"): (lambda v: v > 0, "a positive integer"),
     ("DistributedConfig", "timeout_s"): (lambda v: v > 0, "a positive number of seconds"),
-    ("DataConfig", "max_seq_len"): (lambda v: v > 0, "a positive integer"),
     ("DataConfig", "validation_fraction"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("DataConfig", "max_drop_fraction"): (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     ("RunConfig", "deploy_targets"): (lambda v: isinstance(v, list) and all(t in DEPLOY_TARGETS for t in v),
                                       f"a list of deployment targets from: {', '.join(DEPLOY_TARGETS)}"),
 }
 
 
-def _check_range(cls: type, name: str, value: Any, where: str, problems: list[str]) -> None:
+def _check_range(cls: type, name: str, value: Any, path: str, problems: list[str]) -> None:
     rule = RANGES.get((cls.__name__, name))
     if rule is not None and value is not None and not rule[0](value):
-        problems.append(f"{where}: must be {rule[1]}, got {value!r}")
+        problems.append(f"{_join(path, name)}: must be {rule[1]}, got {value!r}")
+    # A section whose fields are defined in another package checks them there (data: DataOptions), so the YAML
+    # file and that package's Python API refuse the same values with the same messages.
+    own_checks = getattr(cls, "field_problems", None)
+    if own_checks is not None:
+        problems.extend(_join(path, problem) for problem in own_checks(name, value))
 
 
 def _coerce(kind: Any, value: Any, where: str, problems: list[str]) -> Any:
@@ -405,7 +386,7 @@ def _coerce(kind: Any, value: Any, where: str, problems: list[str]) -> Any:
                             f"got {_describe(value)}")
             return value
         return [_build(args[0], item, f"{where}[{i}]", problems) for i, item in enumerate(value)]
-    if origin is dict:
+    if origin in (dict, Mapping):
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             problems.append(f"{where}: expected a mapping of names to names, got {_describe(value)}")
         return value
@@ -481,12 +462,14 @@ def field_reference() -> str:
     lines = []
     for section, cls in sections:
         docs: dict[str, str] = {}
-        body = ast.parse(inspect.getsource(cls)).body[0].body
-        for node, after in zip(body, body[1:] + [None]):
-            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant):
-                docs[node.target.id] = " ".join(str(after.value.value).split())
+        for owner in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):  # data: DataOptions' too
+            body = ast.parse(inspect.getsource(owner)).body[0].body
+            for node, after in zip(body, body[1:] + [None]):
+                if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant):
+                    docs[node.target.id] = " ".join(str(after.value.value).split())
         lines.append(f"{section}:" if section else "top level:")
-        for f in dataclasses.fields(cls):
+        own = set(cls.__dict__.get("__annotations__", {}))  # a section's own fields (data: where the data is) first
+        for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
             if section == "" and f.name in listed:  # sections are listed above with their fields
                 continue
             if f.default is not dataclasses.MISSING:

@@ -45,6 +45,11 @@ class DataError(LorakitError):
     """A data file or record is unusable."""
 
 
+class ExportError(LorakitError):
+    """A model or adapter cannot be exported in the requested format (and why), or the export's output path
+    holds something an export may not replace."""
+
+
 class CheckpointError(LorakitError):
     """A training checkpoint is missing, incomplete or corrupt."""
 

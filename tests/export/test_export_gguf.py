@@ -16,7 +16,7 @@ import lorakit
 from data_helpers import CHATML_JINJA, save_chat_llama
 from lorakit.cli import main
 from lorakit.export import ExportError, write_gguf
-from lorakit.export.gguf import _interleave_rope
+from lorakit.export.gguf import interleave_rope
 from tiny_models import randomize_lora
 
 gguf = pytest.importorskip("gguf")
@@ -127,7 +127,7 @@ def test_gguf_holds_what_llama_cpp_reads_and_the_merged_weights(base_and_adapter
     assert len(tensors) == len(expected)
     for key, weight in expected.items():
         if key.endswith(("q_proj.weight", "k_proj.weight")):
-            weight = _interleave_rope(weight, 4 if "q_proj" in key else 2)
+            weight = interleave_rope(weight, 4 if "q_proj" in key else 2)
         t = tensors[names.get_name(key, try_suffixes=(".weight", ".bias"))]
         data = gguf.dequantize(t.data, t.tensor_type).reshape(weight.shape)
         step = 1e-3 if t.tensor_type == gguf.GGMLQuantizationType.F16 else 1 / 127  # relative to the block max
@@ -139,7 +139,7 @@ def test_gguf_holds_what_llama_cpp_reads_and_the_merged_weights(base_and_adapter
 
 def test_rotary_rows_become_adjacent_pairs_per_head():
     rows = torch.arange(8.0)[:, None]  # 2 heads of head_dim 4: halves (0 1 | 2 3), (4 5 | 6 7)
-    assert _interleave_rope(rows, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert interleave_rope(rows, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
 def test_unsupported_architecture_and_tokenizer_are_refused_by_name(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from engine_support import alone, build_lora, build_tok, greedy, prompts, token_ids
 from tiny_models import build_model
 from lorakit import AdapterError
-from lorakit.infer import Engine, EngineClosed, InvalidRequest, QueueFull, SamplingParams
+from lorakit.infer import Engine, EngineClosed, InvalidRequest, LimitExceeded, QueueFull, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,16 @@ def test_queue_full_raises(lora, tok):
 def test_invalid_requests_rejected_at_submit(engine, prompt, adapter, params, match):
     with pytest.raises(InvalidRequest, match=match):
         engine.submit(prompt, adapter, params)
+
+
+def test_a_refusal_over_a_limit_names_the_limit_for_other_layers(engine):
+    """InvalidRequest.exceeded says which limits a request is over, so the HTTP layer can answer in its words."""
+    with pytest.raises(InvalidRequest) as caught:
+        engine.submit(list(range(10, 27)), "a", greedy(33))
+    assert caught.value.exceeded == [LimitExceeded("prompt_too_long", 17, 16), LimitExceeded("too_many_tokens", 33, 32)]
+    with pytest.raises(InvalidRequest) as caught:
+        engine.submit([1, 2], "a", SamplingParams(top_p=0.0))
+    assert caught.value.exceeded == []
 
 
 def test_unknown_adapter_rejected(engine):

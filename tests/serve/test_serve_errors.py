@@ -168,6 +168,22 @@ def test_limits_long_prompt_and_max_tokens_are_400(served):
     assert err["param"] == "max_completion_tokens"
 
 
+def test_the_engines_tighter_limits_get_the_same_400_as_the_apps(served):
+    """One limit check (infer.sampling.RequestLimits) serves both layers: an app whose limits are looser than its
+    engine's (64 prompt tokens, 32 new) answers the engine's refusal as it answers its own."""
+    app = create_app(served.engine, served.tokenizer, base_name="tiny-llama",
+                     limits=ServeLimits(max_prompt_tokens=4096, max_tokens=1000))
+    with run_server(app) as url:
+        err = _error(httpx.post(url + "/v1/completions", json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 100}),
+                     400)
+        assert err == {"message": "max_tokens is 100; this server allows at most 32.", "type": "invalid_request_error",
+                       "param": "max_tokens", "code": "invalid_value"}
+        err = _error(httpx.post(url + "/v1/chat/completions", json={
+            "model": "tiny-llama", "messages": [{"role": "user", "content": "hello world " * 100}], "max_tokens": 4}), 400)
+        assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
+        assert err["message"].startswith("This server's maximum prompt length is 64 tokens; the prompt has ")
+
+
 def test_body_over_one_mib_is_413(served):
     big = b'{"model": "tiny-llama", "prompt": "' + b"a" * (1 << 20) + b'"}'
     _error(httpx.post(served.url + "/v1/completions", content=big, headers={"content-type": "application/json"}), 413)

@@ -3,7 +3,7 @@
 First the adapter gets every check lorakit's own loader makes (lorakit.lora.io.validate_adapter: the config's
 numbers, the safetensors header, tensor names, dtypes and values, and, when the base model's directory is at
 hand, names and shapes against the base built on the meta device from its config.json; no base weight is
-read, and a pickled adapter_model.bin is refused, not unpickled). Then the rules of lorakit.deploy. Exit code:
+read, and a pickled adapter_model.bin is refused, not unpickled). Then the rules of lorakit.serving_compat. Exit code:
 0 when no target refuses the adapter, 1 when one does (EXIT_REFUSED), 2 for bad input, an adapter lorakit
 itself would refuse included, through the CLI's error boundary.
 """
@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..deploy import REFUSED, TARGETS, VLLM_DEFAULT_MAX_LORA_RANK, AdapterFacts, Finding, base_config_of, check
+from ..serving_compat import REFUSED, TARGETS, VLLM_DEFAULT_MAX_LORA_RANK, AdapterFacts, Finding, base_config_of, check
 from ..errors import ConfigError
 
 EXIT_REFUSED = 1

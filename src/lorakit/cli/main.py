@@ -210,7 +210,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _data_inspect(args: argparse.Namespace) -> int:
     from ..base_model import load_tokenizer
-    from ..config import data_options, load_run_config
+    from ..config import load_run_config
     from ..data import prepare
     from ..data.inspect import report
     from ..data.templates import resolve_template
@@ -223,11 +223,10 @@ def _data_inspect(args: argparse.Namespace) -> int:
         field = f"task {task.name}'s validation" if task else "data.validation"
         raise ConfigError(f"{field}: not set in this config; inspect --split train instead", where="run config")
     tokenizer = load_tokenizer(config.model)
-    options = data_options(config.data)
-    data = prepare(source, tokenizer, options)
+    data = prepare(source, tokenizer, config.data)  # the data section is a DataOptions
     stop_ids = {tokenizer.eos_token_id} - {None}
     if data.summary.format != "text":
-        stop_ids |= resolve_template(tokenizer, options.template).end_of_turn_ids
+        stop_ids |= resolve_template(tokenizer, config.data.template).end_of_turn_ids
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(report(data, tokenizer, count=args.examples, stop_ids=stop_ids, color=color))
     return 0
@@ -272,7 +271,7 @@ def _load(model: str, adapter: str | None, dtype: str | None, quantize=None):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..config import data_options, load_run_config
+    from ..config import load_run_config
     from ..data import iter_batches, prepare
     from ..train.evaluate import evaluate
 
@@ -287,7 +286,7 @@ def _eval(args: argparse.Namespace) -> int:
         trained = Path(config.output_dir) / "adapter" / (task.name if task else "")
         adapter = adapter or (str(trained) if trained.is_dir() else None)
         data_path = args.data or files.validation or files.train
-        options = data_options(config.data)
+        options = config.data  # the data section is a DataOptions
     else:
         if not (args.model and args.data):
             raise ConfigError("give a run config, or both --model and --data", where="lorakit eval")

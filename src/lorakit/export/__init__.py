@@ -1,6 +1,7 @@
 """Deployment outputs: merged Hugging Face checkpoints, GGUF files and GGUF LoRA adapters for llama.cpp."""
 
-from .gguf import ExportError, write_gguf
+from ..errors import ExportError
+from .gguf import write_gguf
 from .hf import merge_to_directory
 from .lora_gguf import write_lora_gguf
 

@@ -24,14 +24,11 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_path
-from ..errors import LorakitError
+from ..errors import ExportError
+from .outputs import check_out
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 QUANTS = ("f16", "q8_0")
-
-
-class ExportError(LorakitError):
-    """The model or tokenizer cannot be written as GGUF (and why)."""
 
 
 def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16", name: str | None = None,
@@ -40,8 +37,6 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16
     replaces an existing GGUF file, and nothing else (export/outputs.py)."""
     gguf = gguf_module()
     from safetensors import safe_open
-
-    from .outputs import check_out
 
     model_dir, out = Path(model_dir), Path(out_file)
     check_out(out, "gguf", overwrite=overwrite)
@@ -98,7 +93,7 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16
                                           "is this a plain (merged) transformers checkpoint?")
                     tensor = f.get_tensor(key).float()
                     if arch == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
-                        tensor = _interleave_rope(tensor, heads if "q_proj" in key else kv_heads)
+                        tensor = interleave_rope(tensor, heads if "q_proj" in key else kv_heads)
                     data, kind = _encode(tensor, quant, gguf)
                     writer.add_tensor(target, data, raw_dtype=kind)
                     seen.add(target)
@@ -122,8 +117,6 @@ def gguf_module():
 def gguf_file(out: Path, arch_name: str, *, overwrite: bool = False):
     """A GGUFWriter whose file replaces `out` atomically when the block succeeds (lorakit.atomic); an existing
     `out` only with `overwrite`, and only if it is a GGUF file."""
-    from .outputs import check_out
-
     gguf = gguf_module()
     with atomic_path(out) as staging:
         writer = gguf.GGUFWriter(staging, arch_name)
@@ -145,7 +138,7 @@ def _rope_theta(config: dict) -> float:
     return float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
 
 
-def _interleave_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def interleave_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows of a q/k projection reordered per head from transformers' halves (0..d/2-1 | d/2..d-1) to
     llama.cpp's adjacent pairs (0, d/2, 1, d/2+1, ...), so both rotate the same coordinates together."""
     out_features = weight.shape[0]

@@ -15,14 +15,14 @@ from pathlib import Path
 
 from ..lora import LoraModel
 from ..lora.layer import LoraLinear
-from .gguf import ARCHITECTURES, ExportError, _interleave_rope, gguf_file, gguf_module, model_arch
+from ..errors import ExportError
+from .gguf import ARCHITECTURES, gguf_file, gguf_module, interleave_rope, model_arch
+from .outputs import check_out
 
 
 def write_lora_gguf(model: LoraModel, out_file: str | Path, *, adapter: str = "default", overwrite: bool = False) -> Path:
     """Write adapter `adapter` of `model` (a LoraModel on its transformers base) as one GGUF LoRA file;
     `overwrite` replaces an existing GGUF file, and nothing else."""
-    from .outputs import check_out
-
     check_out(out_file, "gguf", overwrite=overwrite)
     gguf = gguf_module()
     config = model.model.config
@@ -60,7 +60,7 @@ def write_lora_gguf(model: LoraModel, out_file: str | Path, *, adapter: str = "d
             A = layer.lora_A[adapter].detach().float()  # (r, in)
             B = layer.lora_B[adapter].detach().float() * (layer.scaling[adapter] * A.shape[0])  # (out, r)
             if arch == "llama" and module_name.endswith(("q_proj", "k_proj")):
-                B = _interleave_rope(B, heads if module_name.endswith("q_proj") else kv_heads)
+                B = interleave_rope(B, heads if module_name.endswith("q_proj") else kv_heads)
             writer.add_tensor(f"{target}.lora_a", A.numpy())
             writer.add_tensor(f"{target}.lora_b", B.numpy())
             written += 1

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from .. import __version__
-from .gguf import ExportError
+from ..errors import ExportError
 
 MARKER = "lorakit_merge.json"
 GGUF_MAGIC = b"GGUF"

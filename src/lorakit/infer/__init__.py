@@ -2,6 +2,7 @@
 
 from .engine import Engine, EngineClosed, InvalidRequest, QueueFull
 from .handle import Event, RequestHandle, Usage
-from .sampling import SamplingParams
+from .sampling import LimitExceeded, RequestLimits, SamplingParams
 
-__all__ = ["Engine", "EngineClosed", "Event", "InvalidRequest", "QueueFull", "RequestHandle", "SamplingParams", "Usage"]
+__all__ = ["Engine", "EngineClosed", "Event", "InvalidRequest", "LimitExceeded", "QueueFull", "RequestHandle",
+           "RequestLimits", "SamplingParams", "Usage"]

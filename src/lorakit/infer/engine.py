@@ -16,6 +16,7 @@ import threading
 import uuid
 import warnings
 from collections import Counter, deque
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..lora.model import LoraModel
 from ..lora.routing import BASE
 from .handle import Event, RequestHandle, Usage
 from .kv import KVBatch, select_rows, zero_padding
-from .sampling import SamplingParams, choose_token, make_generator
+from .sampling import LimitExceeded, RequestLimits, SamplingParams, choose_token, make_generator
 from .text import TextStream
 
 __all__ = ["Engine", "EngineClosed", "Event", "InvalidRequest", "QueueFull", "RequestHandle", "Usage"]
@@ -44,7 +45,12 @@ class EngineClosed(LorakitError):
 
 
 class InvalidRequest(LorakitError, ValueError):
-    """A request's prompt or sampling params are unusable; the message lists every problem (HTTP 400)."""
+    """A request's prompt or sampling params are unusable; the message lists every problem (HTTP 400).
+    `exceeded` holds the limits it is over, for callers that answer those in their own words (serve/)."""
+
+    def __init__(self, message: str, exceeded: Sequence[LimitExceeded] = ()):
+        super().__init__(message)
+        self.exceeded = list(exceeded)
 
 
 @dataclass
@@ -66,8 +72,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.max_prompt_tokens = max_prompt_tokens
-        self.max_new_tokens = max_new_tokens
+        self.limits = RequestLimits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_new_tokens)
         self.is_lora = isinstance(model, LoraModel)
         hf_model = model.model if self.is_lora else model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -135,15 +140,13 @@ class Engine:
     def submit(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> RequestHandle:
         """Queue a request; validation errors are raised here, before anything is queued."""
         prompt = list(prompt_ids)
-        problems = params.problems(self.max_new_tokens)
-        if not prompt:
-            problems.insert(0, "the prompt is empty; give at least one token")
-        elif len(prompt) > self.max_prompt_tokens:
-            problems.insert(0, f"the prompt has {len(prompt)} tokens, more than max_prompt_tokens={self.max_prompt_tokens}")
-        elif not all(isinstance(t, int) and 0 <= t < (self.vocab_size or float("inf")) for t in prompt):
+        exceeded = self.limits.check(len(prompt), params.max_tokens)
+        problems = [str(e) for e in exceeded] + params.problems()
+        if prompt and len(prompt) <= self.limits.max_prompt_tokens and not all(
+                isinstance(t, int) and 0 <= t < (self.vocab_size or float("inf")) for t in prompt):
             problems.insert(0, f"prompt_ids must be integers in [0, {self.vocab_size}) (the model's vocabulary)")
         if problems:
-            raise InvalidRequest("invalid request: " + "; ".join(problems))
+            raise InvalidRequest("invalid request: " + "; ".join(problems), exceeded)
         name = BASE if adapter is None else adapter
         with self._cond:
             if self._closed:

@@ -1,10 +1,57 @@
-"""Per-request sampling settings and the token choice made from one row of logits."""
+"""Per-request sampling settings, the limits a request must fit, and the token choice made from one row of logits.
+
+The limits are defined and checked here only (RequestLimits.check). The engine (the library API) refuses a
+request over its limits with an InvalidRequest carrying the `LimitExceeded` problems; the HTTP layer checks its
+own limits with the same function before submitting, and answers a problem found by either with the same
+400 (serve/errors.py, limit_error). Each words it for its audience: the engine names its arguments
+(max_new_tokens, LimitExceeded.__str__), the HTTP layer the request's fields (max_tokens, max_completion_tokens).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+
+
+@dataclass(frozen=True)
+class LimitExceeded:
+    """One request over one limit."""
+
+    kind: Literal["empty_prompt", "prompt_too_long", "too_many_tokens"]
+    value: int
+    """What the request asked for: its prompt tokens, or its max_tokens."""
+    limit: int
+    """The most allowed (the least, 1, for an empty prompt)."""
+
+    def __str__(self) -> str:
+        """In the library's words, naming the Engine argument that sets the limit."""
+        if self.kind == "empty_prompt":
+            return "the prompt is empty; give at least one token"
+        if self.kind == "prompt_too_long":
+            return f"the prompt has {self.value} tokens, more than max_prompt_tokens={self.limit}"
+        return f"max_tokens={self.value} is more than this engine allows (max_new_tokens={self.limit})"
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_prompt_tokens: int = 2048
+    """Prompt tokens per request at most (after the chat template); longer prompts are refused (HTTP 400)."""
+    max_tokens: int = 512
+    """New tokens per request (`max_tokens`) at most; also the default for chat completions."""
+
+    def check(self, prompt_tokens: int, max_tokens: object) -> list[LimitExceeded]:
+        """The limits that a request of `prompt_tokens` prompt tokens asking for `max_tokens` new ones exceeds,
+        prompt first; empty when it fits. A max_tokens that is not an integer is SamplingParams.problems' to report."""
+        problems = []
+        if prompt_tokens == 0:
+            problems.append(LimitExceeded("empty_prompt", 0, 1))
+        elif prompt_tokens > self.max_prompt_tokens:
+            problems.append(LimitExceeded("prompt_too_long", prompt_tokens, self.max_prompt_tokens))
+        if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > self.max_tokens:
+            problems.append(LimitExceeded("too_many_tokens", max_tokens, self.max_tokens))
+        return problems
 
 
 @dataclass
@@ -20,13 +67,12 @@ class SamplingParams:
     seed: int | None = None
     """Seeds the request's own torch.Generator, so a seeded sampled request is reproducible in any batch."""
 
-    def problems(self, max_new_tokens: int) -> list[str]:
-        """Every invalid field, each named with what is allowed (empty when the params are usable)."""
+    def problems(self) -> list[str]:
+        """Every invalid field, each named with what is allowed (empty when the params are usable); how many
+        tokens a server allows is RequestLimits.check's part."""
         out = []
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             out.append(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        elif self.max_tokens > max_new_tokens:
-            out.append(f"max_tokens={self.max_tokens} is more than this engine allows (max_new_tokens={max_new_tokens})")
         if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature < float("inf"):
             out.append(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:

@@ -15,11 +15,11 @@ from typing import Callable, Iterable
 import torch
 
 from ..base_model import load_base_model
-from ..config import RunConfig, TaskConfig, data_options
+from ..config import RunConfig, TaskConfig
 from ..data import PreparedData, prepare, split_validation
-from ..deploy import check_run_config
 from ..errors import ConfigError
 from ..plan.check import check_before_training
+from ..serving_compat import check_run_config
 from ..train.adapters import wrap_adapters
 from ..train.distributed import QUANTIZED_FSDP, init_runtime, shard_base_layers
 from ..train.fingerprint import run_settings
@@ -80,7 +80,7 @@ def _train(config: RunConfig, resume: str | None, overwrite: bool, allow_change:
 
 def _objective(config: RunConfig, model, tokenizer, log: Callable[[str], None]) -> Objective:
     """The data prepared, as the objective that trains on it: one adapter, or one per task."""
-    options = data_options(config.data)
+    options = config.data  # a DataOptions, plus where the data is
     dtype = getattr(model.model, "dtype", torch.float32)  # packed batches carry an additive mask in the model's dtype
     if config.tasks:
         tasks = TaskSet([_prepare_task(task, tokenizer, options, log) for task in config.tasks])

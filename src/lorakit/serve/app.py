@@ -22,10 +22,10 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import AdapterError, ConfigError, LorakitError
-from ..infer.engine import EngineClosed, QueueFull
-from ..infer.sampling import SamplingParams
+from ..infer.engine import EngineClosed, InvalidRequest, QueueFull
+from ..infer.sampling import RequestLimits, SamplingParams
 from .adapters import check_name, resolve_adapter, scrub
-from .errors import APIError, install_error_handlers, log, model_not_found
+from .errors import APIError, install_error_handlers, limit_error, log, model_not_found
 from .guard import BodyTooLarge, GuardMiddleware
 from .schemas import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, parse_body
 from .sse import DONE, EventStreamResponse, sse
@@ -34,11 +34,10 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 @dataclass(frozen=True)
-class ServeLimits:
-    max_prompt_tokens: int = 2048
-    """Prompt tokens per request at most (after the chat template); longer prompts get 400."""
-    max_tokens: int = 512
-    """`max_tokens` at most; also the default for chat completions."""
+class ServeLimits(RequestLimits):
+    """The engine's request limits (`lorakit serve` gives the engine the same), checked here too because an app
+    may front an engine with other limits: the tighter refuses, and either is answered alike (limit_error)."""
+
     max_body_bytes: int = 1 << 20
     """Request bodies above this get 413 before they are read."""
 
@@ -166,22 +165,17 @@ def create_app(engine, tokenizer, *, base_name: str, adapter_dir: str | Path | N
 # ---- generation -----------------------------------------------------------------------------------------
 async def _generate(state: _State, request: Request, req, prompt_ids: list[int], adapter: str | None, *, chat: bool):
     limits = state.limits
-    if not prompt_ids:
-        raise APIError(400, "The prompt is empty.", param="messages" if chat else "prompt")
-    if len(prompt_ids) > limits.max_prompt_tokens:
-        raise APIError(400, f"This server's maximum prompt length is {limits.max_prompt_tokens} tokens; the prompt "
-                            f"has {len(prompt_ids)}.", param="messages" if chat else "prompt",
-                       code="context_length_exceeded")
     max_tokens = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
-    param = "max_tokens" if req.max_tokens is not None or not chat else "max_completion_tokens"
+    fields = dict(prompt_param="messages" if chat else "prompt",
+                  tokens_param="max_tokens" if req.max_tokens is not None or not chat else "max_completion_tokens")
     if max_tokens is None:
         max_tokens = limits.max_tokens if chat else min(COMPLETION_DEFAULT_MAX_TOKENS, limits.max_tokens)
-    if max_tokens > limits.max_tokens:
-        raise APIError(400, f"{param} is {max_tokens}; this server allows at most {limits.max_tokens}.", param=param,
-                       code="invalid_value")
+    exceeded = limits.check(len(prompt_ids), max_tokens)
+    if exceeded:
+        raise limit_error(exceeded[0], **fields)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0 if req.temperature is None else req.temperature,
                             top_p=1.0 if req.top_p is None else req.top_p, stop=req.stop_list(), seed=req.seed)
-    handle = _submit(state, prompt_ids, adapter, params)
+    handle = _submit(state, prompt_ids, adapter, params, fields)
     state.counts["in_flight"] += 1
     released = False
 
@@ -206,7 +200,8 @@ async def _generate(state: _State, request: Request, req, prompt_ids: list[int],
     return JSONResponse(reply.full(text, finish, _usage(len(prompt_ids), completion_tokens)))
 
 
-def _submit(state: _State, prompt_ids: list[int], adapter: str | None, params):
+def _submit(state: _State, prompt_ids: list[int], adapter: str | None, params, fields: dict[str, str]):
+    """engine.submit, its refusals as HTTP errors; `fields` name the request fields limit_error reports."""
     try:
         return state.engine.submit(prompt_ids, adapter, params)
     except QueueFull:
@@ -217,6 +212,8 @@ def _submit(state: _State, prompt_ids: list[int], adapter: str | None, params):
     except AdapterError:
         raise model_not_found(adapter or state.base_name) from None  # unloaded between lookup and submit
     except (ConfigError, ValueError) as err:
+        if isinstance(err, InvalidRequest) and err.exceeded:  # the engine's limits are tighter than this app's
+            raise limit_error(err.exceeded[0], **fields) from None
         raise APIError(400, str(err), code="invalid_value") from None
 
 

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LorakitError
+from ..infer.sampling import LimitExceeded
 
 log = logging.getLogger("lorakit.serve")
 
@@ -49,6 +50,19 @@ def model_not_found(model: str) -> APIError:
     shown = model if len(model) <= 100 else model[:100] + "..."
     return APIError(404, f"The model `{shown}` does not exist or is not loaded; GET /v1/models lists the served models.",
                     type="invalid_request_error", param="model", code="model_not_found")
+
+
+def limit_error(exceeded: LimitExceeded, *, prompt_param: str, tokens_param: str) -> APIError:
+    """The 400 for a request over a limit (infer.sampling.RequestLimits), whether the app's own check or the
+    engine's found it; `prompt_param` and `tokens_param` are the request fields that hold the prompt and the
+    token count."""
+    if exceeded.kind == "empty_prompt":
+        return APIError(400, "The prompt is empty.", param=prompt_param)
+    if exceeded.kind == "prompt_too_long":
+        return APIError(400, f"This server's maximum prompt length is {exceeded.limit} tokens; the prompt has "
+                             f"{exceeded.value}.", param=prompt_param, code="context_length_exceeded")
+    return APIError(400, f"{tokens_param} is {exceeded.value}; this server allows at most {exceeded.limit}.",
+                    param=tokens_param, code="invalid_value")
 
 
 def install_error_handlers(app: FastAPI) -> None:

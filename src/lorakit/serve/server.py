@@ -73,14 +73,14 @@ def build(options: ServeOptions, *, log_fn=print):
         log_fn(f"adapter {first} loaded")
     elif options.adapter_dir is not None:
         model = empty_lora_model(model)
+    limits = ServeLimits(max_prompt_tokens=options.max_prompt_tokens, max_tokens=options.max_tokens)
     engine = Engine(model, loaded.tokenizer, max_batch_size=options.max_batch_size, max_queue=options.max_queue,
-                    max_prompt_tokens=options.max_prompt_tokens, max_new_tokens=options.max_tokens)
+                    max_prompt_tokens=limits.max_prompt_tokens, max_new_tokens=limits.max_tokens)
     engine.start()
     try:
         for name, path in startup.items():
             engine.load_adapter(name, path)
             log_fn(f"adapter {name} loaded")
-        limits = ServeLimits(max_prompt_tokens=options.max_prompt_tokens, max_tokens=options.max_tokens)
         app = create_app(engine, loaded.tokenizer, base_name=base_name, adapter_dir=options.adapter_dir,
                          api_key=options.api_key, limits=limits)
     except BaseException:

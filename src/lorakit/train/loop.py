@@ -134,9 +134,7 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
             checkpoints.start(state, resume=resume, overwrite=overwrite, allow_change=allow_change,
                               batches_per_epoch=n_batches)
             metrics = MetricsLog(out, keep_until_step=checkpoints.resumed_from) if runtime.is_main else metrics
-            for line in [*objective.describe(), f"training {objective.examples} examples: {n_batches} batches of "
-                         f"{config.batch_size} per epoch, grad_accum {config.grad_accum}, {total_steps} steps; "
-                         f"{sum(p.numel() for p in params.values()):,} trainable parameters",
+            for line in [*objective.describe(), _describe(objective, config, n_batches, total_steps, params),
                          runtime.describe(config.grad_accum, config.batch_size)]:
                 if line:
                     log(line)
@@ -237,14 +235,7 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
         undo_speed()
 
     train_loss = next((x for x in reversed(losses) if math.isfinite(x)), None)
-    summary = (f"{state.step} steps ({final['epoch_progress']:.2f} epochs) in {time.perf_counter() - started:.1f}s; "
-               f"last train loss {_fmt(train_loss)}")
-    if state.last_eval_loss is not None:
-        summary += (f"; eval loss {_fmt(state.last_eval_loss)} (perplexity {_fmt(state.last_eval_perplexity, '.2f')}), "
-                    f"best {_fmt(state.best_eval_loss)} at step {state.best_step}")
-    if state.skipped_steps:
-        summary += f"; {state.skipped_steps} updates skipped (non-finite)"
-    summary += f"; adapter saved to {adapter_dir}"
+    summary = _summary(state, final["epoch_progress"], time.perf_counter() - started, train_loss, adapter_dir)
     log(summary)
     return FitResult(step=state.step, epoch=final["epoch_progress"], train_loss=train_loss,
                      eval_loss=state.last_eval_loss, eval_perplexity=state.last_eval_perplexity,
@@ -349,6 +340,22 @@ def _windows(batches: Iterator[dict], size: int) -> Iterator[list[dict]]:
         if not window:
             return
         yield window
+
+
+def _describe(objective: Objective, config: TrainConfig, n_batches: int, total_steps: int, params: dict) -> str:
+    return (f"training {objective.examples} examples: {n_batches} batches of {config.batch_size} per epoch, "
+            f"grad_accum {config.grad_accum}, {total_steps} steps; {sum(p.numel() for p in params.values()):,} "
+            "trainable parameters")
+
+
+def _summary(state: TrainState, epochs: float, seconds: float, train_loss: float | None, adapter_dir: Path) -> str:
+    summary = f"{state.step} steps ({epochs:.2f} epochs) in {seconds:.1f}s; last train loss {_fmt(train_loss)}"
+    if state.last_eval_loss is not None:
+        summary += (f"; eval loss {_fmt(state.last_eval_loss)} (perplexity {_fmt(state.last_eval_perplexity, '.2f')}), "
+                    f"best {_fmt(state.best_eval_loss)} at step {state.best_step}")
+    if state.skipped_steps:
+        summary += f"; {state.skipped_steps} updates skipped (non-finite)"
+    return summary + f"; adapter saved to {adapter_dir}"
 
 
 def _call(hooks: tuple[Hook, ...], event: str, info: dict) -> None:

@@ -22,13 +22,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from .errors import ConfigError
 from .lora.config import DEFAULT_TARGETS, LoraConfig
-
-if TYPE_CHECKING:
-    from .config import RunConfig
 
 TARGETS = ("vllm", "llama.cpp", "ollama", "peft")
 REFUSED, MISHANDLED, NOTE = "refused", "mishandled", "note"
@@ -376,9 +373,12 @@ def base_config_of(name_or_path: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def check_run_config(config: "RunConfig", log: Callable[[str], None]) -> list[Finding]:
+def check_run_config(config: Any, log: Callable[[str], None]) -> list[Finding]:
     """Check the run's lora section(s) against `deploy_targets` before any model loads: refused stops the run
-    with a ConfigError naming target, problem and fix; mishandled and notes are logged."""
+    with a ConfigError naming target, problem and fix; mishandled and notes are logged.
+
+    `config` is a lorakit.config.RunConfig, not imported here (not even for typing): config imports TARGETS
+    from this module to validate deploy_targets, and the dependency points that way only."""
     targets = list(config.deploy_targets or [])
     if not targets:
         return []

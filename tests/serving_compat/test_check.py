@@ -17,7 +17,7 @@ import lorakit
 from data_helpers import save_chat_llama
 from lorakit.cli import main
 from lorakit.config import run_config_from_dict
-from lorakit.deploy import MISHANDLED, NOTE, REFUSED, AdapterFacts, check, check_run_config
+from lorakit.serving_compat import MISHANDLED, NOTE, REFUSED, AdapterFacts, check, check_run_config
 from tiny_models import build_model
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 96}
