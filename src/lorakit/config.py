@@ -155,6 +155,9 @@ class TaskConfig:
 @dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig
+    objective: str = "sft"
+    """The way of training: sft (supervised fine-tuning on the data's supervised tokens). Each way is a recipe in
+    lorakit.recipes (RECIPES)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig
     train: TrainConfig = field(default_factory=TrainConfig)
