@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from torch import nn
 
@@ -32,15 +32,39 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return kind.__name__ in ("Linear4bit", "Linear8bitLt") and kind.__module__.startswith("bitsandbytes")
 
 
-def _quantized_wrapper(module: nn.Module) -> LoraLayer:
-    from ..quant.lora_layer import LoraQuantLinear
+class BaseKind(Protocol):
+    """A kind of base layer that LoRA cannot treat as plain torch (bitsandbytes' packed 4/8-bit layers). The
+    package that makes such layers puts one in each layer's `lora_base_kind` attribute (lorakit.quant does),
+    so that lora imports nothing of it."""
 
-    return LoraQuantLinear(module)
+    def wrap(self, layer: nn.Module) -> LoraLayer:
+        """The LoRA layer around `layer`."""
+        ...
+
+    def unload(self, model: nn.Module) -> None:
+        """Turn every layer of this kind left in `model` into a plain torch layer (merge_and_unload)."""
+        ...
 
 
-# First match wins.
+def base_kinds(model: nn.Module) -> list[BaseKind]:
+    """The kinds of the special base layers in `model`, each once."""
+    kinds = {id(k): k for m in model.modules() if (k := getattr(m, "lora_base_kind", None)) is not None}
+    return list(kinds.values())
+
+
+def _unprepared_quantized(module: nn.Module) -> LoraLayer:
+    raise ConfigError(
+        f"this {type(module).__name__} (bitsandbytes) was not loaded by lorakit, so LoRA cannot read its packed "
+        "weight; load the model with lorakit (model.quantization in the run config, or base_model.load_base_model), "
+        "or call lorakit.quant.prepare_for_lora(model) before wrapping it",
+        where="base model",
+    )
+
+
+# First match wins: bitsandbytes layers subclass nn.Linear, so they come before it.
 WRAPPERS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], LoraLayer]]] = [
-    (is_quantized_linear, _quantized_wrapper),
+    (lambda m: getattr(m, "lora_base_kind", None) is not None, lambda m: m.lora_base_kind.wrap(m)),
+    (is_quantized_linear, _unprepared_quantized),
     (lambda m: isinstance(m, nn.Linear), lambda m: LoraLinear(m)),
     (_is_conv1d, lambda m: LoraLinear(m, fan_in_fan_out=True)),
     (lambda m: isinstance(m, nn.Embedding), lambda m: LoraEmbedding(m)),

@@ -20,7 +20,7 @@ from ..errors import AdapterError
 from .combine import weighted_adapter
 from .config import LoraConfig
 from .full_copy import FullCopy
-from .inject import inject, is_quantized_linear, replace_module
+from .inject import base_kinds, inject, replace_module
 from .layer import LoraLayer
 from .routing import BASE, route_rows
 
@@ -55,7 +55,6 @@ class LoraModel(nn.Module):
         for p, _ in grads:
             p.requires_grad_(False)
         if config is None:
-            self._keep_training_layout()
             return
         try:
             self.add_adapter(adapter_name, config, _init=_init)
@@ -64,13 +63,6 @@ class LoraModel(nn.Module):
                 p.requires_grad_(requires_grad)
             raise
         self.set_adapter(adapter_name)
-        self._keep_training_layout()
-
-    def _keep_training_layout(self) -> None:
-        if any(is_quantized_linear(m) for m in self.model.modules()):
-            from ..quant.bnb import keep_training_layout
-
-            keep_training_layout(self.model)  # else one eval pass can silently cut gradients (see there)
 
     # ---- iteration ---------------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
@@ -329,10 +321,8 @@ class LoraModel(nn.Module):
             replace_module(self.model, name, layer.base_layer)
         for name, module in list(self.full_copies()):
             replace_module(self.model, name, module.active_module())
-        if any(is_quantized_linear(m) for m in self.model.modules()):
-            from ..quant.bnb import dequantize_model
-
-            dequantize_model(self.model)
+        for kind in base_kinds(self.model):  # quantized layers no adapter targets: plain too (see inject.BaseKind)
+            kind.unload(self.model)
         self.adapter_configs.clear()
         self.active_adapters = []
         return self.model
