@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..errors import AdapterError
 from .config import LoraConfig
-
-if TYPE_CHECKING:
-    from .model import LoraModel
+from .layout import WrappedModel
 
 COMBINATIONS = ("linear", "cat", "svd")
 
@@ -54,7 +50,7 @@ def _combine_layer(layer, adapters, weights, kind, svd_rank):
 
 
 def weighted_adapter(
-    model: "LoraModel",
+    model: WrappedModel,
     adapters: list[str],
     weights: list[float],
     new_name: str,

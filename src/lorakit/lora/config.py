@@ -149,7 +149,7 @@ class LoraConfig:
         mts = self.modules_to_save
         if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) and m for m in mts)):
             out.append(f"modules_to_save must be a list of module names, got {mts!r}")
-        if not _valid_init(self.init_lora_weights):
+        if not valid_init(self.init_lora_weights):
             out.append(f"init_lora_weights must be {INIT_CHOICES}; got {self.init_lora_weights!r}")
         for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
             if not isinstance(getattr(self, flag), bool):
@@ -220,7 +220,8 @@ def _pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> A
     return default
 
 
-def _valid_init(value: Any) -> bool:
+def valid_init(value: Any) -> bool:
+    """Whether `value` is an init_lora_weights this config accepts (io.py also asks, of values read from files)."""
     if isinstance(value, bool):
         return True
     if not isinstance(value, str):

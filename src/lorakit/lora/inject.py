@@ -126,7 +126,7 @@ def _layer_index_ok(config: LoraConfig, name: str) -> bool:
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 
-def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
+def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Named modules as the user sees them: LoRA wrappers count as their base layer, internals hidden."""
     found: dict[str, nn.Module] = {}
     skip_prefixes: list[str] = []
@@ -151,7 +151,7 @@ def plan_injection(model: nn.Module, config: LoraConfig, *, init: bool | str | N
     """Match and check `config` against `model`; `init` overrides config.init_lora_weights as in inject()."""
     init = config.init_lora_weights if init is None else init
     targets_spec = resolve_target_modules(model, config)
-    modules = _candidate_modules(model)
+    modules = candidate_modules(model)
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     saved = config.modules_to_save or []
 
@@ -268,3 +268,20 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str, *, init: boo
             replace_module(model, name, module)
         module.add_adapter(adapter_name)
     return plan
+
+
+CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def with_task_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """For classification task types, train and save the new head in full, as PEFT does.
+
+    A classifier head starts random, so an adapter is useless without it; PEFT adds it to
+    modules_to_save for these task types and expects its weights in every such file.
+    """
+    if config.task_type not in CLASSIFICATION_TASKS:
+        return config
+    saved = list(config.modules_to_save or [])
+    heads = [h for h in CLASSIFIER_HEADS if h not in saved and isinstance(getattr(model, h, None), nn.Module)]
+    return config.replace(modules_to_save=saved + heads) if heads else config

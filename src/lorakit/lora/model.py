@@ -20,7 +20,8 @@ from ..errors import AdapterError
 from .combine import weighted_adapter
 from .config import LoraConfig
 from .full_copy import FullCopy
-from .inject import base_kinds, inject, replace_module
+from .inject import base_kinds, inject, replace_module, with_task_heads
+from .io import load_adapter_into, save_adapters
 from .layer import LoraLayer
 from .routing import BASE, route_rows
 
@@ -116,8 +117,6 @@ class LoraModel(nn.Module):
 
         Loaded adapters are frozen unless is_trainable=True (PEFT's default and name).
         """
-        from .io import load_adapter_into
-
         load_adapter_into(self, path, adapter_name, is_trainable=is_trainable)
         return self
 
@@ -356,8 +355,6 @@ class LoraModel(nn.Module):
     # ---- files -------------------------------------------------------------------------------------
     def save_adapter(self, path: str | Path, adapter_names: Sequence[str] | None = None) -> None:
         """Write adapters in PEFT's layout: "default" in `path`, any other adapter in `path/<name>/`."""
-        from .io import save_adapters
-
         names = list(self.adapter_configs if adapter_names is None else adapter_names)
         self._require(names)
         save_adapters(self, Path(path), names)
@@ -384,23 +381,6 @@ def _batch_rows(args: tuple, kwargs: dict) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     return None
-
-
-CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
-CLASSIFIER_HEADS = ("classifier", "score")
-
-
-def with_task_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """For classification task types, train and save the new head in full, as PEFT does.
-
-    A classifier head starts random, so an adapter is useless without it; PEFT adds it to
-    modules_to_save for these task types and expects its weights in every such file.
-    """
-    if config.task_type not in CLASSIFICATION_TASKS:
-        return config
-    saved = list(config.modules_to_save or [])
-    heads = [h for h in CLASSIFIER_HEADS if h not in saved and isinstance(getattr(model, h, None), nn.Module)]
-    return config.replace(modules_to_save=saved + heads) if heads else config
 
 
 def wrap(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
