@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import ConfigError
 
@@ -55,6 +55,9 @@ class LoraConfig:
 
     Every field has PEFT's name and meaning, so configs move between PEFT and lorakit unchanged.
     """
+
+    peft_type: ClassVar[str] = "LORA"
+    """PEFT's kind of adapter, not a field: io.py writes it to adapter_config.json and picks the config class by it."""
 
     r: int = 8
     """Rank of the update B @ A. Typical values 4 to 64."""

@@ -18,6 +18,7 @@ from ..errors import ConfigError, TargetNotFoundError
 from .config import ALL_LINEAR, DEFAULT_TARGETS, LoraConfig
 from .full_copy import FullCopy
 from .layer import LoraEmbedding, LoraLayer, LoraLinear
+from .methods import method_for
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -246,21 +247,14 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str, *, init: bool | str | None = None) -> InjectionPlan:
     """Add adapter `adapter_name` to every target of `config` (wrapping layers on first use)."""
     plan = plan_injection(model, config, init=init)
+    method = method_for(config)
     for name in plan.targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             base = module
             module = wrapper_for(base)(base)
             replace_module(model, name, module)
-        module.add_adapter(
-            adapter_name,
-            r=config.rank_for(name),
-            alpha=config.alpha_for(name),
-            dropout=config.lora_dropout,
-            use_rslora=config.use_rslora,
-            use_dora=config.use_dora,
-            init=config.init_lora_weights if init is None else init,
-        )
+        module.add_adapter(adapter_name, method, config, name, init=init)
     for name in plan.full_copies:
         module = model.get_submodule(name)
         if not isinstance(module, FullCopy):

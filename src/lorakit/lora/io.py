@@ -32,6 +32,7 @@ from ..safetensors_header import TensorEntry, read_header
 from .config import ALLOWED, LoraConfig, field_names, valid_init
 from .inject import CLASSIFIER_HEADS, candidate_modules
 from .layout import KEY_FORM, PREFIX, WrappedModel, adapter_tensors, bias_tensors, optional_tensors, peft_config_dict
+from .methods import config_class_for
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -63,7 +64,8 @@ def save_adapters(model: WrappedModel, path: Path, names: list[str]) -> None:
 
 # ---- load -------------------------------------------------------------------------------------------
 def read_adapter_config(directory: str | Path) -> LoraConfig:
-    """Read an adapter_config.json written by lorakit or PEFT into a LoraConfig."""
+    """Read an adapter_config.json written by lorakit or PEFT into a LoraConfig (or the config class of the
+    method registered for its peft_type)."""
     directory = Path(directory)
     path = directory / CONFIG_FILE
     if not directory.is_dir():
@@ -83,7 +85,8 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
         raise AdapterError(f"{path}: {'; '.join(non_finite)}. JSON numbers must be finite: NaN, Infinity and "
                            "numbers too large for a float (such as 1e999) are refused")
     peft_type = str(raw.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
+    config_class = config_class_for(peft_type)
+    if config_class is None:
         raise AdapterError(f"{path}: this is a {peft_type} adapter; lorakit loads LoRA adapters only")
     known = field_names()
     values, unsupported = {}, []
@@ -99,7 +102,7 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
     if not valid_init(values.get("init_lora_weights", True)):
         values["init_lora_weights"] = True  # weights come from the file; the init scheme no longer matters
     try:
-        return LoraConfig.from_dict(values, where=str(path))
+        return config_class.from_dict(values, where=str(path))
     except ConfigError as err:
         raise AdapterError(str(err)) from None
 

@@ -1,7 +1,7 @@
 """PEFT's layout of one adapter of a LoraModel: file key -> parameter, and the config dict PEFT reads.
 
-Keys are `base_model.model.<module path>.<suffix>`. The suffixes of adapter tensors come from the layer
-(LoraLayer.peft_tensor_names: `lora_A.weight`, `lora_embedding_A`, `lora_magnitude_vector`); full
+Keys are `base_model.model.<module path>.<suffix>`. The suffixes of adapter tensors come from the adapter's
+method (Adapter.saved_tensors: `lora_A.weight`, `lora_embedding_A`, `lora_magnitude_vector`, ...); full
 `modules_to_save` copies keep the module's own parameter names; the biases an adapter trains are added as
 its config's `bias` says. io.py writes and checks files by these names.
 """
@@ -16,6 +16,7 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .full_copy import FullCopy
 from .layer import LoraEmbedding, LoraLayer, LoraLinear
+from .methods import method_for
 
 PREFIX = "base_model.model."
 # PEFT's tensor names: the prefix, then module path and tensor name in dotted parts; no '/', '..' or spaces.
@@ -43,8 +44,8 @@ def adapter_tensors(model: WrappedModel, name: str) -> dict[str, nn.Parameter]:
     """PEFT file key -> the live parameter, for every tensor adapter `name` saves."""
     out: dict[str, nn.Parameter] = {}
     for path, layer in model.lora_layers():
-        if name in layer.lora_A:
-            for suffix, param in layer.peft_tensor_names(name).items():
+        if name in layer.adapters:
+            for suffix, param in layer.adapters[name].saved_tensors().items():
                 out[f"{PREFIX}{path}.{suffix}"] = param
     for path, module in model.full_copies():
         if name in module.copies:
@@ -66,10 +67,11 @@ def bias_tensors(model: WrappedModel, name: str) -> list[tuple[str, str, nn.Para
     if bias == "none":
         return []
     wrapped = {path: layer for path, layer in model.lora_layers()}
-    own = {path for path, layer in wrapped.items() if name in layer.lora_A}
+    own = {path for path, layer in wrapped.items() if name in layer.adapters}
+    adapter_ids = {id(p) for layer in wrapped.values() for _, _, p in layer.adapter_parameters()}
     found = []
     for pname, param in model.model.named_parameters():
-        if not pname.endswith("bias") or ".lora_" in pname or ".original_module." in pname or ".copies." in pname:
+        if not pname.endswith("bias") or id(param) in adapter_ids or ".original_module." in pname or ".copies." in pname:
             continue
         module_path = pname.removesuffix(".bias")
         layer_path = module_path.removesuffix(".base_layer")
@@ -89,7 +91,7 @@ def optional_tensors(model: WrappedModel, name: str) -> dict[str, nn.Parameter]:
     out = {
         f"{PREFIX}{path}.base_layer.weight": layer.base_layer.weight
         for path, layer in model.lora_layers()
-        if isinstance(layer, LoraEmbedding) and name in layer.lora_A
+        if isinstance(layer, LoraEmbedding) and name in layer.adapters
     }
     if model.adapter_configs[name].bias == "all":
         for path, module in model.full_copies():
@@ -109,14 +111,14 @@ def peft_config_dict(model: WrappedModel, name: str) -> dict:
         # Full module names, as PEFT writes all-linear: last components alone could also select layers
         # all-linear leaves out (a head sharing a name with an adapted layer). Unlike PEFT we list only the
         # layers adapted (exclude_modules already applied), so readers that ignore exclude_modules agree too.
-        data["target_modules"] = sorted(path for path, layer in model.lora_layers() if name in layer.lora_A)
+        data["target_modules"] = sorted(path for path, layer in model.lora_layers() if name in layer.adapters)
     elif config.target_modules is None:
         data["target_modules"] = model.target_suffixes[name]  # the default names, resolved: every reader understands them
     data["fan_in_fan_out"] = any(
-        isinstance(layer, LoraLinear) and layer.fan_in_fan_out and name in layer.lora_A
+        isinstance(layer, LoraLinear) and layer.fan_in_fan_out and name in layer.adapters
         for _, layer in model.lora_layers()
     )
     if not data["base_model_name_or_path"]:
         data["base_model_name_or_path"] = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
-    data.update(peft_type="LORA", inference_mode=True, lora_bias=False, revision=None)
+    data.update(peft_type=method_for(config).peft_type, inference_mode=True, lora_bias=False, revision=None)
     return dict(sorted(data.items()))

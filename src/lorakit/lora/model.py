@@ -157,7 +157,7 @@ class LoraModel(nn.Module):
     def _drop_empty_wrappers(self) -> None:
         """Put back the original module wherever no adapter is left, so deleting undoes injecting."""
         for name, layer in list(self.lora_layers()):
-            if len(layer.lora_A) == 0:
+            if not layer.adapters:
                 replace_module(self.model, name, layer.base_layer)
         for name, module in list(self.full_copies()):
             if len(module.copies) == 0:
@@ -178,10 +178,11 @@ class LoraModel(nn.Module):
     def _refresh_trainable(self) -> None:
         """Only the active adapters' weights (and the biases their configs name) train."""
         active = set(self.active_adapters)
+        adapter_ids = set()
         for _, layer in self.lora_layers():
-            for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
-                for name, p in store.items():
-                    p.requires_grad_(name in active and not self.adapter_configs[name].inference_mode)
+            for name, _, p in layer.adapter_parameters():
+                p.requires_grad_(name in active and not self.adapter_configs[name].inference_mode)
+                adapter_ids.add(id(p))
         for _, module in self.full_copies():
             for name, copy in module.copies.items():
                 for p in copy.parameters():
@@ -191,11 +192,11 @@ class LoraModel(nn.Module):
         lora_only = [n for n in training if self.adapter_configs[n].bias == "lora_only"]
         # "lora_only": biases of the layers that adapter adapts (the ones its file saves), not of every wrapped layer.
         lora_only_biases = {
-            f"{path}.base_layer.bias" for path, layer in self.lora_layers() if any(n in layer.lora_A for n in lora_only)
+            f"{path}.base_layer.bias" for path, layer in self.lora_layers() if any(n in layer.adapters for n in lora_only)
         }
         for pname, p in self.model.named_parameters():
-            if not pname.endswith("bias") or ".lora_" in pname or ".copies." in pname or ".original_module." in pname:
-                continue  # adapter weights and modules_to_save copies are set above; originals stay frozen
+            if not pname.endswith("bias") or id(p) in adapter_ids or ".copies." in pname or ".original_module." in pname:
+                continue  # set above (adapter tensors by identity: an adapter may be named "bias"); originals frozen
             p.requires_grad_(bias_all or pname in lora_only_biases)
 
     @contextlib.contextmanager
@@ -276,7 +277,7 @@ class LoraModel(nn.Module):
         if self.merged_adapters:
             raise AdapterError(f"adapters {self.merged_adapters} are already merged; call unmerge() first")
         tied = [(n, others) for n, others in self.tied_targets()
-                if any(a in self.model.get_submodule(n).lora_A for a in names)]
+                if any(a in self.model.get_submodule(n).adapters for a in names)]
         if tied:
             name, others = tied[0]
             raise AdapterError(
@@ -338,11 +339,10 @@ class LoraModel(nn.Module):
         return self.model
 
     def cast_adapters(self, dtype: torch.dtype) -> None:
-        """Store every adapter weight (A, B, DoRA magnitude) in `dtype`, e.g. bfloat16 to halve their memory."""
+        """Store every adapter weight (A, B, DoRA magnitude, ...) in `dtype`, e.g. bfloat16 to halve their memory."""
         for _, layer in self.lora_layers():
-            for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
-                for name in list(store):
-                    store[name] = nn.Parameter(store[name].detach().to(dtype), requires_grad=store[name].requires_grad)
+            for adapter in layer.adapters.values():
+                adapter.cast(dtype)
 
     def compute_adapters_in_base_dtype(self, enabled: bool = True) -> None:
         """Run plain LoRA's matmuls in each layer's base output dtype (bf16 on a bf16 base) while the adapter

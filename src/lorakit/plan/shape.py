@@ -107,10 +107,11 @@ def model_shape(config: RunConfig, dtype: torch.dtype, hf_config=None) -> ModelS
         index = _layer_index(name)
         if index is None or index >= layers:
             continue
-        weights = [*layer.lora_A.values(), *layer.lora_B.values()]
-        per_layer[index][0] += sum(a.shape[0] for a in layer.lora_A.values())
-        per_layer[index][1] += sum(w.numel() for w in weights)
-        per_layer[index][2] += len(weights)
+        for adapter in layer.adapters.values():  # each method says what its forward keeps for backward
+            width, weights = adapter.backward_memory()
+            per_layer[index][0] += width
+            per_layer[index][1] += sum(w.numel() for w in weights)
+            per_layer[index][2] += len(weights)
         parent, _, leaf = name.rpartition(".")
         if leaf in ATTENTION_OUTPUTS and re.search(r"attn|attention", parent):
             continue

@@ -40,7 +40,7 @@ class LoraQuantLinear(LoraLinear):
     def _set_base_weight(self, weight_out_in: torch.Tensor) -> None:
         raise NotImplementedError("quantized base weights are never written in place; see _store_merged")
 
-    def _pissa_init(self, name: str, A: torch.Tensor, B: torch.Tensor, init: str) -> None:
+    def _pissa_init(self, A: torch.Tensor, B: torch.Tensor, s: float, init: str) -> None:
         raise ConfigError("init_lora_weights='pissa' rewrites the base weight, which is stored quantized here; "
                           "use the default init with a quantized base (or PiSSA on a 16-bit base)")
 

@@ -138,10 +138,9 @@ def adapter_parameters(model: LoraModel, names: Sequence[str], trainable: dict[s
     (modules_to_save copies and trained biases are not per-row adapters, so a multi-task run refuses them)."""
     owned: dict[str, list[nn.Parameter]] = {name: [] for name in names}
     for _, layer in model.lora_layers():
-        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
-            for name, p in store.items():
-                if name in owned and p.requires_grad:
-                    owned[name].append(p)
+        for name, _, p in layer.adapter_parameters():  # every tensor of every method's adapters
+            if name in owned and p.requires_grad:
+                owned[name].append(p)
     ids = {id(p) for params in owned.values() for p in params}
     stray = [n for n, p in trainable.items() if id(p) not in ids]
     if stray:
