@@ -10,7 +10,9 @@ from tiny_models import VOCAB, build_model, randomize_lora
 from lorakit import ConfigError, LoraConfig, load_adapter, wrap
 from lorakit.lora import parameter_roles
 from lorakit.lora.methods import METHODS, Adapter, Dora, Lora, config_class_for, method_for
+from lorakit.train import build_optimizer
 from lorakit.train.checkpoint import trainable_parameters
+from lorakit.config import TrainConfig
 from lorakit.train.tasks import adapter_parameters
 
 BASE = "__base__"
@@ -50,6 +52,19 @@ def test_every_adapter_tensor_has_the_role_its_method_gives_it():
     roles = parameter_roles(named)
     assert roles == {n: by_id[id(p)] for n, p in named.items() if id(p) in by_id}
     assert set(roles.values()) == {"A", "B", "magnitude"}
+
+
+def test_loraplus_puts_embedding_lora_b_in_the_fast_group():
+    """LoRA on an nn.Embedding keeps B in the same role as on a linear layer, so LoRA+ speeds it up too."""
+    lora = wrap(build_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    params = trainable_parameters(lora)
+    embedding_b = [p for n, p in params.items() if "embed_tokens" in n and ".lora_B." in n]
+    assert len(embedding_b) == 1
+    opt = build_optimizer(params, TrainConfig(lr=1e-3, loraplus_lr_ratio=16.0))
+    fast = {id(p) for p in opt.param_groups[1]["params"]}
+    assert id(embedding_b[0]) in fast
+    assert fast == {id(p) for n, p in params.items() if parameter_roles(params).get(n) == "B"}
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 16e-3]
 
 
 # ---- a third method, defined here -------------------------------------------------------------------

@@ -319,7 +319,10 @@ def build_optimizer(params: dict[str, torch.nn.Parameter], config: TrainConfig) 
     if config.loraplus_lr_ratio is None:
         groups = [{"params": list(params.values()), "lr": config.lr}]
     else:
-        is_b = {name: ".lora_B." in name or ".lora_embedding_B." in name for name in params}
+        from ..lora import parameter_roles
+
+        roles = parameter_roles(params)  # by the adapter method's role, on every layer kind (embeddings too)
+        is_b = {name: roles.get(name) == "B" for name in params}
         groups = [{"params": [p for n, p in params.items() if not is_b[n]], "lr": config.lr},
                   {"params": [p for n, p in params.items() if is_b[n]], "lr": config.lr * config.loraplus_lr_ratio}]
         groups = [g for g in groups if g["params"]]
