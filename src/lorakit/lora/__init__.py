@@ -1,4 +1,7 @@
-"""The LoRA core: layers, injection, the wrapped model, adapter files. Depends only on torch and safetensors."""
+"""The LoRA core: layers, adapter methods, injection, the wrapped model, adapter files.
+
+Depends on torch and safetensors, and within lorakit only on the leaf modules errors, atomic and
+safetensors_header; quantized bases reach it through inject.BaseKind, set by lorakit.quant."""
 
 from .config import LoraConfig
 from .io import read_adapter_config

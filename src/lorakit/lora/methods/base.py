@@ -6,8 +6,10 @@ optimizer state and LoRA+ roles are keyed by). The adapter object holds the meth
 looks its tensors up there on every use, so a Parameter replaced in its store (cast_adapters,
 load_state_dict(assign=True)) is never stale.
 
-The layer gives a method: base_weight() (out, in), down(x, A) (x A^T: a matmul, or a lookup for embeddings),
-without_bias(base_out), in_features / out_features, the stores, and adapter_dtype_device().
+The layer gives every method: base_weight() (out, in), without_bias(base_out), in_features / out_features,
+training, store(name) and adapter_dtype_device(). LoRA and DoRA also use what differs by layer kind:
+down(x, A) (x A^T: a matmul, or a lookup for embeddings), factor_keys, init_factors, uses_dropout and
+lora_dropout, matmul_input and compute_in_base_dtype.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ class Adapter:
     """Role ("A", "B", "magnitude", ...) -> the layer's ParameterDict attribute that holds that tensor. The
     attribute is the parameter name's second-to-last part, so one store name means one role in every method."""
     uses_base_out = False
-    """True when delta() reads base_out's values; otherwise routing may pass another rows' base_out, of
-    which only the dtype is read (saves a gather per adapter in mixed batches)."""
+    """True when delta() reads base_out's values. Otherwise a mixed batch passes the whole batch's base_out with
+    an adapter's rows of x, and only its dtype may be read (saves a gather per adapter and layer)."""
 
     def __init__(self, layer: nn.Module, name: str, config: Any, module_name: str, *, init: Any = None):
         """Create this adapter's tensors in the stores of `layer` (a LoraLayer: layer.py imports this module, so
