@@ -21,11 +21,6 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "lorakit"
 
-# Cycles present when this test was written, each as the set of modules in it; a cycle among a subset of one
-# of these modules passes, any other fails.
-KNOWN_CYCLES: set[frozenset[str]] = set()
-# (importing module, imported private name) pairs present when this test was written.
-KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = set()
 # Subpackage -> the parts of lorakit it must not import (STYLE.md, "Dependencies point one way").
 FORBIDDEN = {
     "lora": ("data", "train", "infer", "serve", "config", "cli", "export", "quant", "base_model", "quickstart"),
@@ -34,8 +29,6 @@ FORBIDDEN = {
     "serve": ("train", "cli"),
     "train": ("plan", "recipes", "serve", "cli", "quickstart"),  # the planner and recipes build on train
 }
-# Forbidden edges present when this test was written: (importing module, imported module).
-KNOWN_LAYERING_EXCEPTIONS: set[tuple[str, str]] = set()
 # Who may import lorakit.cli: only `python -m lorakit`, whose whole job is to call it.
 CLI_IMPORTERS = {"lorakit.__main__"}
 
@@ -157,15 +150,14 @@ def test_no_import_cycles(imports):
         graph[i.source].add(i.target)
         graph.setdefault(i.target, set())
         edges.setdefault((i.source, i.target), i)
-    new = [c for c in _strongly_connected(graph) if not any(c <= known for known in KNOWN_CYCLES)]
-    assert not new, "import cycles (counting imports inside functions and under TYPE_CHECKING):\n" + "\n".join(
-        _cycle_path(c, edges) for c in new)
+    cycles = _strongly_connected(graph)
+    assert not cycles, "import cycles (counting imports inside functions and under TYPE_CHECKING):\n" + "\n".join(
+        _cycle_path(c, edges) for c in cycles)
 
 
 def test_no_private_names_imported_from_other_modules(imports):
     private = sorted({(i.source, i.name, i.where()) for i in imports
-                      if i.name.rsplit(".", 1)[-1].startswith("_") and not i.name.endswith("__")
-                      and (i.source, i.name) not in KNOWN_PRIVATE_IMPORTS})
+                      if i.name.rsplit(".", 1)[-1].startswith("_") and not i.name.endswith("__")})
     assert not private, "private names imported across modules (make them public, or move the code):\n" + "\n".join(
         f"{where}: {name}" for _, name, where in private)
 
@@ -174,7 +166,7 @@ def test_dependencies_point_one_way(imports):
     wrong = []
     for i in imports:
         source_part, target_part = i.source.split(".")[1:2], i.target.split(".")[1:2]
-        if not source_part or not target_part or (i.source, i.target) in KNOWN_LAYERING_EXCEPTIONS:
+        if not source_part or not target_part:
             continue
         if target_part[0] in FORBIDDEN.get(source_part[0], ()):
             wrong.append(f"{i.where()}: lorakit.{source_part[0]} must not import lorakit.{target_part[0]} ({i.name})")

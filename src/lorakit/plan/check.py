@@ -5,7 +5,7 @@ The framework's runtime is measured, not guessed: on the CPU it is this process'
 transformers and the model's code are imported (planning imports them), plus what a training process adds
 beyond that whatever the model (tokenizer, autograd and oneDNN state, the plot at the end): RUNTIME_EXTRA_CPU,
 measured as the peak of `lorakit train` on a 2-layer, 32-wide model minus that resident size
-(bench/plan_accuracy.py prints both; tests/train/test_plan.py checks it).
+(bench/plan_accuracy.py prints both; tests/plan/test_plan.py checks it).
 """
 
 from __future__ import annotations

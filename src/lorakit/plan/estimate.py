@@ -25,7 +25,7 @@ Python + torch runtime (measured, see check.runtime_bytes), the weights, and the
 holds it: buffers under its mmap threshold come from a heap that keeps, fragmented, what a step frees, so the
 heap's resident size is CPU_HEAP_FACTOR times the live peak of those buffers (measured); larger buffers (the
 logit chunks) are mapped while they live and come on top. On CUDA: the live tensors' peak plus the context.
-Measured accuracy: bench/plan_accuracy.py and bench/README.md; tests/train/test_plan.py checks it.
+Measured accuracy: bench/plan_accuracy.py and bench/README.md; tests/plan/test_plan.py checks it.
 """
 
 from __future__ import annotations

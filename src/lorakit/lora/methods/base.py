@@ -92,6 +92,6 @@ class Adapter:
         raise NotImplementedError
 
     def backward_memory(self) -> tuple[int, list[torch.Tensor]]:
-        """For the memory planner (train/plan_shape.py): the width w of the (tokens, w) activation this adapter
+        """For the memory planner (plan/shape.py): the width w of the (tokens, w) activation this adapter
         keeps for backward, and the weights whose compute-dtype copies it keeps with compute_in_base_dtype."""
         return 0, []
