@@ -11,7 +11,7 @@ max_seq_len, so every row is exactly max_seq_len tokens, all supervised (the pla
 realized); LoRA r=16 alpha=32 on q,k,v,o; 3 optimizer steps (the peak is reached from step 2 on: step 1
 has no AdamW state and a heap not yet fragmented). The `tiny` preset (2 layers, 32 wide, vocab 512) measures
 the runtime: its peak is Python + torch + transformers + lorakit training nothing of size; the planner's
-runtime item is that process's RSS at planning time plus plan_check.RUNTIME_EXTRA_CPU, calibrated here.
+runtime item is that process's RSS at planning time plus lorakit.plan.check.RUNTIME_EXTRA_CPU, calibrated here.
 
   40m   hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 32000; batch 4 x 256
   150m  hidden 768, 12 layers, 12 heads, intermediate 2048, vocab 32000; batch 4 x 512 (bench/train_speed.py)

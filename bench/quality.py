@@ -150,16 +150,16 @@ def sawtooth_batches(self, epoch: int) -> list[list[int]]:
 
 def lorakit_worker(args, opts: dict, out_dir: str) -> dict:
     import yaml
-    import lorakit.train.run as run_mod
+    import lorakit.recipes.sft as run_mod
     from lorakit.config import load_run_config
     from lorakit.data import LengthGroupedBatchSampler
 
     if opts.get("order") == "sawtooth":
         LengthGroupedBatchSampler.batches = sawtooth_batches
     elif opts.get("order") == "grouped":
-        import lorakit.train.loop as loop_mod
-        real_iter = loop_mod.iter_batches
-        loop_mod.iter_batches = lambda *a, group=None, **kw: real_iter(*a, group=50, **kw)
+        import lorakit.train.objectives.sft as sft_mod
+        real_iter = sft_mod.iter_batches
+        sft_mod.iter_batches = lambda *a, group=None, **kw: real_iter(*a, group=50, **kw)
     lora = {"lora_dropout": 0.0}
     if "r" in opts:
         lora.update(r=opts["r"], lora_alpha=opts["alpha"], target_modules=opts["targets"])
@@ -182,12 +182,12 @@ def lorakit_worker(args, opts: dict, out_dir: str) -> dict:
             seen.update(train_s=clock.stop()["wall"], dtype=str(next(model.model.parameters()).dtype))
 
     if opts.get("norm") == "constant":  # diagnostic: every batch's summed loss over the same number
-        import lorakit.train.loop as loop_mod
-        real_supervised = loop_mod._supervised
+        import lorakit.train.objectives.sft as sft_mod
+        real_supervised = sft_mod.supervised_tokens
 
         def fit(model, train, *a, _inner=fit, **kw):
             mean = statistics.mean(sum(t != -100 for t in e.labels[1:]) for e in train.examples) * args.batch
-            loop_mod._supervised = lambda batch: mean if real_supervised(batch) else 0
+            sft_mod.supervised_tokens = lambda batch: mean if real_supervised(batch) else 0
             return _inner(model, train, *a, **kw)
     run_mod.fit = fit
     result = run_mod.run_training(load_run_config(path), log=lambda line: None)

@@ -1,7 +1,7 @@
 """Training throughput of the lorakit workflow against PEFT + the Hugging Face `Trainer`.
 
 The same base model, data and LoRA settings go through
-  lorakit  the real workflow: a run YAML -> lorakit.config.load_run_config -> lorakit.train.run.run_training
+  lorakit  the real workflow: a run YAML -> lorakit.config.load_run_config -> lorakit.recipes.sft.run_training
   peft     transformers.Trainer + TrainingArguments with peft.get_peft_model
 each configuration in a fresh subprocess (same allocator settings as bench/lora_step.py), and the script
 prints tokens/s, peak RSS, cpu% busy and the lorakit/PEFT ratio of each pairing.
@@ -169,7 +169,7 @@ class Probe:
 
 def lorakit_worker(args, opts: dict, probe: Probe) -> dict:
     import yaml
-    import lorakit.train.run as run_mod
+    import lorakit.recipes.sft as run_mod
     from lorakit.config import load_run_config
 
     out_dir = os.path.join(args.tmp, f"out-{args.config}")

@@ -26,7 +26,7 @@ SLOW = {
         "test_several_tasks_train_on_two_processes_like_on_one",
         "test_loading_into_shards_keeps_half_of_each_layer_and_the_rest_whole",
         "test_a_two_process_checkpoint_resumes_on_one_process", "test_a_failing_rank_stops_every_rank_with_its_error_shown"},
-    "train/test_plan.py": {  # train in fresh child processes to measure their peak memory
+    "plan/test_plan.py": {  # train in fresh child processes to measure their peak memory
         "test_the_runtime_item_is_the_measured_runtime", "test_predicted_peak_is_within_15_percent_of_the_measured"},
     "export/test_export_gguf.py": {  # llama.cpp, in a child process each
         "test_llama_cpp_runs_the_gguf_like_lorakit", "test_lora_gguf_on_the_base_gguf_runs_like_the_unmerged_adapter",

@@ -77,13 +77,13 @@ def test_the_data_section_is_the_data_packages_options(minimal):
     those of lorakit.data, reported at load time with the other problems."""
     from dataclasses import fields
 
-    from lorakit.config import DataConfig, data_options
+    from lorakit.config import DataConfig
     from lorakit.data import DataOptions
 
     assert [f.name for f in fields(DataConfig)] == [f.name for f in fields(DataOptions)] + [
         "train", "validation", "validation_fraction"]
     config = load_run_config(minimal, ["data.columns={instruction: question}"])
-    assert isinstance(config.data, DataOptions) and data_options(config.data) is config.data
+    assert isinstance(config.data, DataOptions)
     assert dict(config.data.columns) == {"instruction": "question"}
     with pytest.raises(ConfigError) as caught:
         load_run_config(minimal, ["data.columns={instrution: q}", "data.max_seq_len=1", "train.lr=0"])

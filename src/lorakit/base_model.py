@@ -124,7 +124,7 @@ def load_base_model(config: ModelConfig, *, log=lambda _: None, shard_over=None)
     """Load model and tokenizer as `config` says; errors name the field and what to change.
 
     With `config.quantization` the linear layers are loaded in 4 or 8 bits (see lorakit.quant); `log`
-    receives notes about how that was done. `shard_over` (a DistributedRun, for fsdp): the decoder layers are
+    receives notes about how that was done. `shard_over` (a Torchrun, for fsdp): the decoder layers are
     loaded straight into this process's FSDP shards where the checkpoint allows (train/sharded_load.py).
     """
     from transformers import AutoModelForCausalLM
@@ -155,17 +155,30 @@ def load_base_model(config: ModelConfig, *, log=lambda _: None, shard_over=None)
                        quantization=spec.describe() if spec else None)
 
 
-def meta_model(directory: str | Path) -> torch.nn.Module:
-    """The causal LM of a local model directory, built from its config.json on the meta device: the modules and
-    shapes load_base_model builds, with no memory used and no weight read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_model_config(config: ModelConfig):
+    """transformers' config of model.name_or_path: config.json of a local directory, or the hub's."""
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(directory)
+        return AutoConfig.from_pretrained(_checked_source(config), **_hub_options(config))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path: cannot read the config of {config.name_or_path!r}: {err}",
+                          where="run config") from None
+
+
+def meta_model(hf_config, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The causal LM of a transformers config (or a local model directory), built on the meta device: the modules
+    and shapes load_base_model builds, with no memory used and no weight read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where = hf_config if isinstance(hf_config, (str, Path)) else "the model config"
+    try:
+        if isinstance(hf_config, (str, Path)):
+            hf_config = AutoConfig.from_pretrained(hf_config)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"{directory}: transformers cannot build a causal LM from its config.json ({err})",
+        raise ConfigError(f"{where}: transformers cannot build a causal LM from its config.json ({err})",
                           where="base model") from None
 
 

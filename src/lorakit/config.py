@@ -155,6 +155,9 @@ class TaskConfig:
 @dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig
+    objective: str = "sft"
+    """The way of training: sft (supervised fine-tuning on the data's supervised tokens). Each way is a recipe in
+    lorakit.recipes (RECIPES)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -175,11 +178,10 @@ class RunConfig:
     run naming the lora field to change (remove the target to train anyway); silently mishandled options are
     logged. E.g. [vllm, ollama]."""
 
-
-def data_options(data: DataConfig) -> DataOptions:
-    """The data pipeline's options from the run config's data section: the section itself, which is a DataOptions
-    (kept for train/run.py, which calls it)."""
-    return data
+    def adapters(self) -> list[tuple[str, LoraConfig]]:
+        """The adapters this run trains, as (adapter name, its LoRA config): one per task (the task's own lora,
+        else the run's), or the run's lora section as "default"."""
+        return [(task.name, task.lora or self.lora) for task in self.tasks] or [("default", self.lora)]
 
 
 # ---- loading --------------------------------------------------------------------------------------------

@@ -219,3 +219,24 @@ def test_fit_on_a_bf16_4bit_base_keeps_no_fp32_copy_of_frozen_weights(llama_dir,
     assert set(frozen.values()) == {torch.bfloat16, torch.uint8}  # embeddings/norms/head bf16, linear layers 4-bit
     trainable = {id(p) for p in lora.parameters() if p.requires_grad}
     assert optimizers and optimizers[0].state and {id(p) for p in optimizers[0].state} <= trainable
+
+
+def test_a_bitsandbytes_model_lorakit_did_not_load_is_refused_until_prepared():
+    """lora knows bitsandbytes layers only through the lora_base_kind that lorakit.quant gives the ones it loads
+    (prepare_for_lora); then it wraps them, and merge_and_unload turns every one, adapted or not, into nn.Linear."""
+    from lorakit.quant import QuantSpec, prepare_for_lora
+    from lorakit.quant.bnb import quantize_linear
+
+    gen = torch.Generator().manual_seed(0)
+    spec = QuantSpec(bits=4, compute_dtype=torch.float32)
+    model = torch.nn.Sequential(*(quantize_linear(torch.randn(out, inp, generator=gen), None, spec, torch.device("cpu"))
+                                  for inp, out in ((128, 64), (64, 32))))
+    with pytest.raises(ConfigError, match="not loaded by lorakit.*prepare_for_lora"):
+        wrap(model, LoraConfig(r=4, target_modules=["0"]))
+    lora = wrap(prepare_for_lora(model), LoraConfig(r=4, target_modules=["0"], init_lora_weights=False)).eval()
+    x = torch.randn(2, 128, generator=gen)
+    with torch.no_grad():
+        adapted = lora(x)
+        plain = lora.merge_and_unload()
+        assert [type(m) for m in plain] == [torch.nn.Linear, torch.nn.Linear]
+        torch.testing.assert_close(plain(x), adapted, rtol=1e-4, atol=1e-4)

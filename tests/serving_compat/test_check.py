@@ -277,7 +277,7 @@ output_dir: {tmp_path / "run"}
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not load when a deploy target refuses the adapter")
 
-    monkeypatch.setattr("lorakit.train.run.load_base_model", no_load)
+    monkeypatch.setattr("lorakit.recipes.sft.load_base_model", no_load)
     assert main(["train", str(tmp_path / "run.yaml")]) == 2
     err = capsys.readouterr().err
     assert "vllm would refuse" in err and "LoRA rank 128" in err

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from data_helpers import save_chat_llama
 from lorakit.config import DistributedConfig
 from lorakit.errors import ConfigError
-from lorakit.train.distributed import DistributedRun, init_distributed
+from lorakit.train.distributed import init_distributed
+from lorakit.train.runtime import Torchrun
 
 STEPS = 12  # 21 batches of 2 per epoch: step 11 is a short window (one micro-batch for two processes)
 
@@ -219,15 +220,15 @@ def test_a_failing_rank_stops_every_rank_with_its_error_shown(workdir, tmp_path)
     script = tmp_path / "fail_on_rank_1.py"
     script.write_text(textwrap.dedent("""\
         import os, sys
-        import lorakit.train.loop as loop
+        import lorakit.train.objectives.sft as sft
         if os.environ["RANK"] == "1":
-            real, calls = loop.lm_loss_sum, []
+            real, calls = sft.lm_loss_sum, []
             def failing(*args, **kwargs):
                 calls.append(1)
                 if len(calls) == 3:
                     raise RuntimeError("injected failure on rank 1")
                 return real(*args, **kwargs)
-            loop.lm_loss_sum = failing
+            sft.lm_loss_sum = failing
         from lorakit.cli import main
         sys.exit(main(sys.argv[1:]))
         """))
@@ -239,16 +240,16 @@ def test_a_failing_rank_stops_every_rank_with_its_error_shown(workdir, tmp_path)
 # ---- in-process pieces --------------------------------------------------------------------------------
 def test_each_process_takes_every_world_th_micro_batch():
     window = list("abcde")
-    shares = [DistributedRun(rank=r, world=2, local_rank=r, backend="gloo").share(window) for r in range(2)]
+    shares = [Torchrun(rank=r, world=2, local_rank=r, backend="gloo").share(window) for r in range(2)]
     assert shares == [["a", "c", "e"], ["b", "d"]]
-    assert DistributedRun(rank=2, world=3, local_rank=2, backend="gloo").share(["a"]) == []
+    assert Torchrun(rank=2, world=3, local_rank=2, backend="gloo").share(["a"]) == []
 
 
 def test_fsdp_pads_short_shares_to_the_busiest_process_and_ddp_does_not():
-    runs = [DistributedRun(rank=r, world=2, local_rank=r, backend="gloo", strategy="fsdp") for r in range(2)]
+    runs = [Torchrun(rank=r, world=2, local_rank=r, backend="gloo", strategy="fsdp") for r in range(2)]
     assert [run.padding(list("abcde")) for run in runs] == [0, 1]
     assert [run.padding(["a"]) for run in runs] == [0, 1]
-    assert DistributedRun(rank=1, world=2, local_rank=1, backend="gloo").padding(["a"]) == 0  # ddp
+    assert Torchrun(rank=1, world=2, local_rank=1, backend="gloo").padding(["a"]) == 0  # ddp
 
 
 def test_a_single_process_ignores_the_distributed_section(monkeypatch):

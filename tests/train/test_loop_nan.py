@@ -10,20 +10,21 @@ from safetensors.torch import load_file
 
 from lorakit.errors import TrainingError
 from lorakit.train import list_checkpoints, loop, read_metrics
+from lorakit.train.objectives import sft
 from test_loop_support import config, lora_model, lora_state, quiet, toy_data
 
 
 def _nan_at(monkeypatch, steps: set[int]) -> None:
     """Make the loss NaN at the given (1-based) steps; with grad_accum 1 each step calls the loss once."""
     calls = {"n": 0}
-    original = loop.lm_loss_sum
+    original = sft.lm_loss_sum
 
     def loss(*args, **kwargs):
         calls["n"] += 1
         value, count = original(*args, **kwargs)
         return (value * math.nan if calls["n"] in steps else value), count
 
-    monkeypatch.setattr(loop, "lm_loss_sum", loss)
+    monkeypatch.setattr(sft, "lm_loss_sum", loss)
 
 
 def test_stop_raises_naming_the_step_and_keeps_only_finite_checkpoints(tmp_path, monkeypatch):

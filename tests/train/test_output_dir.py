@@ -270,10 +270,10 @@ def test_a_second_sigterm_during_the_interrupt_save_does_not_lose_the_checkpoint
     """Schedulers and torchrun may each send SIGTERM: the second arrives while the first one's save runs."""
     import signal
 
-    import lorakit.train.loop as loop_module
+    import lorakit.train.state as state_module
     from lorakit.signals import Terminated
 
-    real_save, calls = loop_module.save_checkpoint, []
+    real_save, calls = state_module.save_checkpoint, []
 
     def save_then_signal(*args, **kwargs):
         calls.append(kwargs.get("trainer_state", {}).get("step"))
@@ -285,7 +285,7 @@ def test_a_second_sigterm_during_the_interrupt_save_does_not_lose_the_checkpoint
         if event == "step" and info["step"] == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_signal)
+    monkeypatch.setattr(state_module, "save_checkpoint", save_then_signal)
     with pytest.raises(Terminated):
         fit(lora_model(), toy_data(8), config(max_steps=50), tmp_path / "run", log=quiet, hooks=[hook])
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002"]
@@ -296,9 +296,10 @@ def test_a_checkpoint_from_before_the_random_step_order_is_not_resumed_silently(
     """Checkpoints written before 2026-12 trained on length-grouped steps; resuming one today would go on in
     another batch order, so the resume names that (and --allow-change data.batch_order accepts it)."""
     from lorakit.train.fingerprint import run_fingerprints
+    from lorakit.train.objectives import LanguageModeling
     from lorakit.train.restore import compare_fingerprints
 
-    current = run_fingerprints(toy_data(8), config())
+    current = run_fingerprints(LanguageModeling(toy_data(8), config()).fingerprint(), config())
     legacy = {"data_sha256": current["data.sha256"], "examples": 8, "packing": False, "batch_size": 2,
               "grad_accum": 1, "seed": 0}
     with pytest.raises(CheckpointMismatch, match="data.batch_order: checkpoint 'length-grouped steps"):

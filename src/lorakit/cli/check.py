@@ -1,6 +1,6 @@
 """`lorakit check ADAPTER_DIR --for vllm ...`: would each server load this adapter, and compute what was trained?
 
-First the adapter gets every check lorakit's own loader makes (lorakit.lora.io.validate_adapter: the config's
+First the adapter gets every check lorakit's own loader makes (lorakit.lora.load.validate_adapter: the config's
 numbers, the safetensors header, tensor names, dtypes and values, and, when the base model's directory is at
 hand, names and shapes against the base built on the meta device from its config.json; no base weight is
 read, and a pickled adapter_model.bin is refused, not unpickled). Then the rules of lorakit.serving_compat. Exit code:
@@ -52,7 +52,8 @@ def read_base(base: str | None, adapter_base: str | None) -> tuple[dict | None, 
 
 def run(args: argparse.Namespace) -> int:
     from ..base_model import meta_model
-    from ..lora.io import CONFIG_FILE, read_adapter_config, validate_adapter
+    from ..lora.io import CONFIG_FILE, read_adapter_config
+    from ..lora.load import validate_adapter
 
     directory = Path(args.adapter)
     config = read_adapter_config(directory)  # missing dir, no config, bad JSON or numbers, not LoRA: AdapterError

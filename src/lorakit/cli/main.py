@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- handlers -------------------------------------------------------------------------------------------
 def _train(args: argparse.Namespace) -> int:
     from ..config import load_run_config
-    from ..train.run import run_training
+    from ..recipes import run_recipe
 
     if args.config is None and args.resume and Path(args.resume).suffix in (".yaml", ".yml"):
         args.config, args.resume = args.resume, "auto"  # `train --resume run.yaml`: a bare --resume took the config
@@ -203,7 +203,7 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError("give the run config: lorakit train run.yaml [--resume] [--set FIELD=VALUE ...]",
                           where="lorakit train")
     config = load_run_config(args.config, args.overrides + (["train.memory_check=false"] if args.force else []))
-    run_training(config, resume=args.resume, overwrite=args.overwrite, allow_change=args.allow_change,
+    run_recipe(config, resume=args.resume, overwrite=args.overwrite, allow_change=args.allow_change,
                  log=print)  # fit logs its own closing summary
     return 0
 

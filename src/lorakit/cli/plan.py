@@ -1,6 +1,6 @@
 """`lorakit plan run.yaml`: the predicted peak memory and a rough time per step, before training.
 
-The estimate itself is lorakit.train.plan (what is counted) and plan_check (the machine's side); this module
+The estimate itself is lorakit.plan.estimate (what is counted) and lorakit.plan.check (the machine's side); this module
 only reads the arguments and prints.
 """
 
@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_run_config
-    from ..train.plan_check import (available_bytes, budget_table, gb, matmul_rate, parse_size, plan_run,
+    from ..plan.check import (available_bytes, budget_table, gb, matmul_rate, parse_size, plan_run,
                                     step_flops, table, STEP_EFFICIENCY)
 
     budget = parse_size(args.budget) if args.budget else None

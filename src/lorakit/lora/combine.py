@@ -13,40 +13,38 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..errors import AdapterError
 from .config import LoraConfig
-
-if TYPE_CHECKING:
-    from .model import LoraModel
+from .layer import LoraLayer
+from .layout import WrappedModel
+from .methods import Lora, method_for
 
 COMBINATIONS = ("linear", "cat", "svd")
 
 
-def _combine_layer(layer, adapters, weights, kind, svd_rank):
-    present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
+def _combine_layer(layer: LoraLayer, adapters, weights, kind, svd_rank):
+    present = [(layer.adapters[a], w) for a, w in zip(adapters, weights) if a in layer.adapters]
     full_rank = min(layer.out_features, layer.in_features)
-    if kind == "cat" and sum(layer.lora_A[a].shape[0] for a, _ in present) > full_rank:
+    if kind == "cat" and sum(a.rank for a, _ in present) > full_rank:
         # More rank than the layer has: a full-rank SVD of the same sum is just as exact, and a legal rank.
         kind, svd_rank = "svd", full_rank
     if kind == "cat":
-        A = torch.cat([w * layer.scaling[a] * layer.lora_A[a].float() for a, w in present], dim=0)
-        B = torch.cat([layer.lora_B[a].float() for a, _ in present], dim=1)
+        A = torch.cat([w * a.scaling * a.A.float() for a, w in present], dim=0)  # (sum r_i, in)
+        B = torch.cat([a.B.float() for a, _ in present], dim=1)  # (out, sum r_i)
         return A, B
     if kind == "linear":
-        ranks = {layer.lora_A[a].shape[0] for a, _ in present}
+        ranks = {a.rank for a, _ in present}
         if len(ranks) > 1:
             raise AdapterError(
                 f"combination_type='linear' needs adapters of equal rank, got ranks {sorted(ranks)}; use 'cat' or 'svd'"
             )
-        A = sum(math.sqrt(abs(w)) * layer.scaling[a] * layer.lora_A[a].float() for a, w in present)
-        B = sum(math.copysign(math.sqrt(abs(w)), w) * layer.lora_B[a].float() for a, w in present)
+        A = sum(math.sqrt(abs(w)) * a.scaling * a.A.float() for a, w in present)
+        B = sum(math.copysign(math.sqrt(abs(w)), w) * a.B.float() for a, w in present)
         return A, B
-    delta = sum(w * layer.delta_weight(a) for a, w in present)  # (out, in)
-    k = svd_rank or max(layer.lora_A[a].shape[0] for a, _ in present)
+    delta = sum(w * a.delta_weight() for a, w in present)  # (out, in)
+    k = svd_rank or max(a.rank for a, _ in present)
     k = min(k, *delta.shape)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     root = torch.sqrt(S[:k])
@@ -54,7 +52,7 @@ def _combine_layer(layer, adapters, weights, kind, svd_rank):
 
 
 def weighted_adapter(
-    model: "LoraModel",
+    model: WrappedModel,
     adapters: list[str],
     weights: list[float],
     new_name: str,
@@ -70,6 +68,9 @@ def weighted_adapter(
     configs = [model.adapter_configs[a] for a in adapters]
     if any(c.use_dora for c in configs):
         raise AdapterError("DoRA adapters cannot be combined: their magnitude vectors do not add; merge them instead")
+    other = next(((a, c) for a, c in zip(adapters, configs) if method_for(c) is not Lora), None)
+    if other is not None:  # the combinations mix LoRA's A and B factors
+        raise AdapterError(f"only plain LoRA adapters can be combined; {other[0]!r} is a {other[1].peft_type} adapter")
     if any(c.modules_to_save for c in configs):
         raise AdapterError("adapters with modules_to_save cannot be combined: full module copies do not add")
 
@@ -77,7 +78,7 @@ def weighted_adapter(
         factors = {
             name: _combine_layer(layer, adapters, weights, kind, svd_rank)
             for name, layer in model.lora_layers()
-            if any(a in layer.lora_A for a in adapters)
+            if any(a in layer.adapters for a in adapters)
         }
     ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
     common = max(set(ranks.values()), key=list(ranks.values()).count)
@@ -96,6 +97,7 @@ def weighted_adapter(
     with torch.no_grad():
         for name, layer in model.lora_layers():
             if name in factors:
-                A, B = factors[name]
-                layer.lora_A[new_name].copy_(A)
-                layer.lora_B[new_name].copy_(B)
+                A, B = factors[name]  # (r, in), (out, r)
+                tensors = layer.adapters[new_name].tensors()
+                tensors["A"].copy_(A)
+                tensors["B"].copy_(B)

@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import ConfigError
 
@@ -55,6 +55,9 @@ class LoraConfig:
 
     Every field has PEFT's name and meaning, so configs move between PEFT and lorakit unchanged.
     """
+
+    peft_type: ClassVar[str] = "LORA"
+    """PEFT's kind of adapter, not a field: io.py writes it to adapter_config.json and picks the config class by it."""
 
     r: int = 8
     """Rank of the update B @ A. Typical values 4 to 64."""
@@ -149,7 +152,7 @@ class LoraConfig:
         mts = self.modules_to_save
         if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) and m for m in mts)):
             out.append(f"modules_to_save must be a list of module names, got {mts!r}")
-        if not _valid_init(self.init_lora_weights):
+        if not valid_init(self.init_lora_weights):
             out.append(f"init_lora_weights must be {INIT_CHOICES}; got {self.init_lora_weights!r}")
         for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
             if not isinstance(getattr(self, flag), bool):
@@ -220,7 +223,8 @@ def _pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> A
     return default
 
 
-def _valid_init(value: Any) -> bool:
+def valid_init(value: Any) -> bool:
+    """Whether `value` is an init_lora_weights this config accepts (io.py also asks, of values read from files)."""
     if isinstance(value, bool):
         return True
     if not isinstance(value, str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from torch import nn
 
@@ -18,6 +18,7 @@ from ..errors import ConfigError, TargetNotFoundError
 from .config import ALL_LINEAR, DEFAULT_TARGETS, LoraConfig
 from .full_copy import FullCopy
 from .layer import LoraEmbedding, LoraLayer, LoraLinear
+from .methods import method_for
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -32,15 +33,39 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return kind.__name__ in ("Linear4bit", "Linear8bitLt") and kind.__module__.startswith("bitsandbytes")
 
 
-def _quantized_wrapper(module: nn.Module) -> LoraLayer:
-    from ..quant.lora_layer import LoraQuantLinear
+class BaseKind(Protocol):
+    """A kind of base layer that LoRA cannot treat as plain torch (bitsandbytes' packed 4/8-bit layers). The
+    package that makes such layers puts one in each layer's `lora_base_kind` attribute (lorakit.quant does),
+    so that lora imports nothing of it."""
 
-    return LoraQuantLinear(module)
+    def wrap(self, layer: nn.Module) -> LoraLayer:
+        """The LoRA layer around `layer`."""
+        ...
+
+    def unload(self, model: nn.Module) -> None:
+        """Turn every layer of this kind left in `model` into a plain torch layer (merge_and_unload)."""
+        ...
 
 
-# First match wins.
+def base_kinds(model: nn.Module) -> list[BaseKind]:
+    """The kinds of the special base layers in `model`, each once."""
+    kinds = {id(k): k for m in model.modules() if (k := getattr(m, "lora_base_kind", None)) is not None}
+    return list(kinds.values())
+
+
+def _unprepared_quantized(module: nn.Module) -> LoraLayer:
+    raise ConfigError(
+        f"this {type(module).__name__} (bitsandbytes) was not loaded by lorakit, so LoRA cannot read its packed "
+        "weight; load the model with lorakit (model.quantization in the run config, or base_model.load_base_model), "
+        "or call lorakit.quant.prepare_for_lora(model) before wrapping it",
+        where="base model",
+    )
+
+
+# First match wins: bitsandbytes layers subclass nn.Linear, so they come before it.
 WRAPPERS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], LoraLayer]]] = [
-    (is_quantized_linear, _quantized_wrapper),
+    (lambda m: getattr(m, "lora_base_kind", None) is not None, lambda m: m.lora_base_kind.wrap(m)),
+    (is_quantized_linear, _unprepared_quantized),
     (lambda m: isinstance(m, nn.Linear), lambda m: LoraLinear(m)),
     (_is_conv1d, lambda m: LoraLinear(m, fan_in_fan_out=True)),
     (lambda m: isinstance(m, nn.Embedding), lambda m: LoraEmbedding(m)),
@@ -102,7 +127,7 @@ def _layer_index_ok(config: LoraConfig, name: str) -> bool:
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 
-def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
+def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Named modules as the user sees them: LoRA wrappers count as their base layer, internals hidden."""
     found: dict[str, nn.Module] = {}
     skip_prefixes: list[str] = []
@@ -127,7 +152,7 @@ def plan_injection(model: nn.Module, config: LoraConfig, *, init: bool | str | N
     """Match and check `config` against `model`; `init` overrides config.init_lora_weights as in inject()."""
     init = config.init_lora_weights if init is None else init
     targets_spec = resolve_target_modules(model, config)
-    modules = _candidate_modules(model)
+    modules = candidate_modules(model)
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     saved = config.modules_to_save or []
 
@@ -222,21 +247,14 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str, *, init: bool | str | None = None) -> InjectionPlan:
     """Add adapter `adapter_name` to every target of `config` (wrapping layers on first use)."""
     plan = plan_injection(model, config, init=init)
+    method = method_for(config)
     for name in plan.targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             base = module
             module = wrapper_for(base)(base)
             replace_module(model, name, module)
-        module.add_adapter(
-            adapter_name,
-            r=config.rank_for(name),
-            alpha=config.alpha_for(name),
-            dropout=config.lora_dropout,
-            use_rslora=config.use_rslora,
-            use_dora=config.use_dora,
-            init=config.init_lora_weights if init is None else init,
-        )
+        module.add_adapter(adapter_name, method, config, name, init=init)
     for name in plan.full_copies:
         module = model.get_submodule(name)
         if not isinstance(module, FullCopy):
@@ -244,3 +262,20 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str, *, init: boo
             replace_module(model, name, module)
         module.add_adapter(adapter_name)
     return plan
+
+
+CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def with_task_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """For classification task types, train and save the new head in full, as PEFT does.
+
+    A classifier head starts random, so an adapter is useless without it; PEFT adds it to
+    modules_to_save for these task types and expects its weights in every such file.
+    """
+    if config.task_type not in CLASSIFICATION_TASKS:
+        return config
+    saved = list(config.modules_to_save or [])
+    heads = [h for h in CLASSIFIER_HEADS if h not in saved and isinstance(getattr(model, h, None), nn.Module)]
+    return config.replace(modules_to_save=saved + heads) if heads else config

@@ -7,18 +7,19 @@ both ways between PEFT (and the servers that read PEFT files) and lorakit.
 Loading is a trust boundary: nothing is unpickled except through `torch.load(weights_only=True)`,
 every number in the config is checked (finite, in range), the safetensors header is checked (no duplicate
 names, at most 100 MB, lorakit.safetensors_header), and every tensor is checked (name, shape, dtype,
-finiteness) before the model is touched. `validate_adapter` runs the same checks without loading anything
-(`lorakit check`).
+finiteness) before the model is touched. lora/load.py puts these together: load_adapter onto a plain model,
+and validate_adapter, the same checks without loading anything (`lorakit check`).
+
+Which tensors an adapter has and what they are called is lora/layout.py's.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,13 +29,11 @@ from torch import nn
 from ..atomic import write_atomic, write_text_atomic
 from ..errors import AdapterError, ConfigError
 from ..safetensors_header import TensorEntry, read_header
-from .config import ALL_LINEAR, ALLOWED, LoraConfig, _valid_init, field_names
-from .layer import LoraEmbedding, LoraLinear
+from .config import ALLOWED, LoraConfig, field_names, valid_init
+from .inject import CLASSIFIER_HEADS, candidate_modules
+from .layout import KEY_FORM, PREFIX, WrappedModel, adapter_tensors, bias_tensors, optional_tensors, peft_config_dict
+from .methods import config_class_for
 
-if TYPE_CHECKING:
-    from .model import LoraModel
-
-PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
@@ -43,96 +42,8 @@ FILE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # PEFT config keys that describe the file, not the adapter; any value is fine.
 INFORMATIONAL_KEYS = {"peft_type", "auto_mapping", "revision", "inference_mode", "peft_version",
                       "megatron_core", "qalora_group_size", "library_name"}
-# PEFT's tensor names: the prefix, then module path and tensor name in dotted parts; no '/', '..' or spaces.
-KEY_FORM = re.compile(r"base_model\.model(\.[\w-]+)+")
-
-
-# ---- names ------------------------------------------------------------------------------------------
-def adapter_tensors(model: "LoraModel", name: str) -> dict[str, nn.Parameter]:
-    """PEFT file key -> the live parameter, for every tensor adapter `name` saves."""
-    out: dict[str, nn.Parameter] = {}
-    for path, layer in model.lora_layers():
-        if name in layer.lora_A:
-            for suffix, param in layer.peft_tensor_names(name).items():
-                out[f"{PREFIX}{path}.{suffix}"] = param
-    for path, module in model.full_copies():
-        if name in module.copies:
-            for pname, param in module.copies[name].named_parameters():
-                out[f"{PREFIX}{path}.{pname}"] = param
-    for key, _, param in _bias_tensors(model, name):
-        out[key] = param
-    return out
-
-
-def _bias_tensors(model: "LoraModel", name: str) -> list[tuple[str, str, nn.Parameter]]:
-    """(file key, alternative spelling, parameter) for the biases adapter `name` trains.
-
-    A bias is spelled `X.base_layer.bias` when this adapter adapts layer X (as PEFT writes it) and `X.bias`
-    otherwise, whatever other adapters happen to wrap; loading accepts either spelling, so a file does not
-    depend on which unrelated adapters were present when it was written or are present when it is read.
-    """
-    bias = model.adapter_configs[name].bias
-    if bias == "none":
-        return []
-    wrapped = {path: layer for path, layer in model.lora_layers()}
-    own = {path for path, layer in wrapped.items() if name in layer.lora_A}
-    found = []
-    for pname, param in model.model.named_parameters():
-        if not pname.endswith("bias") or ".lora_" in pname or ".original_module." in pname or ".copies." in pname:
-            continue
-        module_path = pname.removesuffix(".bias")
-        layer_path = module_path.removesuffix(".base_layer")
-        if layer_path == module_path or layer_path not in wrapped:
-            layer_path = module_path  # not the base of a LoRA wrapper
-        if bias == "lora_only" and layer_path not in own:
-            continue
-        long_key, short_key = f"{PREFIX}{layer_path}.base_layer.bias", f"{PREFIX}{layer_path}.bias"
-        found.append((long_key, short_key, param) if layer_path in own else (short_key, long_key, param))
-    return found
-
-
-def _optional_tensors(model: "LoraModel", name: str) -> dict[str, nn.Parameter]:
-    """Keys PEFT may add that we accept: full embedding weights (PEFT's save_embedding_layers) and, with
-    bias="all", the biases PEFT also picks up inside its modules_to_save wrapper: the copy's again (as
-    `<module>.modules_to_save.bias`, equal to `<module>.bias`) and the original's (`<module>.original_module.bias`)."""
-    out = {
-        f"{PREFIX}{path}.base_layer.weight": layer.base_layer.weight
-        for path, layer in model.lora_layers()
-        if isinstance(layer, LoraEmbedding) and name in layer.lora_A
-    }
-    if model.adapter_configs[name].bias == "all":
-        for path, module in model.full_copies():
-            if name not in module.copies:
-                continue
-            for prefix, part in (("modules_to_save", module.copies[name]), ("original_module", module.original_module)):
-                for pname, param in part.named_parameters():
-                    if pname == "bias" or pname.endswith(".bias"):
-                        out[f"{PREFIX}{path}.{prefix}.{pname}"] = param
-    return out
-
-
 # ---- save -------------------------------------------------------------------------------------------
-def peft_config_dict(model: "LoraModel", name: str) -> dict:
-    config = model.adapter_configs[name]
-    data = config.to_dict()
-    if config.target_modules == ALL_LINEAR:
-        # Full module names, as PEFT writes all-linear: last components alone could also select layers
-        # all-linear leaves out (a head sharing a name with an adapted layer). Unlike PEFT we list only the
-        # layers adapted (exclude_modules already applied), so readers that ignore exclude_modules agree too.
-        data["target_modules"] = sorted(path for path, layer in model.lora_layers() if name in layer.lora_A)
-    elif config.target_modules is None:
-        data["target_modules"] = model.target_suffixes[name]  # the default names, resolved: every reader understands them
-    data["fan_in_fan_out"] = any(
-        isinstance(layer, LoraLinear) and layer.fan_in_fan_out and name in layer.lora_A
-        for _, layer in model.lora_layers()
-    )
-    if not data["base_model_name_or_path"]:
-        data["base_model_name_or_path"] = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
-    data.update(peft_type="LORA", inference_mode=True, lora_bias=False, revision=None)
-    return dict(sorted(data.items()))
-
-
-def save_adapters(model: "LoraModel", path: Path, names: list[str]) -> None:
+def save_adapters(model: WrappedModel, path: Path, names: list[str]) -> None:
     for name in names:
         init = model.adapter_configs[name].init_lora_weights
         if isinstance(init, str) and init.startswith("pissa"):
@@ -153,7 +64,8 @@ def save_adapters(model: "LoraModel", path: Path, names: list[str]) -> None:
 
 # ---- load -------------------------------------------------------------------------------------------
 def read_adapter_config(directory: str | Path) -> LoraConfig:
-    """Read an adapter_config.json written by lorakit or PEFT into a LoraConfig."""
+    """Read an adapter_config.json written by lorakit or PEFT into a LoraConfig (or the config class of the
+    method registered for its peft_type)."""
     directory = Path(directory)
     path = directory / CONFIG_FILE
     if not directory.is_dir():
@@ -173,7 +85,8 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
         raise AdapterError(f"{path}: {'; '.join(non_finite)}. JSON numbers must be finite: NaN, Infinity and "
                            "numbers too large for a float (such as 1e999) are refused")
     peft_type = str(raw.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
+    config_class = config_class_for(peft_type)
+    if config_class is None:
         raise AdapterError(f"{path}: this is a {peft_type} adapter; lorakit loads LoRA adapters only")
     known = field_names()
     values, unsupported = {}, []
@@ -186,10 +99,10 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
             unsupported.append(f"{key}={value!r}")
     if unsupported:
         raise AdapterError(f"{path}: uses PEFT options lorakit does not support: {', '.join(unsupported)}")
-    if not _valid_init(values.get("init_lora_weights", True)):
+    if not valid_init(values.get("init_lora_weights", True)):
         values["init_lora_weights"] = True  # weights come from the file; the init scheme no longer matters
     try:
-        return LoraConfig.from_dict(values, where=str(path))
+        return config_class.from_dict(values, where=str(path))
     except ConfigError as err:
         raise AdapterError(str(err)) from None
 
@@ -286,14 +199,14 @@ def check_file_tensors(source: Path, tensors: Mapping[str, Any]) -> None:
             )
 
 
-def check_against_model(model: "LoraModel", name: str, source: Path,
+def check_against_model(model: WrappedModel, name: str, source: Path,
                         tensors: Mapping[str, Any]) -> dict[str, nn.Parameter]:
     """File key -> the parameter it fills, once every tensor adapter `name` of `model` expects is present,
     nothing else is, and every shape matches. Needs shapes only: header entries and a model on the meta
     device will do."""
-    aliases = {alt: key for key, alt, _ in _bias_tensors(model, name)}
+    aliases = {alt: key for key, alt, _ in bias_tensors(model, name)}
     expected = adapter_tensors(model, name)
-    optional = _optional_tensors(model, name)
+    optional = optional_tensors(model, name)
     targets = {key: expected.get(aliases.get(key, key), optional.get(aliases.get(key, key))) for key in tensors}
     unexpected = [k for k, target in targets.items() if target is None]
     if unexpected:
@@ -319,7 +232,75 @@ def check_finite(source: Path, key: str, tensor: torch.Tensor) -> None:
         raise AdapterError(f"{source}: tensor {key!r} contains NaN or inf values")
 
 
-def _check_and_copy(model: "LoraModel", name: str, source: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _size_budget(model: WrappedModel, name: str) -> int:
+    params = [*adapter_tensors(model, name).values(), *optional_tensors(model, name).values()]
+    # Every tensor in fp32 (what PEFT writes for fp32 adapters) plus 10%, and room for the header.
+    return int(sum(p.numel() * 4 for p in params) * 1.1) + (1 << 20)
+
+
+def read_checked_header(directory: Path) -> tuple[Path, dict[str, TensorEntry]]:
+    """The safetensors file and its header entries, each name and dtype checked; nothing else is read.
+    Safetensors only: a pickled adapter_model.bin is refused here, not unpickled."""
+    source = directory / WEIGHTS_FILE
+    if not source.is_file():
+        if (directory / PICKLE_FILE).is_file():
+            raise AdapterError(f"{directory / PICKLE_FILE}: checked as safetensors only (a pickle can run code "
+                               f"when it is read); convert it to {WEIGHTS_FILE} with a trusted tool")
+        raise AdapterError(f"{directory}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
+    entries = {entry.name: entry for entry in read_header(source, error=AdapterError)}
+    check_file_tensors(source, entries)
+    return source, entries
+
+
+def check_header_against_model(model: WrappedModel, name: str, source: Path, entries: Mapping[str, Any]) -> None:
+    """The file's size for adapter `name` of `model`, then its tensor names and shapes (check_against_model)."""
+    _check_size(source, _size_budget(model, name))
+    check_against_model(model, name, source, entries)
+
+
+def check_file_values(source: Path, keys: Iterable[str]) -> None:
+    """Every tensor finite, read one at a time (a file may be larger than what memory should hold at once)."""
+    try:
+        with safe_open(str(source), framework="pt") as f:
+            for key in keys:
+                check_finite(source, key, f.get_tensor(key))
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"{source}: not a valid safetensors file ({err})") from None
+
+
+def drop_absent_modules_to_save(model: nn.Module, config: LoraConfig, directory: Path) -> LoraConfig:
+    """PEFT tolerates modules_to_save names that match nothing, and writes some itself: task_type SEQ_CLS adds
+    both "classifier" and "score" whatever the model has. A file is loaded as PEFT loads it, so such names are
+    dropped here (with a warning unless PEFT added them); a config built by hand still gets the strict check."""
+    wanted = config.modules_to_save
+    if not wanted:
+        return config
+    names = list(candidate_modules(model))
+    present = [m for m in dict.fromkeys(wanted) if any(n == m or n.endswith("." + m) for n in names)]
+    absent = [m for m in dict.fromkeys(wanted) if m not in present and m not in CLASSIFIER_HEADS]
+    if absent:
+        warnings.warn(f"{directory}: modules_to_save names {absent} match no module of this model; ignored", stacklevel=4)
+    return config.replace(modules_to_save=present or None)
+
+
+def config_for_model(model: nn.Module, directory: Path, *, is_trainable: bool) -> LoraConfig:
+    """The config of the adapter in `directory` as it is loaded onto `model` (the plain model): frozen unless
+    is_trainable, modules_to_save the model lacks dropped (as PEFT does), a different base model warned about."""
+    config = read_adapter_config(directory).replace(inference_mode=not is_trainable)
+    config = drop_absent_modules_to_save(model, config, directory)
+    wanted = config.base_model_name_or_path
+    actual = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if wanted and actual and Path(str(wanted)).name != Path(str(actual)).name:
+        warnings.warn(
+            f"{directory}: adapter was trained on base model {wanted!r} but is being loaded onto {actual!r}",
+            stacklevel=3,
+        )
+    return config
+
+
+def fill_adapter(model: WrappedModel, name: str, directory: Path) -> None:
+    """Read the tensors in `directory`, check all of them against adapter `name` of `model`, then copy them in."""
+    source, tensors = _read_tensors(directory, _size_budget(model, name))
     check_file_tensors(source, tensors)
     targets = check_against_model(model, name, source, tensors)
     for key, tensor in tensors.items():
@@ -329,105 +310,13 @@ def _check_and_copy(model: "LoraModel", name: str, source: Path, tensors: dict[s
             targets[key].copy_(tensor.to(device=targets[key].device, dtype=targets[key].dtype))
 
 
-def _size_budget(model: "LoraModel", name: str) -> int:
-    params = [*adapter_tensors(model, name).values(), *_optional_tensors(model, name).values()]
-    # Every tensor in fp32 (what PEFT writes for fp32 adapters) plus 10%, and room for the header.
-    return int(sum(p.numel() * 4 for p in params) * 1.1) + (1 << 20)
-
-
-def _drop_absent_modules_to_save(model: nn.Module, config: LoraConfig, directory: Path) -> LoraConfig:
-    """PEFT tolerates modules_to_save names that match nothing, and writes some itself: task_type SEQ_CLS adds
-    both "classifier" and "score" whatever the model has. A file is loaded as PEFT loads it, so such names are
-    dropped here (with a warning unless PEFT added them); a config built by hand still gets the strict check."""
-    wanted = config.modules_to_save
-    if not wanted:
-        return config
-    from .inject import _candidate_modules
-    from .model import CLASSIFIER_HEADS
-
-    names = list(_candidate_modules(model))
-    present = [m for m in dict.fromkeys(wanted) if any(n == m or n.endswith("." + m) for n in names)]
-    absent = [m for m in dict.fromkeys(wanted) if m not in present and m not in CLASSIFIER_HEADS]
-    if absent:
-        warnings.warn(f"{directory}: modules_to_save names {absent} match no module of this model; ignored", stacklevel=3)
-    return config.replace(modules_to_save=present or None)
-
-
-def load_adapter_into(model: "LoraModel", path: str | Path, name: str, *, is_trainable: bool = False) -> None:
+def load_adapter_into(model: WrappedModel, path: str | Path, name: str, *, is_trainable: bool = False) -> None:
+    """Add adapter `name` to `model` from the directory `path`; on any error the model is left as it was."""
     directory = Path(path)
-    config = read_adapter_config(directory).replace(inference_mode=not is_trainable)
-    config = _drop_absent_modules_to_save(model.model, config, directory)
-    _warn_base_mismatch(model.model, config, directory)
+    config = config_for_model(model.model, directory, is_trainable=is_trainable)
     model.add_adapter(name, config, _init=False)
     try:
-        source, tensors = _read_tensors(directory, _size_budget(model, name))
-        _check_and_copy(model, name, source, tensors)
+        fill_adapter(model, name, directory)
     except Exception:
         model.delete_adapter(name)
         raise
-
-
-def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT_NAME, *, is_trainable: bool = False):
-    """Load an adapter directory onto a plain model (returns a new LoraModel) or a LoraModel (adds to it)."""
-    from .model import LoraModel
-
-    if isinstance(model, LoraModel):
-        load_adapter_into(model, path, adapter_name, is_trainable=is_trainable)
-        return model
-    directory = Path(path)
-    config = read_adapter_config(directory).replace(inference_mode=not is_trainable)
-    config = _drop_absent_modules_to_save(model, config, directory)
-    _warn_base_mismatch(model, config, directory)
-    grads = {id(p): p.requires_grad for p in model.parameters()}
-    lora_model = LoraModel(model, config, adapter_name, _init=False)
-    try:
-        source, tensors = _read_tensors(directory, _size_budget(lora_model, adapter_name))
-        _check_and_copy(lora_model, adapter_name, source, tensors)
-    except Exception:
-        lora_model.unwrap()
-        for p in model.parameters():
-            p.requires_grad_(grads.get(id(p), p.requires_grad))
-        raise
-    return lora_model
-
-
-def validate_adapter(path: str | Path, base: nn.Module | None = None) -> tuple[LoraConfig, dict[str, TensorEntry]]:
-    """Every check load_adapter makes, with nothing loaded: the config, the safetensors header, each tensor's
-    name and dtype, its shape against `base` (when given) and its values (read one at a time). `base` is the
-    model the adapter is for, best built on the meta device; it gets wrapped, so pass one to throw away.
-    Returns the config and the header's entries. Safetensors only: a pickled adapter_model.bin is refused,
-    not unpickled."""
-    from .model import LoraModel
-
-    directory = Path(path)
-    config = read_adapter_config(directory)
-    source = directory / WEIGHTS_FILE
-    if not source.is_file():
-        if (directory / PICKLE_FILE).is_file():
-            raise AdapterError(f"{directory / PICKLE_FILE}: checked as safetensors only (a pickle can run code "
-                               f"when it is read); convert it to {WEIGHTS_FILE} with a trusted tool")
-        raise AdapterError(f"{directory}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
-    entries = {entry.name: entry for entry in read_header(source, error=AdapterError)}
-    check_file_tensors(source, entries)
-    if base is not None:
-        config = _drop_absent_modules_to_save(base, config, directory)
-        lora_model = LoraModel(base, config.replace(inference_mode=True), DEFAULT_NAME, _init=False)
-        _check_size(source, _size_budget(lora_model, DEFAULT_NAME))
-        check_against_model(lora_model, DEFAULT_NAME, source, entries)
-    try:
-        with safe_open(str(source), framework="pt") as f:
-            for key in entries:
-                check_finite(source, key, f.get_tensor(key))
-    except (SafetensorError, OSError) as err:
-        raise AdapterError(f"{source}: not a valid safetensors file ({err})") from None
-    return config, entries
-
-
-def _warn_base_mismatch(model: nn.Module, config: LoraConfig, directory: Path) -> None:
-    wanted = config.base_model_name_or_path
-    actual = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if wanted and actual and Path(str(wanted)).name != Path(str(actual)).name:
-        warnings.warn(
-            f"{directory}: adapter was trained on base model {wanted!r} but is being loaded onto {actual!r}",
-            stacklevel=3,
-        )

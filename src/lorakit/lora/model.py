@@ -20,7 +20,8 @@ from ..errors import AdapterError
 from .combine import weighted_adapter
 from .config import LoraConfig
 from .full_copy import FullCopy
-from .inject import inject, is_quantized_linear, replace_module
+from .inject import base_kinds, inject, replace_module, with_task_heads
+from .io import load_adapter_into, save_adapters
 from .layer import LoraLayer
 from .routing import BASE, route_rows
 
@@ -55,7 +56,6 @@ class LoraModel(nn.Module):
         for p, _ in grads:
             p.requires_grad_(False)
         if config is None:
-            self._keep_training_layout()
             return
         try:
             self.add_adapter(adapter_name, config, _init=_init)
@@ -64,13 +64,6 @@ class LoraModel(nn.Module):
                 p.requires_grad_(requires_grad)
             raise
         self.set_adapter(adapter_name)
-        self._keep_training_layout()
-
-    def _keep_training_layout(self) -> None:
-        if any(is_quantized_linear(m) for m in self.model.modules()):
-            from ..quant.bnb import keep_training_layout
-
-            keep_training_layout(self.model)  # else one eval pass can silently cut gradients (see there)
 
     # ---- iteration ---------------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
@@ -124,8 +117,6 @@ class LoraModel(nn.Module):
 
         Loaded adapters are frozen unless is_trainable=True (PEFT's default and name).
         """
-        from .io import load_adapter_into
-
         load_adapter_into(self, path, adapter_name, is_trainable=is_trainable)
         return self
 
@@ -166,7 +157,7 @@ class LoraModel(nn.Module):
     def _drop_empty_wrappers(self) -> None:
         """Put back the original module wherever no adapter is left, so deleting undoes injecting."""
         for name, layer in list(self.lora_layers()):
-            if len(layer.lora_A) == 0:
+            if not layer.adapters:
                 replace_module(self.model, name, layer.base_layer)
         for name, module in list(self.full_copies()):
             if len(module.copies) == 0:
@@ -187,10 +178,11 @@ class LoraModel(nn.Module):
     def _refresh_trainable(self) -> None:
         """Only the active adapters' weights (and the biases their configs name) train."""
         active = set(self.active_adapters)
+        adapter_ids = set()
         for _, layer in self.lora_layers():
-            for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
-                for name, p in store.items():
-                    p.requires_grad_(name in active and not self.adapter_configs[name].inference_mode)
+            for name, _, p in layer.adapter_parameters():
+                p.requires_grad_(name in active and not self.adapter_configs[name].inference_mode)
+                adapter_ids.add(id(p))
         for _, module in self.full_copies():
             for name, copy in module.copies.items():
                 for p in copy.parameters():
@@ -200,11 +192,11 @@ class LoraModel(nn.Module):
         lora_only = [n for n in training if self.adapter_configs[n].bias == "lora_only"]
         # "lora_only": biases of the layers that adapter adapts (the ones its file saves), not of every wrapped layer.
         lora_only_biases = {
-            f"{path}.base_layer.bias" for path, layer in self.lora_layers() if any(n in layer.lora_A for n in lora_only)
+            f"{path}.base_layer.bias" for path, layer in self.lora_layers() if any(n in layer.adapters for n in lora_only)
         }
         for pname, p in self.model.named_parameters():
-            if not pname.endswith("bias") or ".lora_" in pname or ".copies." in pname or ".original_module." in pname:
-                continue  # adapter weights and modules_to_save copies are set above; originals stay frozen
+            if not pname.endswith("bias") or id(p) in adapter_ids or ".copies." in pname or ".original_module." in pname:
+                continue  # set above (adapter tensors by identity: an adapter may be named "bias"); originals frozen
             p.requires_grad_(bias_all or pname in lora_only_biases)
 
     @contextlib.contextmanager
@@ -285,7 +277,7 @@ class LoraModel(nn.Module):
         if self.merged_adapters:
             raise AdapterError(f"adapters {self.merged_adapters} are already merged; call unmerge() first")
         tied = [(n, others) for n, others in self.tied_targets()
-                if any(a in self.model.get_submodule(n).lora_A for a in names)]
+                if any(a in self.model.get_submodule(n).adapters for a in names)]
         if tied:
             name, others = tied[0]
             raise AdapterError(
@@ -329,10 +321,8 @@ class LoraModel(nn.Module):
             replace_module(self.model, name, layer.base_layer)
         for name, module in list(self.full_copies()):
             replace_module(self.model, name, module.active_module())
-        if any(is_quantized_linear(m) for m in self.model.modules()):
-            from ..quant.bnb import dequantize_model
-
-            dequantize_model(self.model)
+        for kind in base_kinds(self.model):  # quantized layers no adapter targets: plain too (see inject.BaseKind)
+            kind.unload(self.model)
         self.adapter_configs.clear()
         self.active_adapters = []
         return self.model
@@ -349,11 +339,10 @@ class LoraModel(nn.Module):
         return self.model
 
     def cast_adapters(self, dtype: torch.dtype) -> None:
-        """Store every adapter weight (A, B, DoRA magnitude) in `dtype`, e.g. bfloat16 to halve their memory."""
+        """Store every adapter weight (A, B, DoRA magnitude, ...) in `dtype`, e.g. bfloat16 to halve their memory."""
         for _, layer in self.lora_layers():
-            for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
-                for name in list(store):
-                    store[name] = nn.Parameter(store[name].detach().to(dtype), requires_grad=store[name].requires_grad)
+            for adapter in layer.adapters.values():
+                adapter.cast(dtype)
 
     def compute_adapters_in_base_dtype(self, enabled: bool = True) -> None:
         """Run plain LoRA's matmuls in each layer's base output dtype (bf16 on a bf16 base) while the adapter
@@ -366,8 +355,6 @@ class LoraModel(nn.Module):
     # ---- files -------------------------------------------------------------------------------------
     def save_adapter(self, path: str | Path, adapter_names: Sequence[str] | None = None) -> None:
         """Write adapters in PEFT's layout: "default" in `path`, any other adapter in `path/<name>/`."""
-        from .io import save_adapters
-
         names = list(self.adapter_configs if adapter_names is None else adapter_names)
         self._require(names)
         save_adapters(self, Path(path), names)
@@ -394,23 +381,6 @@ def _batch_rows(args: tuple, kwargs: dict) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     return None
-
-
-CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
-CLASSIFIER_HEADS = ("classifier", "score")
-
-
-def with_task_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """For classification task types, train and save the new head in full, as PEFT does.
-
-    A classifier head starts random, so an adapter is useless without it; PEFT adds it to
-    modules_to_save for these task types and expects its weights in every such file.
-    """
-    if config.task_type not in CLASSIFICATION_TASKS:
-        return config
-    saved = list(config.modules_to_save or [])
-    heads = [h for h in CLASSIFIER_HEADS if h not in saved and isinstance(getattr(model, h, None), nn.Module)]
-    return config.replace(modules_to_save=saved + heads) if heads else config
 
 
 def wrap(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .bnb import QuantSpec, keep_training_layout, quantize_linear, require_bitsandbytes
+from .bnb import QuantSpec, quantize_linear, require_bitsandbytes
+from .lora_layer import prepare_for_lora
 from .stream import TensorEntry, iter_tensors, read_header
 
 
@@ -74,7 +75,7 @@ def checkpoint_files(source: str, *, revision: str | None = None) -> list[Path] 
     return files
 
 
-def _quantize_targets(model: nn.Module) -> set[str]:
+def quantize_targets(model: nn.Module) -> set[str]:
     """Names of the linear layers to quantize: all but the output head and modules kept in fp32."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
@@ -156,7 +157,7 @@ def stream_quantized(source: str, config, spec: QuantSpec, files: list[Path], *,
     if isinstance(built, str):
         return None, built
     model, entries, mapping = built
-    targets = _quantize_targets(model)
+    targets = quantize_targets(model)
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     for entry, tensor in iter_tensors(files, entries):
         target = mapping[entry.name]
@@ -250,7 +251,7 @@ def transformers_quantized(source: str, spec: QuantSpec | None, *, device: torch
         kwargs["quantization_config"] = bnb_config(spec)
         kwargs["dtype"] = spec.compute_dtype
     model = AutoModelForCausalLM.from_pretrained(source, device_map={"": str(device)}, **kwargs)
-    keep_training_layout(model)
+    prepare_for_lora(model)
     model.requires_grad_(False)
     model.eval()
     return model
@@ -280,7 +281,7 @@ def load_quantized(source: str, spec: QuantSpec, *, device: torch.device, option
     if files is not None:
         model = stream_quantized(source, config, spec, files, device=device, from_config_options=options)
         if not isinstance(model, tuple):
-            return model
+            return prepare_for_lora(model)
         reason = model[1]
     log(f"note: loading through transformers' bitsandbytes path ({reason}); peak memory while loading may "
         "exceed the quantized size")

@@ -5,6 +5,9 @@ Merging cannot write into 4-bit storage without rounding the result to 4 bits ag
 could not give the original back. So merge() swaps in a 16-bit copy of the layer (dequantized weight plus
 the adapters' delta) and keeps the quantized layer aside; unmerge() puts the untouched quantized layer
 back, bit for bit. merge_and_unload() therefore yields 16-bit layers, which is what a merged export wants.
+
+lora imports nothing of quant: every bitsandbytes layer lorakit loads carries `lora_base_kind` = BITSANDBYTES
+(lora.inject.BaseKind), through which lora wraps it and turns what is left quantized back into plain layers.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..lora.inject import is_quantized_linear
 from ..lora.layer import LoraLayer, LoraLinear
-from .bnb import dequantized_weight, quantized_dtype, to_plain_layer
+from .bnb import dequantize_model, dequantized_weight, keep_training_layout, quantized_dtype, to_plain_layer
 
 
 class LoraQuantLinear(LoraLinear):
@@ -36,7 +40,7 @@ class LoraQuantLinear(LoraLinear):
     def _set_base_weight(self, weight_out_in: torch.Tensor) -> None:
         raise NotImplementedError("quantized base weights are never written in place; see _store_merged")
 
-    def _pissa_init(self, name: str, A: torch.Tensor, B: torch.Tensor, init: str) -> None:
+    def _pissa_init(self, A: torch.Tensor, B: torch.Tensor, s: float, init: str) -> None:
         raise ConfigError("init_lora_weights='pissa' rewrites the base weight, which is stored quantized here; "
                           "use the default init with a quantized base (or PiSSA on a 16-bit base)")
 
@@ -48,3 +52,27 @@ class LoraQuantLinear(LoraLinear):
     def _restore_unmerged(self) -> None:
         self.base_layer = self._quantized  # exactly the original quantized weights
         self._quantized = None
+
+
+class Bitsandbytes:
+    """lora.inject.BaseKind for bitsandbytes Linear4bit / Linear8bitLt layers."""
+
+    def wrap(self, layer: nn.Module) -> LoraQuantLinear:
+        return LoraQuantLinear(layer)
+
+    def unload(self, model: nn.Module) -> None:
+        dequantize_model(model)
+
+
+BITSANDBYTES = Bitsandbytes()
+
+
+def prepare_for_lora(model: nn.Module) -> nn.Module:
+    """Mark every bitsandbytes layer of `model` as one LoRA can wrap, and keep it in its training layout
+    (bnb.keep_training_layout). quant.load does this for every model it loads; a bitsandbytes model loaded
+    another way needs it before lorakit.lora.wrap."""
+    keep_training_layout(model)
+    for module in model.modules():
+        if is_quantized_linear(module):
+            module.lora_base_kind = BITSANDBYTES
+    return model

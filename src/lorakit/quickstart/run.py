@@ -71,7 +71,7 @@ def run_quickstart(output_dir: str | Path = "lorakit-quickstart", *, max_steps: 
                    log: Callable[[str], None] = print) -> QuickstartResult:
     """`overwrite` replaces an earlier quickstart in `output_dir` (without it, one there is refused)."""
     from ..train.output_dir import check_output_dir
-    from ..train.run import run_training
+    from ..recipes.sft import run_training
 
     started = time.perf_counter()
     output_dir = Path(output_dir)

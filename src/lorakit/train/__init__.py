@@ -1,4 +1,5 @@
-"""Training: the loop (fit), schedules, evaluation, metrics, checkpoints and resume."""
+"""Training: the loop (fit) over an objective (objectives/), its runtime, schedules, evaluation, metrics,
+checkpoints and resume. The recipes (lorakit.recipes) put them together for a run config."""
 
 from .checkpoint import (
     checkpoint_lock,
@@ -13,7 +14,6 @@ from .evaluate import EvalResult, evaluate
 from .loop import FitResult, build_optimizer, fit
 from .metrics import read_metrics
 from .restore import Resumed, compare_fingerprints, load_checkpoint, resume
-from .run import run_training
 from .schedule import build_scheduler, lr_multiplier
 
 __all__ = [
@@ -36,5 +36,4 @@ __all__ = [
     "fit",
     "lr_multiplier",
     "read_metrics",
-    "run_training",
 ]

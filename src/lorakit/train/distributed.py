@@ -1,28 +1,20 @@
 """Data-parallel training under torchrun: the same run config on N processes, nothing else to set up.
 
 torchrun starts the processes and tells each its rank (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
-lorakit only joins the process group torch.distributed sets up from them. Each step's global window of
-micro-batches (grad_accum x N of them, in the same order a single process would take them) is shared out
-by position: process r takes micro-batches r, r + N, ... Every process divides its losses by the window's
-supervised-token count, so summing the LoRA gradients across processes gives exactly the gradient one
-process with grad_accum x N would compute. The LoRA gradients are a few MB, so they are summed with one
-all_reduce per dtype after the backward; a process whose share of a short last window is empty just
-contributes zeros, where DistributedDataParallel would wait for its backward forever.
+lorakit only joins the process group torch.distributed sets up from them (init_distributed), and the loop
+then asks a runtime.Torchrun which micro-batches are this process's and how to sum (runtime.py says how).
 
 strategy fsdp also shards the frozen weights of every decoder layer across the processes with PyTorch's
 FSDP2 (`fully_shard`): a layer's full weights exist only while it runs (gathered for its forward and again
 for its backward), so each process holds about 1/N of them. The LoRA weights are left out of the sharding
 (`ignored_params`): they stay plain, replicated tensors, so gradients, optimizer, checkpoints and the saved
-adapter work exactly as with ddp. Every forward gathers, so all processes must run the same number of them:
-a short share is padded with a zero-weight repeat of a micro-batch (training) or a discarded forward (evaluation).
+adapter work exactly as with ddp.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,87 +23,18 @@ from torch import nn
 from ..config import DistributedConfig
 from ..errors import ConfigError
 from ..lora.inject import is_quantized_linear
-
-T = TypeVar("T")
-
-
-@dataclass
-class DistributedRun:
-    rank: int
-    world: int
-    local_rank: int
-    backend: str
-    strategy: str = "ddp"
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 logs, writes metrics, checkpoints and the adapter; the others only compute."""
-        return self.rank == 0
-
-    def share(self, items: Sequence[T]) -> list[T]:
-        """This process's items: positions rank, rank + world, ... (possibly none)."""
-        return list(items[self.rank::self.world])
-
-    def padding(self, items: Sequence) -> int:
-        """How many extra forwards this process runs so that every process runs as many as the busiest one:
-        0 with ddp; with fsdp, one per item its share lacks (every forward is a collective)."""
-        if self.strategy != "fsdp":
-            return 0
-        return -(-len(items) // self.world) - len(self.share(items))
-
-    def sum(self, values: Sequence[float]) -> list[float]:
-        """The element-wise sum of `values` over all processes (float64)."""
-        total = torch.tensor(list(values), dtype=torch.float64, device=self._device())
-        dist.all_reduce(total)
-        return total.tolist()
-
-    def sum_gradients(self, params: Sequence[nn.Parameter]) -> None:
-        """Replace each parameter's gradient by its sum over all processes (a missing one counts as zeros)."""
-        groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            groups.setdefault((p.grad.dtype, p.grad.device), []).append(p)
-        for group in groups.values():
-            flat = torch.cat([p.grad.reshape(-1) for p in group])
-            dist.all_reduce(flat)
-            offset = 0
-            for p in group:
-                n = p.grad.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-                offset += n
-
-    def broadcast_parameters(self, params: Sequence[nn.Parameter]) -> None:
-        """Make every process start from rank 0's values (they agree already when seeded alike; this makes it so)."""
-        with torch.no_grad():
-            for p in params:
-                dist.broadcast(p.data, src=0)
-
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-    def _device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
-
-
-def silent(_line: str) -> None:
-    """The log of processes other than rank 0."""
-
+from .activation_checkpointing import decoder_layers
+from .runtime import OneProcess, Runtime, Torchrun
 
 QUANTIZED_FSDP = ("distributed.strategy: fsdp cannot shard a 4/8-bit (bitsandbytes) base; use ddp, where each "
                   "process holds the quantized model (a 4-bit 7B takes about 4 GB)")
 
 
-def shard_base_layers(model: nn.Module, run: DistributedRun) -> int:
+def shard_base_layers(model: nn.Module, run: Torchrun) -> int:
     """fully_shard every decoder layer's frozen weights across the processes; the trainable (LoRA) weights stay
     whole. Returns the number of layers sharded."""
     from torch.distributed.fsdp import FSDPModule
 
-    from .checkpointing import decoder_layers
 
     base = getattr(model, "model", model)
     layers = decoder_layers(base)
@@ -146,7 +69,7 @@ def launched_processes() -> int:
                           "torchrun --nproc-per-node N -m lorakit train run.yaml", where="distributed") from None
 
 
-def init_distributed(config: DistributedConfig) -> DistributedRun | None:
+def init_distributed(config: DistributedConfig) -> Torchrun | None:
     """Join the process group torchrun described in the environment; None for a single process."""
     world = launched_processes()
     if world <= 1:
@@ -167,5 +90,10 @@ def init_distributed(config: DistributedConfig) -> DistributedRun | None:
         torch.cuda.set_device(local_rank)  # "cuda" now means this process's GPU, for loading and for NCCL
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout_s))
-    return DistributedRun(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, backend=backend,
+    return Torchrun(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, backend=backend,
                           strategy=config.strategy)
+
+
+def init_runtime(config: DistributedConfig) -> Runtime:
+    """This process's runtime: its place in a torchrun launch, or OneProcess when not launched by torchrun."""
+    return init_distributed(config) or OneProcess()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from .chunked_loss import lm_loss_sum, token_loss_sum  # noqa: F401 (token_loss_sum lived here; kept importable)
+from .chunked_loss import lm_loss_sum
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class EvalResult:
     """exp(loss); inf when that overflows."""
     tokens: int
     """Supervised tokens scored."""
+    parts: dict[str, float] = field(default_factory=dict)
+    """The loss of each part scored on its own (multi-task: each task's), where an objective has parts."""
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict:
@@ -61,13 +63,14 @@ def loss_sums(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *,
     return total, tokens
 
 
-def eval_result(total: float, tokens: int) -> EvalResult:
+def eval_result(total: float, tokens: int, *, parts: dict[str, float] | None = None) -> EvalResult:
     """The result for a summed loss `total` over `tokens` supervised tokens (NaN for none)."""
+    parts = dict(parts or {})
     if tokens == 0:
-        return EvalResult(loss=math.nan, perplexity=math.nan, tokens=0)
+        return EvalResult(loss=math.nan, perplexity=math.nan, tokens=0, parts=parts)
     loss = total / tokens
     try:
         perplexity = math.exp(loss)
     except OverflowError:
         perplexity = math.inf
-    return EvalResult(loss=loss, perplexity=perplexity, tokens=tokens)
+    return EvalResult(loss=loss, perplexity=perplexity, tokens=tokens, parts=parts)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import array
 import dataclasses
 import hashlib
-from typing import Any
+from typing import Any, Sequence
 
 from ..config import TrainConfig
 from ..data import PreparedData
-from .tasks import TaskSet
 
 # Settings a resumed run may change without being asked: extending a run, logging and saving cadence, speed
 # options and the process layout (the micro-batches per step are compared on their own, across layouts).
@@ -71,25 +70,26 @@ def _not_recorded(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in NOT_RECORDED)
 
 
-def run_fingerprints(data: PreparedData | TaskSet, config: TrainConfig, processes: int = 1,
-                     settings: dict | None = None) -> dict:
-    """What a checkpoint of this run records: `settings` (run_settings of the run config), the train section,
-    and what fixes the sequence of batches. "train.grad_accum_x_processes" is grad_accum x processes: a run
-    checkpointed on 2 processes resumes exactly on 1 with grad_accum doubled (the data position counts
-    micro-batches, not steps). A TaskSet hashes each task's name and examples in order (its data is never packed)."""
-    tasks = data.tasks if isinstance(data, TaskSet) else None
+def examples_fingerprint(named_data: Sequence[tuple[str | None, PreparedData]]) -> dict:
+    """{"data.sha256": ...} over the prepared examples of each (name, data) in order; a name (a task's) is
+    hashed before its examples."""
     digest = hashlib.sha256()
-    for name, prepared in ([(t.name, t.data) for t in tasks] if tasks else [(None, data)]):
+    for name, prepared in named_data:
         if name is not None:
             digest.update(name.encode() + b"\0")
         for e in prepared.examples:
             digest.update(array.array("q", e.input_ids).tobytes())
             digest.update(array.array("q", e.labels).tobytes())
             digest.update(b"|")
+    return {"data.sha256": digest.hexdigest()}
+
+
+def run_fingerprints(data: dict, config: TrainConfig, processes: int = 1, settings: dict | None = None) -> dict:
+    """What a checkpoint of this run records: `settings` (run_settings of the run config), the train section,
+    `data` (the objective's fingerprint: what fixes its examples) and what fixes the sequence of batches.
+    "train.grad_accum_x_processes" is grad_accum x processes: a run checkpointed on 2 processes resumes exactly
+    on 1 with grad_accum doubled (the data position counts micro-batches, not steps)."""
     train = {k: v for k, v in flat_settings(config, "train").items() if not _not_recorded(k)}
-    out = {VERSION_KEY: VERSION, **(settings or {}), **train,
-           "data.sha256": digest.hexdigest(), "data.examples": data.examples if tasks else len(data.examples),
-           "data.packing": False if tasks else data.packing, "train.batch_size": config.batch_size,
-           "train.grad_accum_x_processes": config.grad_accum * processes, "train.seed": config.seed,
-           "data.batch_order": BATCH_ORDER}
-    return {**out, "tasks": [t.name for t in tasks]} if tasks else out
+    return {VERSION_KEY: VERSION, **(settings or {}), **train, **data, "train.batch_size": config.batch_size,
+            "train.grad_accum_x_processes": config.grad_accum * processes, "train.seed": config.seed,
+            "data.batch_order": BATCH_ORDER}

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import __version__
 from ..atomic import write_text_atomic
 from ..errors import OutputDirError
 from .checkpoint import CHECKPOINTS, MANIFEST, list_checkpoints
@@ -182,7 +183,6 @@ def clear_own_outputs(found: OutputDir) -> list[str]:
 
 def write_run_file(path: str | os.PathLike, settings: dict) -> None:
     """Mark `path` as a lorakit run's directory, recording the settings it started with."""
-    from .. import __version__
 
     record = {"lorakit_version": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "settings": settings}

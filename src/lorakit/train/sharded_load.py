@@ -16,18 +16,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .distributed import DistributedRun, fully_shard_layers
+from ..quant.load import build_on_meta, check_shape, require_complete
+from ..quant.stream import iter_tensors
+from .activation_checkpointing import decoder_layers
+from .distributed import fully_shard_layers
+from .runtime import Torchrun
 
 
 def load_into_shards(source: str, config, files: list[Path], *, dtype: torch.dtype, device: torch.device,
-                     run: DistributedRun, options: dict) -> nn.Module | tuple[None, str]:
+                     run: Torchrun, options: dict) -> nn.Module | tuple[None, str]:
     """The model of `config` with its decoder layers fully_shard-ed over `run`'s processes and every tensor
     read from `files`; or (None, reason) when the checkpoint's names are not the model's own."""
     from torch.distributed.tensor import DTensor
 
-    from ..quant.load import build_on_meta, check_shape, require_complete
-    from ..quant.stream import iter_tensors
-    from .checkpointing import decoder_layers
 
     built = build_on_meta(config, files, dtype=dtype, options=options)
     if isinstance(built, str):

@@ -21,7 +21,7 @@ from ..config import SpeedConfig
 from ..errors import ConfigError
 from ..lora import LoraModel
 from ..lora.inject import is_quantized_linear
-from .checkpointing import decoder_layers
+from .activation_checkpointing import decoder_layers
 
 COMPILE_MIN_STEPS = 300
 COMPILE_MIN_PARAMS = 20_000_000

@@ -22,6 +22,7 @@ from ..data.collate import collate
 from ..data.templates import IGNORE_INDEX
 from ..errors import ConfigError
 from ..lora import LoraModel
+from ..lora.routing import route_rows
 from .chunked_loss import lm_loss_sums
 
 TASK_ROWS = "task_rows"  # batch key: ((task name, first row, end row), ...); not a model input
@@ -124,7 +125,6 @@ def supervised_by_task(window: Sequence[dict], names: Sequence[str]) -> dict[str
 def task_loss_sums(model: nn.Module, inputs: dict, batch: dict, names: Sequence[str], chunk_tokens: int | None,
                    *, compiled: bool = False) -> dict[str, torch.Tensor]:
     """Each task's summed loss over its rows of `batch`, from one forward with each row routed to its adapter."""
-    from ..lora.routing import route_rows
 
     with route_rows(row_adapters(batch)):
         sums = lm_loss_sums(model, inputs, [task_labels(batch, name) for name in names], chunk_tokens,
@@ -138,10 +138,9 @@ def adapter_parameters(model: LoraModel, names: Sequence[str], trainable: dict[s
     (modules_to_save copies and trained biases are not per-row adapters, so a multi-task run refuses them)."""
     owned: dict[str, list[nn.Parameter]] = {name: [] for name in names}
     for _, layer in model.lora_layers():
-        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
-            for name, p in store.items():
-                if name in owned and p.requires_grad:
-                    owned[name].append(p)
+        for name, _, p in layer.adapter_parameters():  # every tensor of every method's adapters
+            if name in owned and p.requires_grad:
+                owned[name].append(p)
     ids = {id(p) for params in owned.values() for p in params}
     stray = [n for n, p in trainable.items() if id(p) not in ids]
     if stray:

@@ -1,8 +1,8 @@
 """The peak memory of a training run, predicted from the run config and the model's config.json alone.
 
-Weights and adapters are counted exactly from a meta-device build of the model (plan_shape.py). What fit()
+Weights and adapters are counted exactly from a meta-device build of the model (shape.py). What fit()
 holds on top is counted here from the shapes, following what lorakit's step really keeps (train/loop.py,
-chunked_loss.py, checkpointing.py, speed.py), for a Llama-style decoder layer:
+chunked_loss.py, activation_checkpointing.py, speed.py), for a Llama-style decoder layer:
 
 - per layer, saved for backward (bytes per token; e = bytes per element of the compute dtype): the two
   RMSNorm inputs upcast to fp32 (4h each, none for the first trained layer, whose input needs no gradient);
@@ -21,7 +21,7 @@ chunked_loss.py, checkpointing.py, speed.py), for a Llama-style decoder layer:
 - LoRA: weights, gradients and AdamW's two moments, in the adapter dtype.
 
 On the CPU the number predicted is the peak resident set (VmHWM) of the `lorakit train` process: the
-Python + torch runtime (measured, see plan_check.runtime_bytes), the weights, and the above as glibc malloc
+Python + torch runtime (measured, see check.runtime_bytes), the weights, and the above as glibc malloc
 holds it: buffers under its mmap threshold come from a heap that keeps, fragmented, what a step frees, so the
 heap's resident size is CPU_HEAP_FACTOR times the live peak of those buffers (measured); larger buffers (the
 logit chunks) are mapped while they live and come on top. On CUDA: the live tensors' peak plus the context.
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan_shape import ModelShape
+from .shape import ModelShape
 
 MiB = 2**20
 CPU_HEAP_FACTOR = 2.1
@@ -76,7 +76,7 @@ class Setup:
     packing: bool
     eager_attention: bool
     runtime: int
-    """The framework's own bytes (CPU: resident runtime; CUDA: the context), measured by plan_check."""
+    """The framework's own bytes (CPU: resident runtime; CUDA: the context), measured by check.py."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Gradient checkpointing of every k-th decoder layer (train/checkpointing.py): exactly those layers recompute in
+"""Gradient checkpointing of every k-th decoder layer (train/activation_checkpointing.py): exactly those layers recompute in
 backward, the loss and LoRA gradients are unchanged, and disabling restores the model."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from torch import nn
 from lorakit import LoraConfig, wrap
 from lorakit.errors import ConfigError
 from lorakit.train import loop
-from lorakit.train.checkpointing import decoder_layers, enable_checkpointing
+from lorakit.train.activation_checkpointing import decoder_layers, enable_checkpointing
 from test_loop_support import config, quiet, toy_data
 from tiny_models import VOCAB, randomize_lora
 

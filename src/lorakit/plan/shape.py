@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..base_model import load_model_config, meta_model
 from ..config import RunConfig
+from ..quant.load import quantize_targets
+from ..train.adapters import wrap_adapters
+from ..train.chunked_loss import logits_postprocessed
 
 ATTENTION_OUTPUTS = ("o_proj", "out_proj", "dense", "c_proj", "wo")  # read SDPA's output, saved by SDPA already
 
@@ -69,37 +73,14 @@ class ModelShape:
         return linear + self.other_params * element + self.fp32_params * 4
 
 
-def load_hf_config(config: RunConfig):
-    """transformers' config of model.name_or_path: config.json of a local directory, or the hub's."""
-    from transformers import AutoConfig
-
-    from ..base_model import _checked_source, _hub_options
-
-    m = config.model
-    try:
-        return AutoConfig.from_pretrained(_checked_source(m), **_hub_options(m))
-    except (OSError, ValueError) as err:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"model.name_or_path: cannot read the config of {m.name_or_path!r}: {err}",
-                          where="run config") from None
-
-
 def model_shape(config: RunConfig, dtype: torch.dtype, hf_config=None) -> ModelShape:
     """Build the model on the meta device (no memory), count its weights as they will be loaded, and wrap it
     with the run's adapters exactly as training does to count what trains and which inputs LoRA saves."""
-    from transformers import AutoModelForCausalLM
-
-    from ..quant.load import _quantize_targets  # the loader's own choice of layers to quantize
-    from .chunked_loss import logits_postprocessed
-
-    hf_config = hf_config if hf_config is not None else load_hf_config(config)
+    hf_config = hf_config if hf_config is not None else load_model_config(config.model)
     on_disk = _element(getattr(hf_config, "dtype", None))  # before from_config sets the dtype asked for
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype,
-                                                 trust_remote_code=config.model.trust_remote_code)
+    model = meta_model(hf_config, dtype, trust_remote_code=config.model.trust_remote_code)
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    quantizable = _quantize_targets(model)
+    quantizable = quantize_targets(model)  # the loader's own choice of layers to quantize
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     linear = [0, 0, 0]
     other = fp32 = largest = 0
@@ -117,8 +98,6 @@ def model_shape(config: RunConfig, dtype: torch.dtype, hf_config=None) -> ModelS
             else:
                 other += p.numel()
     chunked = isinstance(model.get_output_embeddings(), torch.nn.Linear) and not logits_postprocessed(hf_config)
-    from .run import wrap_adapters
-
     # as training wraps it, with a plain init: the values are irrelevant and PiSSA's SVD cannot run on meta
     lora_model = wrap_adapters(model, config, _init=True)
     layers = getattr(text, "num_hidden_layers")
@@ -128,10 +107,11 @@ def model_shape(config: RunConfig, dtype: torch.dtype, hf_config=None) -> ModelS
         index = _layer_index(name)
         if index is None or index >= layers:
             continue
-        weights = [*layer.lora_A.values(), *layer.lora_B.values()]
-        per_layer[index][0] += sum(a.shape[0] for a in layer.lora_A.values())
-        per_layer[index][1] += sum(w.numel() for w in weights)
-        per_layer[index][2] += len(weights)
+        for adapter in layer.adapters.values():  # each method says what its forward keeps for backward
+            width, weights = adapter.backward_memory()
+            per_layer[index][0] += width
+            per_layer[index][1] += sum(w.numel() for w in weights)
+            per_layer[index][2] += len(weights)
         parent, _, leaf = name.rpartition(".")
         if leaf in ATTENTION_OUTPUTS and re.search(r"attn|attention", parent):
             continue
@@ -148,7 +128,7 @@ def model_shape(config: RunConfig, dtype: torch.dtype, hf_config=None) -> ModelS
     notes = []
     if getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None):
         notes.append("mixture-of-experts layers are estimated as one dense MLP of intermediate_size")
-    if any(c.use_dora for c in _lora_configs(config)):
+    if any(lora.use_dora for _, lora in config.adapters()):
         notes.append("DoRA keeps a weight-sized norm term per adapted layer that is not counted here")
     return ModelShape(
         model_type=getattr(text, "model_type", "?"), hidden=hidden,
@@ -171,10 +151,6 @@ def quantized_bytes(numel: int, rows: int, bits: int, double_quant: bool) -> int
     blocks = -(-numel // 64)
     scales = blocks + 4 * -(-blocks // 256) if double_quant else 4 * blocks
     return -(-numel // 2) + scales
-
-
-def _lora_configs(config: RunConfig) -> list:
-    return [t.lora or config.lora for t in config.tasks] if config.tasks else [config.lora]
 
 
 def _element(dtype) -> int:

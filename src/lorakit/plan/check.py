@@ -18,11 +18,13 @@ from typing import Callable
 
 import torch
 
+from ..base_model import pick_device, pick_dtype, quant_spec
 from ..config import RunConfig
+from ..data import detect_format, read_records
 from ..errors import ConfigError
-from .plan import MiB, MemoryPlan, Setup, estimate
-from .plan_shape import ModelShape, model_shape
-from .speed import COMPILE_MIN_STEPS
+from ..train.speed import COMPILE_MIN_STEPS
+from .estimate import MiB, MemoryPlan, Setup, estimate
+from .shape import ModelShape, model_shape
 
 RUNTIME_EXTRA_CPU = 60 * MiB
 """Peak of a tiny `lorakit train` minus this process's RSS after planning (2026-11-29, torch 2.13 CPU)."""
@@ -52,7 +54,6 @@ class RunPlan:
 
 def plan_run(config: RunConfig, *, hf_config=None) -> RunPlan:
     """The memory plan of `config` on this machine (no weights are loaded)."""
-    from ..base_model import pick_device, pick_dtype, quant_spec
 
     device = pick_device(config.model.device)
     dtype = pick_dtype(config.model.dtype, device)
@@ -86,7 +87,6 @@ def _packing(config: RunConfig) -> bool:
     if config.data.format != "auto":
         return config.data.format == "text"
     try:
-        from ..data import detect_format, read_records
 
         first = next(r for r in read_records(config.data.train or config.tasks[0].train) if r.data is not None)
         return detect_format(first.data, config.data.columns) == "text"

@@ -23,10 +23,10 @@ import torch
 from lorakit.cli import main
 from lorakit.config import load_run_config
 from lorakit.errors import ConfigError
-from lorakit.train import plan_check
-from lorakit.train.plan import Setup, estimate
-from lorakit.train.plan_shape import ModelShape, quantized_bytes
-from lorakit.train.plan_check import largest_batch, parse_size, plan_run
+from lorakit.plan import check as plan_check
+from lorakit.plan.estimate import Setup, estimate
+from lorakit.plan.shape import ModelShape, quantized_bytes
+from lorakit.plan.check import largest_batch, parse_size, plan_run
 
 SMALL = dict(hidden=512, layers=8, heads=8, inter=1376, vocab=32000)
 TINY = dict(hidden=32, layers=2, heads=4, inter=64, vocab=512)
