@@ -153,7 +153,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     path, _ = _saved(tmp_path)
     # The payload really works when unpickled without weights_only (so the test can fail).
     probe = tmp_path / "probe-marker"
-    pickle.loads(pickle.dumps(_Payload(probe)))
+    pickle.loads(pickle.dumps(_Payload(probe))).close()  # the payload's result is the file it opened
     assert probe.exists()
 
     marker = tmp_path / "pwned"

@@ -9,8 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from lorakit.cli import main
 from test_cli_commands import model_dir, run_config  # noqa: F401 (fixtures: a tiny chat Llama and a run config)
 
@@ -63,7 +61,6 @@ def test_an_unwritable_output_dir_is_one_line_before_the_model_loads(run_config,
         assert "trainable params" not in out  # refused before the model was loaded and wrapped
 
 
-@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_like_ctrl_c(run_config, tmp_path):
     """What schedulers, `docker stop` and `kill` send: before, the run died (143) without a checkpoint."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -63,13 +63,16 @@ def test_health_is_open_and_the_key_works(keyed):
     assert httpx.get(keyed + "/health").status_code == 200
     client = openai.OpenAI(base_url=keyed + "/v1", api_key=API_KEY, max_retries=0)
     assert client.completions.create(model="tiny-llama", prompt="hi", max_tokens=2).choices
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=keyed + "/v1", api_key="nope", max_retries=0).models.list()
+    # closed by `with`: the raised error's traceback holds the client in a cycle that the garbage collector would
+    # free later, its socket first (a ResourceWarning in whichever test is running then)
+    with openai.OpenAI(base_url=keyed + "/v1", api_key="nope", max_retries=0) as refused:
+        with pytest.raises(openai.AuthenticationError):
+            refused.models.list()
 
 
 def test_unknown_model_is_404_model_not_found(served):
-    with pytest.raises(openai.NotFoundError) as err:
-        served.client().completions.create(model="gpt-9", prompt="hi")
+    with served.client() as client, pytest.raises(openai.NotFoundError) as err:  # closed: see above
+        client.completions.create(model="gpt-9", prompt="hi")
     assert err.value.body["code"] == "model_not_found"
     body = _error(httpx.post(served.url + "/v1/chat/completions",
                              json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]}), 404)
@@ -112,8 +115,8 @@ def test_missing_and_bad_chat_fields(served):
     assert _error(httpx.post(served.url + "/v1/completions", json={"model": "tiny-llama"}), 400)["param"] == "prompt"
     bad_role = {"model": "tiny-llama", "messages": [{"role": "wizard", "content": "hi"}]}
     assert _error(httpx.post(served.url + "/v1/chat/completions", json=bad_role), 400)["param"] == "messages.0.role"
-    with pytest.raises(openai.BadRequestError):
-        served.client().completions.create(model="tiny-llama", prompt="hi", n=3)
+    with served.client() as client, pytest.raises(openai.BadRequestError):  # closed: see above
+        client.completions.create(model="tiny-llama", prompt="hi", n=3)
 
 
 # Raw JSON bodies holding the escape \ud800 (a lone UTF-16 surrogate): json.loads accepts it, a tokenizer or
@@ -264,9 +267,9 @@ def test_queue_full_is_429_and_admitted_requests_finish(tiny_dirs):
             send(2)  # the queue is full
             err = _error(results[2], 429)
             assert err["code"] == "queue_full" and results[2].headers["retry-after"] == "1"
-            with pytest.raises(openai.RateLimitError):
-                openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).completions.create(
-                    model="tiny-llama", prompt="hi", max_tokens=2)
+            with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:  # closed: see above
+                with pytest.raises(openai.RateLimitError):
+                    client.completions.create(model="tiny-llama", prompt="hi", max_tokens=2)
             gate.open.set()
             for t in threads:
                 t.join(timeout=60)

@@ -56,6 +56,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+@pytest.mark.filterwarnings("ignore:.*taking over a stale lock left by pid:UserWarning")  # what the killed run left
 def test_killed_run_resumes_exactly(tmp_path, one_thread):
     ref = tmp_path / "ref"
     fit(lora_model(dropout=0.1), toy_data(12), _cfg(), ref, log=quiet)
