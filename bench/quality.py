@@ -185,8 +185,8 @@ def lorakit_worker(args, opts: dict, out_dir: str) -> dict:
         import lorakit.train.objectives.sft as sft_mod
         real_supervised = sft_mod.supervised_tokens
 
-        def fit(model, train, *a, _inner=fit, **kw):
-            mean = statistics.mean(sum(t != -100 for t in e.labels[1:]) for e in train.examples) * args.batch
+        def fit(model, train, *a, _inner=fit, **kw):  # train: the run's objective (LanguageModeling)
+            mean = statistics.mean(sum(t != -100 for t in e.labels[1:]) for e in train.data.examples) * args.batch
             sft_mod.supervised_tokens = lambda batch: mean if real_supervised(batch) else 0
             return _inner(model, train, *a, **kw)
     run_mod.fit = fit

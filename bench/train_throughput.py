@@ -188,7 +188,7 @@ def lorakit_worker(args, opts: dict, probe: Probe) -> dict:
     def fit(model, train, *a, **kw):  # instrumentation only: count real tokens at the input embeddings
         # (not at the model's forward: the chunked loss runs the decoder alone, and that hook saw no tokens)
         model.model.get_input_embeddings().register_forward_pre_hook(probe.pre_hook, with_kwargs=True)
-        seen["packing"], seen["dtype"] = train.packing, str(next(model.parameters()).dtype)
+        seen["packing"], seen["dtype"] = train.data.packing, str(next(model.parameters()).dtype)  # train: the objective
         return real_fit(model, train, *a, **kw)
 
     def log(line: str) -> None:
