@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from data_helpers import save_chat_llama
 from lorakit.config import DistributedConfig
 from lorakit.errors import ConfigError
-from lorakit.train.distributed import init_distributed
-from lorakit.train.runtime import Torchrun
+from lorakit.train.distributed import init_distributed, init_runtime
+from lorakit.train.runtime import OneProcess, Torchrun
 
 STEPS = 12  # 21 batches of 2 per epoch: step 11 is a short window (one micro-batch for two processes)
 
@@ -250,6 +250,18 @@ def test_fsdp_pads_short_shares_to_the_busiest_process_and_ddp_does_not():
     assert [run.padding(list("abcde")) for run in runs] == [0, 1]
     assert [run.padding(["a"]) for run in runs] == [0, 1]
     assert Torchrun(rank=1, world=2, local_rank=1, backend="gloo").padding(["a"]) == 0  # ddp
+
+
+def test_split_gives_each_process_its_share_and_the_fillers_that_keep_fsdp_in_step(monkeypatch):
+    """What the loop asks of a runtime: (this process's micro-batches, repeats to run with zero weight)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    fsdp = [Torchrun(rank=r, world=2, local_rank=r, backend="gloo", strategy="fsdp") for r in range(2)]
+    assert [run.split(iter("abc")) for run in fsdp] == [(["a", "c"], []), (["b"], ["a"])]
+    assert Torchrun(rank=1, world=2, local_rank=1, backend="gloo").split("abc") == (["b"], [])  # ddp: no fillers
+    items = iter("abc")
+    mine, fillers = OneProcess().split(items)
+    assert mine is items and fillers == []  # one process: everything, untouched (evaluation stays lazy)
+    assert OneProcess().sum([1.5, 2]) == [1.5, 2] and init_runtime(DistributedConfig()).world == 1
 
 
 def test_a_single_process_ignores_the_distributed_section(monkeypatch):
