@@ -13,12 +13,20 @@ from .checkpoint import (
 from .evaluate import EvalResult, evaluate
 from .loop import FitResult, build_optimizer, fit
 from .metrics import read_metrics
+from .objectives import LanguageModeling, MultiTask, Objective, objective_for
 from .restore import Resumed, compare_fingerprints, load_checkpoint, resume
+from .runtime import OneProcess, Runtime, Torchrun
 from .schedule import build_scheduler, lr_multiplier
 
 __all__ = [
     "EvalResult",
     "FitResult",
+    "LanguageModeling",
+    "MultiTask",
+    "Objective",
+    "OneProcess",
+    "Runtime",
+    "Torchrun",
     "Resumed",
     "checkpoint_lock",
     "compare_fingerprints",
@@ -35,5 +43,6 @@ __all__ = [
     "evaluate",
     "fit",
     "lr_multiplier",
+    "objective_for",
     "read_metrics",
 ]
