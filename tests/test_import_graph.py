@@ -1,13 +1,11 @@
-"""The package's import graph keeps the shape STYLE.md gives it: no import cycles, no private names imported
+"""The package's import graph keeps the shape README's "Layout" gives it: no import cycles, no private names imported
 from another module, and dependencies that point one way (lora knows nothing of data, training or serving;
 data never imports lora; nothing imports cli).
 
 The graph is read from the source with `ast`, so it holds every import: those inside functions, and those
 under `if TYPE_CHECKING:` too. A function-level import hides a cycle from the interpreter, not from the
 design: the two modules still need each other.
-
-The allow-lists below name what was known when this test was written (train/, lora/ and quant/ were being
-reworked at the time); they only shrink. Anything not in them fails, naming the modules and the lines.
+A failure names the modules and the lines.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "lorakit"
 
-# Subpackage -> the parts of lorakit it must not import (STYLE.md, "Dependencies point one way").
+# Subpackage -> the parts of lorakit it must not import: dependencies point one way.
 FORBIDDEN = {
     "lora": ("data", "train", "infer", "serve", "config", "cli", "export", "quant", "base_model", "quickstart"),
     "data": ("lora", "config", "train", "infer", "serve", "cli", "export", "quant", "base_model", "quickstart"),

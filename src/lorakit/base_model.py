@@ -148,11 +148,21 @@ def load_base_model(config: ModelConfig, *, log=lambda _: None, shard_over=None)
                 model = AutoModelForCausalLM.from_pretrained(
                     source, dtype=dtype, attn_implementation=config.attn_implementation, **options)
                 model.to(device)
+                _prepare_quantized_on_disk(model)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path: cannot load {source!r}: {err}", where="run config") from None
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=spec.compute_dtype if spec else dtype,
                        quantization=spec.describe() if spec else None)
+
+
+def _prepare_quantized_on_disk(model: torch.nn.Module) -> None:
+    """A checkpoint quantized on disk (its config.json has a quantization_config) loads as bitsandbytes layers
+    even with no model.quantization; mark them for LoRA as lorakit's own quantized loading does."""
+    from .quant import is_quantized_linear, prepare_for_lora
+
+    if any(is_quantized_linear(m) for m in model.modules()):
+        prepare_for_lora(model)
 
 
 def load_model_config(config: ModelConfig):

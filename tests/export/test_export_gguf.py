@@ -462,3 +462,14 @@ def test_the_mistral_ollama_template_renders_like_mistral_instructs_own(tmp_path
     own = fast.apply_chat_template(messages, tokenize=False)
     assert _render_go(template, messages) == own[len("<s>"):]  # BOS comes from the runner
     assert chat_family("[INST] <<SYS>>\n{{ system }}\n<</SYS>>") is None  # Llama 2's system prompt: not Mistral's
+
+
+def test_a_gguf_lora_file_holds_plain_lora_only_and_the_method_is_named(tmp_path):
+    """llama.cpp's LoRA GGUF has A and B per tensor: a DoRA adapter (or any other method) is refused by name."""
+    from lorakit.export import write_lora_gguf
+    from tiny_models import build_model
+
+    model = lorakit.wrap(build_model("llama"), lorakit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ExportError, match="cannot hold Dora adapters"):
+        write_lora_gguf(model, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()

@@ -275,3 +275,15 @@ def test_predicted_peak_is_within_15_percent_of_the_measured(small_run, runtime_
     assert above_measured > 0.4e9, "the model-dependent part is too small for the check to mean anything"
     assert run["predicted"] / run["peak"] - 1 == pytest.approx(0, abs=TOTAL_TOLERANCE), (name, run)
     assert above_predicted / above_measured - 1 == pytest.approx(0, abs=ABOVE_RUNTIME_TOLERANCE), (name, run)
+
+
+def test_a_model_the_planner_cannot_build_gets_a_note_not_a_refusal(tiny_run, monkeypatch):
+    """The plan is advice: a model that transformers cannot build on the meta device still trains."""
+    def cannot_build(*args, **kwargs):
+        raise ConfigError("an exotic model: transformers cannot build it on the meta device", where="base model")
+
+    monkeypatch.setattr("lorakit.plan.shape.meta_model", cannot_build)
+    lines = []
+    assert plan_check.check_before_training(load_run_config(tiny_run), lines.append) is None
+    assert len(lines) == 1 and lines[0].startswith("note: no memory plan for this model (")
+    assert "transformers cannot build it on the meta device" in lines[0]

@@ -13,7 +13,7 @@ pytest.importorskip("bitsandbytes")
 
 from tiny_models import VOCAB, build_model
 from data_helpers import build_tokenizer
-from lorakit import ConfigError
+from lorakit import ConfigError, LoraConfig, LoraModel
 from lorakit.base_model import load_base_model
 from lorakit.config import ModelConfig, QuantizationConfig, run_config_from_dict
 from lorakit.errors import CheckpointError
@@ -112,6 +112,11 @@ def test_tensors_already_quantized_on_disk_load_as_they_are(tmp_path, llama_dir)
     ids = torch.arange(10)[None]
     with torch.no_grad():
         assert torch.allclose(first.model(ids).logits, second.model(ids).logits, atol=1e-5)
+    # With no quantization section transformers reads the quantization_config itself; LoRA still wraps it.
+    plain = load_base_model(ModelConfig(name_or_path=str(tmp_path / "prequant"), dtype="float32", device="cpu"))
+    lora = LoraModel(plain.model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        assert torch.allclose(lora(ids).logits, second.model(ids).logits, atol=1e-5)
 
 
 def test_unknown_tensor_names_fall_back_to_transformers_with_a_note(tmp_path, llama_dir):

@@ -14,8 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..lora import LoraModel
-from ..lora.layer import LoraLinear
 from ..errors import ExportError
+from ..lora.layer import LoraLinear
+from ..lora.methods import Lora, method_for
 from .gguf import ARCHITECTURES, gguf_file, gguf_module, interleave_rope, model_arch
 from .outputs import check_out
 
@@ -31,7 +32,8 @@ def write_lora_gguf(model: LoraModel, out_file: str | Path, *, adapter: str = "d
         raise ExportError(f"GGUF export supports {', '.join(sorted(ARCHITECTURES))}; the base is {architecture}")
     arch = ARCHITECTURES[architecture]
     lora_config = model.adapter_configs[adapter]
-    unsupported = [what for what, present in (("DoRA (use_dora)", lora_config.use_dora),
+    method = method_for(lora_config)
+    unsupported = [what for what, present in ((f"{method.__name__} adapters", method is not Lora),
                                               ("modules_to_save", bool(lora_config.modules_to_save)),
                                               ("trained biases (bias != none)", lora_config.bias != "none"))
                    if present]

@@ -54,7 +54,6 @@ class RunPlan:
 
 def plan_run(config: RunConfig, *, hf_config=None) -> RunPlan:
     """The memory plan of `config` on this machine (no weights are loaded)."""
-
     device = pick_device(config.model.device)
     dtype = pick_dtype(config.model.dtype, device)
     spec = quant_spec(config.model, dtype, device)
@@ -87,7 +86,6 @@ def _packing(config: RunConfig) -> bool:
     if config.data.format != "auto":
         return config.data.format == "text"
     try:
-
         first = next(r for r in read_records(config.data.train or config.tasks[0].train) if r.data is not None)
         return detect_format(first.data, config.data.columns) == "text"
     except Exception:  # a hub dataset, an unreadable file: prepare() will say; assume packed (the larger)

@@ -16,6 +16,7 @@ import torch
 
 from ..base_model import load_model_config, meta_model
 from ..config import RunConfig
+from ..errors import ConfigError
 from ..quant.load import quantize_targets
 from ..train.adapters import wrap_adapters
 from ..train.chunked_loss import logits_postprocessed
@@ -78,7 +79,10 @@ def model_shape(config: RunConfig, dtype: torch.dtype, hf_config=None) -> ModelS
     with the run's adapters exactly as training does to count what trains and which inputs LoRA saves."""
     hf_config = hf_config if hf_config is not None else load_model_config(config.model)
     on_disk = _element(getattr(hf_config, "dtype", None))  # before from_config sets the dtype asked for
-    model = meta_model(hf_config, dtype, trust_remote_code=config.model.trust_remote_code)
+    try:
+        model = meta_model(hf_config, dtype, trust_remote_code=config.model.trust_remote_code)
+    except ConfigError as err:  # the plan is advice: check_before_training notes this, and the model still trains
+        raise RuntimeError(str(err)) from None
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     quantizable = quantize_targets(model)  # the loader's own choice of layers to quantize
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())

@@ -35,7 +35,6 @@ def shard_base_layers(model: nn.Module, run: Torchrun) -> int:
     whole. Returns the number of layers sharded."""
     from torch.distributed.fsdp import FSDPModule
 
-
     base = getattr(model, "model", model)
     layers = decoder_layers(base)
     if not layers:

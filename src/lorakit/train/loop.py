@@ -96,6 +96,9 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
     log, hooks = runtime.log(log), tuple(hooks) if runtime.is_main else ()
     if isinstance(objective, (PreparedData, TaskSet)):  # the Python API's shorthand for supervised fine-tuning
         objective = objective_for(objective, config, model, eval_data=eval_data)
+    elif eval_data is not None:
+        raise ConfigError("fit: eval_data goes with training data; an objective holds its own evaluation data "
+                          "(LanguageModeling(data, config, eval_data=...))", where="fit")
     if config.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"nan_policy: {config.nan_policy!r} is not one of stop, skip", where="train config")
     torch.manual_seed(config.seed)
@@ -253,13 +256,13 @@ def _accumulate(model: torch.nn.Module, objective: Objective, window: list[dict]
     sums = dict.fromkeys(objective.sum_keys, 0.0)
     for batch in mine:
         loss = objective.loss(model, batch, normaliser, compiled=compiled)
-        loss.backward.backward()
+        loss.term.backward()
         for key, value in loss.sums.items():
             sums[key] += value
     for batch in fillers:
         # fsdp: every forward and backward gathers weights, so every process runs as many as the busiest;
         # this one's share was short, so it repeats one with zero weight.
-        (objective.loss(model, batch, normaliser, compiled=compiled).backward * 0.0).backward()
+        (objective.loss(model, batch, normaliser, compiled=compiled).term * 0.0).backward()
     return dict(zip(sums, runtime.sum(list(sums.values()))))
 
 

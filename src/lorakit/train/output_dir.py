@@ -183,7 +183,6 @@ def clear_own_outputs(found: OutputDir) -> list[str]:
 
 def write_run_file(path: str | os.PathLike, settings: dict) -> None:
     """Mark `path` as a lorakit run's directory, recording the settings it started with."""
-
     record = {"lorakit_version": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "settings": settings}
     write_text_atomic(Path(path) / RUN_FILE, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")

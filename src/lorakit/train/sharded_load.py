@@ -29,7 +29,6 @@ def load_into_shards(source: str, config, files: list[Path], *, dtype: torch.dty
     read from `files`; or (None, reason) when the checkpoint's names are not the model's own."""
     from torch.distributed.tensor import DTensor
 
-
     built = build_on_meta(config, files, dtype=dtype, options=options)
     if isinstance(built, str):
         return None, built

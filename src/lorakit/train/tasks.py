@@ -125,7 +125,6 @@ def supervised_by_task(window: Sequence[dict], names: Sequence[str]) -> dict[str
 def task_loss_sums(model: nn.Module, inputs: dict, batch: dict, names: Sequence[str], chunk_tokens: int | None,
                    *, compiled: bool = False) -> dict[str, torch.Tensor]:
     """Each task's summed loss over its rows of `batch`, from one forward with each row routed to its adapter."""
-
     with route_rows(row_adapters(batch)):
         sums = lm_loss_sums(model, inputs, [task_labels(batch, name) for name in names], chunk_tokens,
                             compiled=compiled)

@@ -1,8 +1,10 @@
 """Adapter methods, one module each, and the registry that picks one for a config.
 
 A method is an Adapter subclass (base.py): how it computes its update, merges, and names the tensors it
-saves. A new method is one module plus one line in METHODS; layers, routing, merge, save/load, multi-task
-training and the memory planner ask the adapter objects and need no change.
+saves. A new method configured by LoraConfig's fields is one module plus one line in METHODS; layers,
+routing, merge, save/load, multi-task training and the memory planner ask the adapter objects and need no
+change, and the GGUF LoRA export refuses anything but plain LoRA. A method with its own config class also
+needs io.read_adapter_config and inject.plan_injection to learn that class's fields.
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ Normaliser = dict[str, int]
 
 @dataclass
 class BatchLoss:
-    backward: torch.Tensor
-    """This micro-batch's share of the window's objective: the loop calls .backward() on it."""
+    term: torch.Tensor
+    """This micro-batch's term of the window's objective (already divided by the window's normaliser): the loop
+    backpropagates it."""
     sums: dict[str, float]
     """What adds up over a window (and across processes) to give the step's metrics."""
 
