@@ -24,7 +24,7 @@ from ..train.adapters import wrap_adapters
 from ..train.distributed import QUANTIZED_FSDP, init_runtime, shard_base_layers
 from ..train.fingerprint import run_settings
 from ..train.loop import FitResult, fit
-from ..train.objectives import LanguageModeling, MultiTask, Objective
+from ..train.objectives import Objective, objective_for
 from ..train.output_dir import check_output_dir
 from ..train.runtime import Runtime
 from ..train.tasks import Task, TaskSet
@@ -81,17 +81,16 @@ def _train(config: RunConfig, resume: str | None, overwrite: bool, allow_change:
 def _objective(config: RunConfig, model, tokenizer, log: Callable[[str], None]) -> Objective:
     """The data prepared, as the objective that trains on it: one adapter, or one per task."""
     options = config.data  # a DataOptions, plus where the data is
-    dtype = getattr(model.model, "dtype", torch.float32)  # packed batches carry an additive mask in the model's dtype
     if config.tasks:
         tasks = TaskSet([_prepare_task(task, tokenizer, options, log) for task in config.tasks])
-        return MultiTask(tasks, config.train, model, dtype=dtype)
+        return objective_for(tasks, config.train, model)
     train = _prepared(config.data.train, tokenizer, options, log)
     validation = _prepared(config.data.validation, tokenizer, options, log)
     if validation is None and config.data.validation_fraction > 0:
         kept, held = split_validation(train.examples, config.data.validation_fraction, seed=config.train.seed)
         train, validation = dataclasses.replace(train, examples=kept), dataclasses.replace(train, examples=held)
         log(f"validation: {len(held)} of {len(kept) + len(held)} examples held out (seed {config.train.seed})")
-    return LanguageModeling(train, config.train, eval_data=validation, dtype=dtype)
+    return objective_for(train, config.train, model, eval_data=validation)
 
 
 def _prepared(path: str | None, tokenizer, options, log: Callable[[str], None], label: str = "") -> PreparedData | None:

@@ -34,12 +34,13 @@ class MultiTask:
     def __init__(self, tasks: TaskSet, config: TrainConfig, model: nn.Module, *, dtype: torch.dtype = torch.float32):
         if tasks.examples == 0:
             raise DataError("no training examples left after preparation")
-        self.tasks, self.config, self.model, self.dtype = tasks, config, model, dtype
+        self.tasks, self.config, self.dtype = tasks, config, dtype
         self.names = tasks.names
         self.sum_keys = ("loss", "tokens", *(f"task.{n}" for n in self.names))
         self.examples = tasks.examples
         self.evaluates = any(task.eval_data for task in tasks.tasks)
-        adapter_parameters(model, self.names, trainable_parameters(model))  # refuses anything trained not per task
+        # Each task's trainable tensors, for clipping it alone; refuses anything trained that is not per-task.
+        self.owned = adapter_parameters(model, self.names, trainable_parameters(model))
 
     def describe(self) -> list[str]:
         return [f"tasks: {', '.join(self.names)}; each micro-batch holds {self.config.batch_size} rows of each "
@@ -68,7 +69,7 @@ class MultiTask:
 
     def clip(self, params: dict[str, nn.Parameter], max_norm: float | None) -> tuple[float, dict]:
         """Each adapter clipped by its own norm; the step's norm is theirs together (a non-finite one skips all)."""
-        norms = clip_by_task(adapter_parameters(self.model, self.names, params), max_norm)  # the live tensors
+        norms = clip_by_task(self.owned, max_norm)
         return math.sqrt(sum(n * n for n in norms.values())), {"task_grad_norm": norms}
 
     def evaluate(self, model: nn.Module, runtime: Runtime) -> EvalResult:
