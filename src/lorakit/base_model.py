@@ -159,10 +159,9 @@ def load_base_model(config: ModelConfig, *, log=lambda _: None, shard_over=None)
 def _prepare_quantized_on_disk(model: torch.nn.Module) -> None:
     """A checkpoint quantized on disk (its config.json has a quantization_config) loads as bitsandbytes layers
     even with no model.quantization; mark them for LoRA as lorakit's own quantized loading does."""
-    from .quant import is_quantized_linear, prepare_for_lora
+    from .quant import prepare_for_lora
 
-    if any(is_quantized_linear(m) for m in model.modules()):
-        prepare_for_lora(model)
+    prepare_for_lora(model)  # touches only bitsandbytes layers
 
 
 def load_model_config(config: ModelConfig):

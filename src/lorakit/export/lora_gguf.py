@@ -51,7 +51,8 @@ def write_lora_gguf(model: LoraModel, out_file: str | Path, *, adapter: str = "d
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 1.0)
         written = 0
         for module_name, layer in model.lora_layers():
-            if adapter not in layer.lora_A:
+            lora = layer.adapters.get(adapter)
+            if lora is None:
                 continue
             if not isinstance(layer, LoraLinear) or getattr(layer, "fan_in_fan_out", False):
                 raise ExportError(f"{module_name}: a {type(layer).__name__} adapter has no GGUF LoRA form; only "
@@ -59,8 +60,8 @@ def write_lora_gguf(model: LoraModel, out_file: str | Path, *, adapter: str = "d
             target = names.get_name(f"{module_name}.weight", try_suffixes=(".weight",))
             if target is None:
                 raise ExportError(f"{module_name} has no GGUF tensor name for {arch}")
-            A = layer.lora_A[adapter].detach().float()  # (r, in)
-            B = layer.lora_B[adapter].detach().float() * (layer.scaling[adapter] * A.shape[0])  # (out, r)
+            A = lora.A.detach().float()  # (r, in)
+            B = lora.B.detach().float() * (lora.scaling * lora.rank)  # (out, r)
             if arch == "llama" and module_name.endswith(("q_proj", "k_proj")):
                 B = interleave_rope(B, heads if module_name.endswith("q_proj") else kv_heads)
             writer.add_tensor(f"{target}.lora_a", A.numpy())

@@ -98,6 +98,6 @@ def weighted_adapter(
         for name, layer in model.lora_layers():
             if name in factors:
                 A, B = factors[name]  # (r, in), (out, r)
-                tensors = layer.adapters[new_name].tensors()
-                tensors["A"].copy_(A)
-                tensors["B"].copy_(B)
+                adapter = layer.adapters[new_name]
+                adapter.A.copy_(A)
+                adapter.B.copy_(B)

@@ -16,7 +16,6 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .full_copy import FullCopy
 from .layer import LoraEmbedding, LoraLayer, LoraLinear
-from .methods import method_for
 
 PREFIX = "base_model.model."
 # PEFT's tensor names: the prefix, then module path and tensor name in dotted parts; no '/', '..' or spaces.
@@ -56,6 +55,15 @@ def adapter_tensors(model: WrappedModel, name: str) -> dict[str, nn.Parameter]:
     return out
 
 
+def base_biases(model: nn.Module, adapter_ids: set[int]) -> Iterator[tuple[str, nn.Parameter]]:
+    """The base model's bias parameters: not adapter tensors (told by identity: an adapter may be named "bias"),
+    not modules_to_save copies, not their frozen originals."""
+    for pname, param in model.named_parameters():
+        if pname.endswith("bias") and id(param) not in adapter_ids and ".original_module." not in pname \
+                and ".copies." not in pname:
+            yield pname, param
+
+
 def bias_tensors(model: WrappedModel, name: str) -> list[tuple[str, str, nn.Parameter]]:
     """(file key, alternative spelling, parameter) for the biases adapter `name` trains.
 
@@ -70,9 +78,7 @@ def bias_tensors(model: WrappedModel, name: str) -> list[tuple[str, str, nn.Para
     own = {path for path, layer in wrapped.items() if name in layer.adapters}
     adapter_ids = {id(p) for layer in wrapped.values() for _, _, p in layer.adapter_parameters()}
     found = []
-    for pname, param in model.model.named_parameters():
-        if not pname.endswith("bias") or id(param) in adapter_ids or ".original_module." in pname or ".copies." in pname:
-            continue
+    for pname, param in base_biases(model.model, adapter_ids):
         module_path = pname.removesuffix(".bias")
         layer_path = module_path.removesuffix(".base_layer")
         if layer_path == module_path or layer_path not in wrapped:
@@ -120,5 +126,5 @@ def peft_config_dict(model: WrappedModel, name: str) -> dict:
     )
     if not data["base_model_name_or_path"]:
         data["base_model_name_or_path"] = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
-    data.update(peft_type=method_for(config).peft_type, inference_mode=True, lora_bias=False, revision=None)
+    data.update(peft_type=config.peft_type, inference_mode=True, lora_bias=False, revision=None)
     return dict(sorted(data.items()))

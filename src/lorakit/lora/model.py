@@ -23,6 +23,7 @@ from .full_copy import FullCopy
 from .inject import base_kinds, inject, replace_module, with_task_heads
 from .io import load_adapter_into, save_adapters
 from .layer import LoraLayer
+from .layout import base_biases
 from .routing import BASE, route_rows
 
 # No ".": adapter names are keys of nn.ParameterDict / nn.ModuleDict, which reject dots.
@@ -194,9 +195,7 @@ class LoraModel(nn.Module):
         lora_only_biases = {
             f"{path}.base_layer.bias" for path, layer in self.lora_layers() if any(n in layer.adapters for n in lora_only)
         }
-        for pname, p in self.model.named_parameters():
-            if not pname.endswith("bias") or id(p) in adapter_ids or ".copies." in pname or ".original_module." in pname:
-                continue  # set above (adapter tensors by identity: an adapter may be named "bias"); originals frozen
+        for pname, p in base_biases(self.model, adapter_ids):  # adapter tensors were set above; originals stay frozen
             p.requires_grad_(bias_all or pname in lora_only_biases)
 
     @contextlib.contextmanager
