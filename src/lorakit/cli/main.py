@@ -212,7 +212,8 @@ def _data_inspect(args: argparse.Namespace) -> int:
     from ..base_model import load_tokenizer
     from ..config import load_run_config
     from ..data import prepare
-    from ..data.inspect import report
+    from ..data.inspect import preference_report, report
+    from ..data.preference import Lengths, prepare_preference
     from ..data.templates import resolve_template
 
     config = load_run_config(args.config, args.overrides)
@@ -223,11 +224,18 @@ def _data_inspect(args: argparse.Namespace) -> int:
         field = f"task {task.name}'s validation" if task else "data.validation"
         raise ConfigError(f"{field}: not set in this config; inspect --split train instead", where="run config")
     tokenizer = load_tokenizer(config.model)
-    data = prepare(source, tokenizer, config.data)  # the data section is a DataOptions
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     stop_ids = {tokenizer.eos_token_id} - {None}
+    if config.objective in ("dpo", "orpo", "kto"):  # pairs, or KTO's labelled completions
+        pref = config.preference
+        data = prepare_preference(source, tokenizer, config.data, paired=config.objective != "kto",
+                                  lengths=Lengths(config.data.max_seq_len, pref.max_prompt_len, pref.max_completion_len))
+        stop_ids |= resolve_template(tokenizer, config.data.template).end_of_turn_ids
+        print(preference_report(data, tokenizer, count=args.examples, stop_ids=stop_ids, color=color))
+        return 0
+    data = prepare(source, tokenizer, config.data)  # the data section is a DataOptions
     if data.summary.format != "text":
         stop_ids |= resolve_template(tokenizer, config.data.template).end_of_turn_ids
-    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(report(data, tokenizer, count=args.examples, stop_ids=stop_ids, color=color))
     return 0
 

@@ -97,7 +97,7 @@ def run_config_from_dict(raw: dict, *, where: str = "run config") -> RunConfig:
     problems: list[str] = []
     config = _build(RunConfig, raw, "", problems)
     if config is not None:
-        problems += _task_problems(config)
+        problems += _task_problems(config) + _preference_problems(config)
     if problems:
         raise ConfigError(problems, where=where)
     return config
@@ -119,6 +119,32 @@ def _task_problems(config: RunConfig) -> list[str]:
         elif task.name in seen:
             problems.append(f"tasks[{i}].name: {task.name!r} is used twice; each task needs its own adapter name")
         seen.add(task.name)
+    return problems
+
+
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "kto")
+REFERENCE_FREE = "simpo and orpo use no reference model"
+
+
+def _preference_problems(config: RunConfig) -> list[str]:
+    """What the preference fields allow one by one but not with the objective or each other."""
+    if config.objective not in PREFERENCE_OBJECTIVES:
+        return []
+    pref, problems = config.preference, []
+    if config.tasks:
+        problems.append(f"tasks: objective {config.objective} trains one adapter; remove tasks and set data.train")
+    if config.data.packing:
+        problems.append(f"data.packing: objective {config.objective} scores each completion on its own row; set "
+                        "packing: false (or leave it unset)")
+    if config.objective != "dpo" and pref.loss_type != "sigmoid":
+        problems.append(f"preference.loss_type: {pref.loss_type} is a dpo loss; objective {config.objective} has its "
+                        "own (remove loss_type, or set objective: dpo)")
+    if pref.reference.precompute and (config.objective == "orpo" or pref.loss_type == "simpo"):
+        problems.append(f"preference.reference.precompute: {REFERENCE_FREE}; remove it")
+    if pref.label_smoothing and pref.loss_type not in ("sigmoid", "robust", "simpo"):
+        problems.append(f"preference.label_smoothing: loss_type {pref.loss_type} has no label smoothing; set it to 0")
+    if pref.label_smoothing and config.objective != "dpo":
+        problems.append(f"preference.label_smoothing: objective {config.objective} has no label smoothing; set it to 0")
     return problems
 
 
@@ -174,6 +200,14 @@ RANGES = {
     ("TrainConfig", "keep_checkpoints"): (lambda v: v > 0, "a positive integer"),
     ("TrainConfig", "log_every"): (lambda v: v > 0, "a positive integer"),
     ("DistributedConfig", "timeout_s"): (lambda v: v > 0, "a positive number of seconds"),
+    ("PreferenceConfig", "beta"): (lambda v: v > 0, "a positive number"),
+    ("PreferenceConfig", "label_smoothing"): (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+    ("PreferenceConfig", "simpo_gamma"): (lambda v: v >= 0, "0 or more"),
+    ("PreferenceConfig", "orpo_lambda"): (lambda v: v >= 0, "0 or more"),
+    ("PreferenceConfig", "desirable_weight"): (lambda v: v > 0, "a positive number"),
+    ("PreferenceConfig", "undesirable_weight"): (lambda v: v > 0, "a positive number"),
+    ("PreferenceConfig", "max_prompt_len"): (lambda v: v >= 1, "a positive integer, or null"),
+    ("PreferenceConfig", "max_completion_len"): (lambda v: v >= 1, "a positive integer, or null"),
     ("DataConfig", "validation_fraction"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("RunConfig", "deploy_targets"): (lambda v: isinstance(v, list) and all(t in DEPLOY_TARGETS for t in v),
                                       f"a list of deployment targets from: {', '.join(DEPLOY_TARGETS)}"),

@@ -137,11 +137,59 @@ class TaskConfig:
 
 
 @dataclass(kw_only=True)
+class ReferenceConfig:
+    adapter: str | None = None
+    """An adapter directory (usually the SFT run's adapter/): the policy starts from it, and a frozen copy of it is
+    the reference, held as a second adapter on the same base (no second model). null: a new adapter is trained
+    (the lora section) and the reference is the base with adapters disabled."""
+    precompute: bool = False
+    """Compute the reference log-probabilities of every example once before training (and keep them beside the
+    data), so each step runs the model once instead of twice. Same losses; not for simpo or orpo (no reference)."""
+
+
+@dataclass(kw_only=True)
+class PreferenceConfig:
+    """Preference tuning (objective: dpo, orpo or kto). The names follow TRL's DPOConfig / ORPOConfig / KTOConfig."""
+
+    beta: float = 0.1
+    """How far the policy may move from the reference: higher keeps it closer (DPO's and KTO's beta; for ipo the
+    regularisation tau; for simpo the reward scale)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = "sigmoid"
+    """dpo only. sigmoid: DPO (Rafailov et al. 2023), with label_smoothing > 0 conservative DPO (cDPO); robust:
+    robust DPO for noisy labels (Chowdhury et al. 2024); ipo: IPO (Azar et al. 2023, eq. 17, per-token mean
+    log-ratios); hinge: SLiC's hinge on the reward margin; simpo: SimPO (Meng et al. 2024), reference-free, on the
+    mean log-probability per token, with margin simpo_gamma."""
+    label_smoothing: float = 0.0
+    """The probability that a pair's preference is flipped, in [0, 0.5): for sigmoid (cDPO), robust and simpo."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin gamma (the loss uses gamma / beta)."""
+    orpo_lambda: float = 0.1
+    """orpo: weight of the odds-ratio term beside the chosen completion's cross-entropy (TRL's ORPOConfig.beta)."""
+    desirable_weight: float = 1.0
+    """kto: weight of the desirable (label true) examples' losses."""
+    undesirable_weight: float = 1.0
+    """kto: weight of the undesirable (label false) examples' losses."""
+    reference: ReferenceConfig | Literal["base"] = field(default_factory=ReferenceConfig)
+    """The reference model, e.g. {adapter: runs/sft/adapter, precompute: true}; the default {} (or `base`) is the
+    base model with adapters disabled: the same weights, no second copy in memory."""
+    max_prompt_len: int | None = None
+    """Keep at most this many tokens of each prompt, its END (the part next to the completion); null: no limit of
+    its own. Prompt plus completion must still fit data.max_seq_len: a prompt that fills it is a bad record."""
+    max_completion_len: int | None = None
+    """Keep at most this many tokens of each completion, its start; null: what data.max_seq_len leaves."""
+
+    def __post_init__(self) -> None:
+        if self.reference == "base":  # the YAML shorthand `reference: base`
+            self.reference = ReferenceConfig()
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig
     objective: str = "sft"
-    """The way of training: sft (supervised fine-tuning on the data's supervised tokens). Each way is a recipe in
-    lorakit.recipes (RECIPES)."""
+    """The way of training: sft (supervised fine-tuning on the data's supervised tokens); dpo, orpo (pairs of
+    {prompt, chosen, rejected}) or kto ({prompt, completion, label}): preference tuning, set in the preference
+    section. Each way is a recipe in lorakit.recipes (RECIPES)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -149,6 +197,8 @@ class RunConfig:
     """Training speed options; the defaults are the fast path."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Several processes under torchrun; a single process ignores it."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """Preference tuning settings (objective: dpo, orpo or kto); ignored by sft."""
     output_dir: str = "runs/lorakit"
     """Where the adapter, checkpoints, metrics and plots go."""
     tasks: list[TaskConfig] = field(default_factory=list)

@@ -48,7 +48,7 @@ def detect_format(record: Mapping[str, Any], columns: Mapping[str, str] | None =
     Order matters only for records with several telling keys: a chat list wins over alpaca over text.
     """
     keys = set(record)
-    col = _columns(columns)
+    col = column_names(columns)
     if col["messages"] in keys:
         return "messages"
     if col["conversations"] in keys:
@@ -62,14 +62,14 @@ def detect_format(record: Mapping[str, Any], columns: Mapping[str, str] | None =
 
 def describe_keys(columns: Mapping[str, str] | None = None) -> str:
     """What detection looks for, for error messages."""
-    col = _columns(columns)
+    col = column_names(columns)
     return (f"'{col['messages']}' (messages), '{col['conversations']}' (sharegpt), "
             f"'{col['instruction']}'+'{col['output']}' (alpaca) or '{col['text']}' (text)")
 
 
 def normalise(record: Mapping[str, Any], fmt: str, columns: Mapping[str, str] | None = None) -> Normalised:
     """Validate `record` as format `fmt` and return a Conversation (chat formats) or str (text)."""
-    col = _columns(columns)
+    col = column_names(columns)
     if fmt == "text":
         text = _required_str(record, col["text"])
         if not text.strip():
@@ -79,7 +79,7 @@ def normalise(record: Mapping[str, Any], fmt: str, columns: Mapping[str, str] | 
         turns = _alpaca(record, col)
     elif fmt in ("messages", "sharegpt"):
         key = col["messages"] if fmt == "messages" else col["conversations"]
-        turns = _turn_list(record, key, col)
+        turns = turn_list(record, key, col)
     else:
         raise BadRecord("unknown_format", f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     check_conversation(turns)
@@ -109,7 +109,7 @@ def check_conversation(turns: Sequence[Turn]) -> None:
         raise BadRecord("bad_role_order", "the conversation ends with a user turn; the last turn must be assistant")
 
 
-def _columns(columns: Mapping[str, str] | None) -> dict[str, str]:
+def column_names(columns: Mapping[str, str] | None) -> dict[str, str]:
     col = {k: k for k in CANONICAL_KEYS}
     for k, v in (columns or {}).items():
         if k not in col:
@@ -146,7 +146,7 @@ def _kind(value: Any) -> str:
     return {list: "a list", dict: "an object", bool: "a boolean", str: "a string"}.get(type(value), "a number")
 
 
-def _maybe_json(value: Any) -> Any:
+def maybe_json(value: Any) -> Any:
     """CSV and Parquet columns often hold a chat list as a JSON string; decode it when it looks like one."""
     if isinstance(value, str) and value.lstrip()[:1] == "[":
         try:
@@ -164,7 +164,7 @@ def _alpaca(record: Mapping[str, Any], col: Mapping[str, str]) -> Conversation:
     extra = _optional_str(record, col["input"])
     system = _optional_str(record, col["system"])
     turns: list[Turn] = [Turn("system", system)] if system else []
-    history = _maybe_json(record.get(col["history"]))
+    history = maybe_json(record.get(col["history"]))
     if history is not None:
         if not isinstance(history, list):
             raise BadRecord("bad_history", f"{col['history']!r} is {_kind(history)}, expected [[user, assistant], ...]")
@@ -180,12 +180,12 @@ def _alpaca(record: Mapping[str, Any], col: Mapping[str, str]) -> Conversation:
     return tuple(turns)
 
 
-def _turn_list(record: Mapping[str, Any], key: str, col: Mapping[str, str]) -> Conversation:
+def turn_list(record: Mapping[str, Any], key: str, col: Mapping[str, str]) -> Conversation:
     """A list of turns; each turn may use OpenAI keys (role/content) or ShareGPT keys (from/value)."""
     if key not in record:
         present = ", ".join(repr(k) for k in list(record)[:8])
         raise BadRecord("missing_key", f"missing key {key!r} (keys present: {present or 'none'})")
-    raw = _maybe_json(record[key])
+    raw = maybe_json(record[key])
     if not isinstance(raw, list):
         raise BadRecord("bad_turns", f"{key!r} is {_kind(raw)}, expected a list of turns")
     turns = []

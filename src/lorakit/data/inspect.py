@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from .preference import PreferenceData
 from .prepare import Example, PreparedData
 from .templates import IGNORE_INDEX
 
@@ -69,6 +70,34 @@ def report(data: PreparedData, tokenizer: Any, *, count: int, stop_ids: Iterable
         trained = sum(1 for label in example.labels if label != IGNORE_INDEX)
         lines += ["", f"== example {index + 1} ({example.source}): {trained} of {len(example.input_ids)} tokens "
                       "carry loss" + ("" if color else f", marked {OPEN} {CLOSE}"), render(example, tokenizer, color=color)]
+        lines += [f"warning: {p}" for p in problems]
+    lines += ["", f"{flagged} of {len(data.examples)} examples have warnings" if flagged
+              else f"no warnings in {len(data.examples)} examples"]
+    return "\n".join(lines)
+
+
+def preference_report(data: PreferenceData, tokenizer: Any, *, count: int, stop_ids: Iterable[int], color: bool) -> str:
+    """report() for preference data: each pair's prompt with its chosen and its rejected completion (KTO: its one
+    completion and label), the scored tokens marked, then warnings over all examples."""
+    stop_ids = set(stop_ids)
+    lines = [data.summary.line()] + [f"  dropped: {problem}" for problem in data.summary.problems]
+    flagged = 0
+    for index, example in enumerate(data.examples):
+        if data.paired:
+            sides = [("chosen", example.chosen_ids), ("rejected", example.rejected_ids)]
+        else:
+            sides = [("desirable" if example.desirable else "undesirable", example.completion_ids)]
+        shown = [(name, Example(example.prompt_ids + ids, [IGNORE_INDEX] * len(example.prompt_ids) + ids,
+                                example.source)) for name, ids in sides]
+        problems = [f"{name}: {p}" for name, one in shown for p in warnings_for(one, stop_ids, tokenizer)]
+        flagged += bool(problems)
+        if index >= count:
+            continue
+        lines += ["", f"== example {index + 1} ({example.source}): prompt {len(example.prompt_ids)} tokens"
+                      + ("" if color else f"; scored tokens marked {OPEN} {CLOSE}")]
+        for name, one in shown:
+            lines += [f"-- {name} ({len(one.input_ids) - len(example.prompt_ids)} tokens scored):",
+                      render(one, tokenizer, color=color)]
         lines += [f"warning: {p}" for p in problems]
     lines += ["", f"{flagged} of {len(data.examples)} examples have warnings" if flagged
               else f"no warnings in {len(data.examples)} examples"]

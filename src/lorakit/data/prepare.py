@@ -120,7 +120,7 @@ def prepare(source: Source, tokenizer: Any, options: DataOptions | None = None, 
             example = _apply_length_policy(tok, rec.location, opts, summary, chat=not isinstance(item, str), cut=cut)
         except BadRecord as e:
             where = e if e.location else e.at(rec.location)
-            _drop(summary, e.reason, str(where))
+            drop(summary, e.reason, str(where))
             if not opts.skip_bad_records:
                 strict_failures += 1
                 if strict_failures >= MAX_LISTED:
@@ -131,8 +131,8 @@ def prepare(source: Source, tokenizer: Any, options: DataOptions | None = None, 
     summary.format = fmt or "unknown"
     summary.template = "-" if fmt == "text" or template is None else template.name
     if strict_failures:
-        raise DataError(_strict_message(summary, stopped=strict_failures >= MAX_LISTED))
-    _check_losses(summary, opts)
+        raise DataError(strict_message(summary, stopped=strict_failures >= MAX_LISTED))
+    check_losses(summary, opts)
     summary.kept = len(examples)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
@@ -162,7 +162,7 @@ def _apply_length_policy(tok: Tokenized, location: str, opts: DataOptions, summa
     if len(ids) > opts.max_seq_len:
         if opts.truncation == "drop":
             more = "+" if cut else ""
-            _drop(summary, "too_long", f"{location}: {len(ids)}{more} tokens > max_seq_len={opts.max_seq_len}")
+            drop(summary, "too_long", f"{location}: {len(ids)}{more} tokens > max_seq_len={opts.max_seq_len}")
             return None
         # Cut after the last assistant turn that fits whole, so every kept turn ends with its end-of-turn
         # token; if none fits, a plain cut (the partial reply is trained without an end-of-turn token).
@@ -182,13 +182,13 @@ def _apply_length_policy(tok: Tokenized, location: str, opts: DataOptions, summa
     return Example(list(ids), list(labels), location)
 
 
-def _drop(summary: DataSummary, reason: str, message: str) -> None:
+def drop(summary: DataSummary, reason: str, message: str) -> None:
     summary.dropped[reason] += 1
     if len(summary.problems) < MAX_LISTED:
         summary.problems.append(message)
 
 
-def _strict_message(summary: DataSummary, *, stopped: bool) -> str:
+def strict_message(summary: DataSummary, *, stopped: bool) -> str:
     bad = {r: n for r, n in summary.dropped.items() if r not in POLICY_REASONS}
     counts = ", ".join(f"{r}: {n}" for r, n in sorted(bad.items()))
     total = sum(bad.values())
@@ -199,7 +199,7 @@ def _strict_message(summary: DataSummary, *, stopped: bool) -> str:
     return f"{head}:\n{listed}\nfix them, or set skip_bad_records to skip and count them"
 
 
-def _check_losses(summary: DataSummary, opts: DataOptions) -> None:
+def check_losses(summary: DataSummary, opts: DataOptions) -> None:
     """Fail when nothing is left or too much was lost; both name the reasons."""
     reasons = ", ".join(f"{r}: {n}" for r, n in sorted(summary.dropped.items()))
     kept = summary.records_read - summary.dropped_total

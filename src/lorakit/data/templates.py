@@ -123,6 +123,28 @@ def tokenize_conversation(turns: Sequence[Turn], tokenizer: Any, template: ChatT
     return Tokenized(ids, labels, tuple(ends))
 
 
+def tokenize_reply(prompt: Sequence[Turn], reply: str, tokenizer: Any, template: ChatTemplate) \
+        -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids) for one assistant reply to the conversation `prompt`, as tokenize_conversation
+    would split and supervise it: the prompt is the render with the generation prompt, the reply runs from there
+    to its end-of-turn token inclusive (what the template adds after that token belongs to neither). Preference
+    data tokenizes each completion of a prompt this way. Raises BadRecord when the template does not round-trip."""
+    messages = [{"role": t.role, "content": t.content} for t in prompt]
+    prompt_ids = _encode_rendered(tokenizer, template, messages, True)
+    full = _encode_rendered(tokenizer, template, [*messages, {"role": "assistant", "content": reply}], False)
+    if full[:len(prompt_ids)] != prompt_ids:
+        at = next((k for k, (a, b) in enumerate(zip(full, prompt_ids)) if a != b), min(len(full), len(prompt_ids)))
+        raise BadRecord("template_roundtrip",
+                        f"template {template.name!r} does not round-trip: the prompt rendered alone differs from the "
+                        f"prompt followed by its completion at token {at}, so the completion's mask would not match "
+                        "inference")
+    last = max((k for k in range(len(prompt_ids), len(full)) if full[k] in template.end_of_turn_ids), default=None)
+    if last is None:
+        raise BadRecord("no_end_of_turn", f"template {template.name!r} put no end-of-turn token after the "
+                                          "completion; the model would never learn to stop")
+    return prompt_ids, full[len(prompt_ids):last + 1]
+
+
 def tokenize_text(text: str, tokenizer: Any) -> Tokenized:
     """Raw text for continued pre-training: [BOS] text EOS, every token supervised; special-token strings
     in the text stay text."""

@@ -22,6 +22,8 @@ class EvalResult:
     """Supervised tokens scored."""
     parts: dict[str, float] = field(default_factory=dict)
     """The loss of each part scored on its own (multi-task: each task's), where an objective has parts."""
+    fields: dict[str, float | None] = field(default_factory=dict)
+    """More metrics of the evaluation (preference: eval_rewards/accuracies, ...), for metrics.jsonl and the log."""
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict:

@@ -58,6 +58,8 @@ def run_settings(config) -> dict[str, Any]:
     settings = {}
     for name in ("model", "lora", "data", "speed", "distributed"):
         settings.update(flat_settings(getattr(config, name), name))
+    if config.objective != "sft":  # sft runs record what they always did, so their older checkpoints resume
+        settings.update(flat_settings(config.preference, "preference"))
     settings["output_dir"] = config.output_dir
     settings["deploy_targets"] = list(config.deploy_targets)
     for task in config.tasks:

@@ -122,13 +122,16 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
     def run_eval() -> None:
         nonlocal last_eval_step
         result, last_eval_step = objective.evaluate(model, runtime), state.step
-        state.last_eval_loss, state.last_eval_perplexity = result.loss, result.perplexity
+        # No perplexity where the loss is not a cross-entropy (preference objectives give NaN).
+        state.last_eval_loss = result.loss
+        state.last_eval_perplexity = None if math.isnan(result.perplexity) else result.perplexity
         if math.isfinite(result.loss) and (state.best_eval_loss is None or result.loss < state.best_eval_loss):
             state.best_eval_loss, state.best_step = result.loss, state.step
-        info = {"step": state.step, "eval_loss": result.loss, "eval_perplexity": result.perplexity}
+        info = {"step": state.step, "eval_loss": result.loss, "eval_perplexity": result.perplexity, **result.fields}
         metrics.write({**info, "eval_tokens": result.tokens})
-        log(f"eval at step {state.step}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f} (best "
-            f"{_fmt(state.best_eval_loss)} at step {state.best_step}){_by_part(result.parts)}")
+        perplexity = f", perplexity {result.perplexity:.2f}" if not math.isnan(result.perplexity) else ""
+        log(f"eval at step {state.step}: loss {result.loss:.4f}{perplexity} (best {_fmt(state.best_eval_loss)} at "
+            f"step {state.best_step}){_by_part(result.parts)}{_by_part(result.fields)}")
         _call(hooks, "eval", {**info, "tokens": result.tokens})
 
     try:
@@ -225,7 +228,7 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
             final = {**state.as_dict(), "total_steps": total_steps, "epoch_progress": state.epoch + state.batches_done / n_batches,
                      "resumed_from": checkpoints.resumed_from, "adapter": str(adapter_dir), "metrics": METRICS_FILE}
             if runtime.is_main:
-                model.save_adapter(adapter_dir)
+                model.save_adapter(adapter_dir, model.active_adapters)  # what trained, not a frozen reference
                 write_text_atomic(out / TRAINER_STATE, json.dumps(final, indent=1, allow_nan=False) + "\n")
                 if plot_losses(metrics.rows(), out / PLOT_FILE):
                     log(f"loss curve: {out / PLOT_FILE}")
@@ -357,7 +360,9 @@ def _describe(objective: Objective, config: TrainConfig, n_batches: int, total_s
 def _summary(state: TrainState, epochs: float, seconds: float, train_loss: float | None, adapter_dir: Path) -> str:
     summary = f"{state.step} steps ({epochs:.2f} epochs) in {seconds:.1f}s; last train loss {_fmt(train_loss)}"
     if state.last_eval_loss is not None:
-        summary += (f"; eval loss {_fmt(state.last_eval_loss)} (perplexity {_fmt(state.last_eval_perplexity, '.2f')}), "
+        perplexity = state.last_eval_perplexity
+        perplexity = "" if perplexity is None else f" (perplexity {_fmt(perplexity, '.2f')})"
+        summary += (f"; eval loss {_fmt(state.last_eval_loss)}{perplexity}, "
                     f"best {_fmt(state.best_eval_loss)} at step {state.best_step}")
     if state.skipped_steps:
         summary += f"; {state.skipped_steps} updates skipped (non-finite)"

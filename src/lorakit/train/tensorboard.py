@@ -10,6 +10,14 @@ from ..errors import ConfigError
 SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s",
            "eval_loss": "eval/loss", "eval_perplexity": "eval/perplexity"}
 
+# An objective's own columns (preference: rewards/chosen, logps/rejected, kl, ...; eval_ prefixed in evaluations).
+OBJECTIVE_SCALARS = ("rewards/", "logps/", "kl", "nll_loss", "log_odds_ratio")
+
+
+def _objective_tag(key: str) -> str | None:
+    section, name = ("eval", key[len("eval_"):]) if key.startswith("eval_") else ("train", key)
+    return f"{section}/{name}" if name.startswith(OBJECTIVE_SCALARS) else None
+
 
 class TensorBoardHook:
     """Writes each step's and each evaluation's metrics to `log_dir` for `tensorboard --logdir`."""
@@ -27,9 +35,9 @@ class TensorBoardHook:
             return
         if self.writer is None:  # made at the first event: after fit has checked the output directory
             self.writer = self._writer_class(log_dir=self.log_dir)
-        for key, tag in SCALARS.items():
-            value = info.get(key)
-            if isinstance(value, (int, float)):
+        for key, value in info.items():
+            tag = SCALARS.get(key) or _objective_tag(key)
+            if tag is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(tag, value, global_step=info["step"])
         if event == "eval":
             self.writer.flush()  # evaluations are rare and worth seeing at once

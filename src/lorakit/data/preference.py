@@ -1,0 +1,306 @@
+"""Preference data: {prompt, chosen, rejected} pairs (DPO, ORPO) and {prompt, completion, label} examples (KTO).
+
+Records are TRL's preference formats. A prompt is a string (one user turn) or a list of messages (a shared
+multi-turn history, optionally with a system turn, ending with a user turn); a completion is a string or a list
+holding one assistant message. Without a `prompt` key, `chosen` and `rejected` may be whole conversations: their
+common leading turns are the prompt (TRL's implicit prompt). The chat template renders the prompt with its
+generation prompt and each completion after it (templates.tokenize_reply); only completion tokens, up to and
+including the end-of-turn token, are scored, as SFT supervises a reply.
+
+Lengths, in this order: the prompt keeps its last max_prompt_len tokens, each completion its first
+max_completion_len; a prompt that leaves no room within data.max_seq_len is a bad record; completions are cut
+to the room left. Bad records (empty or identical completions, a prompt that fills the budget, bad messages)
+stop preparation with file:line, or are skipped and counted with data.skip_bad_records, as for SFT.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import DataError
+from .collate import LengthGroupedBatchSampler
+from .formats import Conversation, Turn, check_conversation, column_names, maybe_json, turn_list
+from .options import DataOptions
+from .prepare import MAX_LISTED, DataSummary, Source, check_losses, drop, strict_message
+from .records import BadRecord, read_records, records_from_objects
+from .templates import IGNORE_INDEX, ChatTemplate, resolve_template, tokenize_reply
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One prompt with a preferred and a dispreferred completion, tokenized."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    source: str
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    """One prompt with one completion labelled desirable or not (KTO), tokenized."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    desirable: bool
+    source: str
+
+
+@dataclass
+class PreferenceData:
+    examples: list  # PreferencePair or Unpaired, all of one kind
+    summary: DataSummary
+    pad_token_id: int
+
+    @property
+    def paired(self) -> bool:
+        return bool(self.examples) and isinstance(self.examples[0], PreferencePair)
+
+
+@dataclass(frozen=True)
+class Lengths:
+    max_seq_len: int
+    max_prompt_len: int | None = None
+    max_completion_len: int | None = None
+
+
+def prepare_preference(source: Source, tokenizer: Any, options: DataOptions | None = None, *,
+                       lengths: Lengths | None = None, paired: bool = True, name: str | None = None) -> PreferenceData:
+    """Read, validate, render and tokenize every record of `source` (a file path, or records in memory):
+    pairs when `paired`, else KTO's labelled completions. Raises DataError naming file, line and reason."""
+    opts = options or DataOptions()
+    lengths = lengths or Lengths(opts.max_seq_len)
+    if isinstance(source, (str, os.PathLike)):
+        name, records = name or str(source), read_records(source)
+    else:
+        name, records = name or "records", records_from_objects(source, name=name or "records")
+    summary = DataSummary(source=name, format="preference" if paired else "kto")
+    template: ChatTemplate | None = None
+    examples: list = []
+    strict_failures = 0
+    for rec in records:
+        summary.records_read += 1
+        try:
+            if rec.problem is not None:
+                raise rec.problem
+            assert rec.data is not None
+            if template is None:
+                template = resolve_template(tokenizer, opts.template)  # DataError: stops at once, not per record
+            if paired:
+                example = _pair(rec.data, rec.location, tokenizer, template, lengths, summary)
+            else:
+                example = _unpaired(rec.data, rec.location, tokenizer, template, lengths, summary)
+        except BadRecord as e:
+            drop(summary, e.reason, str(e if e.location else e.at(rec.location)))
+            if not opts.skip_bad_records:
+                strict_failures += 1
+                if strict_failures >= MAX_LISTED:
+                    break
+            continue
+        examples.append(example)
+    summary.template = template.name if template is not None else "-"
+    if strict_failures:
+        raise DataError(strict_message(summary, stopped=strict_failures >= MAX_LISTED))
+    check_losses(summary, opts)
+    summary.kept = len(examples)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError("the tokenizer has neither a pad_token nor an eos_token to pad batches with")
+    return PreferenceData(examples, summary, pad)
+
+
+# ---- one record ----------------------------------------------------------------------------------------
+def _pair(record: Mapping[str, Any], location: str, tokenizer: Any, template: ChatTemplate, lengths: Lengths,
+          summary: DataSummary) -> PreferencePair:
+    prompt, chosen, rejected = _pair_texts(record)
+    if chosen == rejected:
+        raise BadRecord("identical_completions", "'chosen' and 'rejected' are the same text: the pair prefers nothing")
+    prompt_ids, chosen_ids = tokenize_reply(prompt, chosen, tokenizer, template)
+    rejected_prompt, rejected_ids = tokenize_reply(prompt, rejected, tokenizer, template)
+    if rejected_prompt != prompt_ids:  # the same prompt renders the same whatever follows (checked by round-trip)
+        raise BadRecord("template_roundtrip", "the prompt tokenizes differently before 'chosen' and 'rejected'")
+    prompt_ids, (chosen_ids, rejected_ids), cut = _fit(prompt_ids, [chosen_ids, rejected_ids], lengths)
+    if chosen_ids == rejected_ids:
+        raise BadRecord("identical_after_truncation", "'chosen' and 'rejected' are the same tokens after truncation "
+                                                      "to the length budget; raise max_completion_len/max_seq_len")
+    _count(summary, cut, prompt_ids, [chosen_ids, rejected_ids])
+    return PreferencePair(prompt_ids, chosen_ids, rejected_ids, location)
+
+
+def _unpaired(record: Mapping[str, Any], location: str, tokenizer: Any, template: ChatTemplate, lengths: Lengths,
+              summary: DataSummary) -> Unpaired:
+    for key in ("prompt", "completion", "label"):
+        if key not in record:
+            raise BadRecord("missing_key", f"missing key {key!r}: KTO records are {{prompt, completion, label}} "
+                                           f"(keys present: {', '.join(map(repr, list(record)[:8])) or 'none'})")
+    label = record["label"]
+    if isinstance(label, str) and label.lower() in ("true", "false"):  # CSV cells
+        label = label.lower() == "true"
+    if not isinstance(label, bool):
+        raise BadRecord("bad_label", f"'label' is {label!r}; expected true (desirable) or false (undesirable)")
+    prompt = _prompt(record["prompt"])
+    completion = _completion(record["completion"], "completion")
+    check_conversation((*prompt, Turn("assistant", completion)))
+    prompt_ids, completion_ids = tokenize_reply(prompt, completion, tokenizer, template)
+    prompt_ids, (completion_ids,), cut = _fit(prompt_ids, [completion_ids], lengths)
+    _count(summary, cut, prompt_ids, [completion_ids])
+    return Unpaired(prompt_ids, completion_ids, label, location)
+
+
+def _pair_texts(record: Mapping[str, Any]) -> tuple[Conversation, str, str]:
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise BadRecord("missing_key", f"missing key {key!r}: preference records are {{prompt, chosen, rejected}} "
+                                           f"(keys present: {', '.join(map(repr, list(record)[:8])) or 'none'})")
+    if "prompt" in record:
+        prompt = _prompt(record["prompt"])
+        chosen, rejected = _completion(record["chosen"], "chosen"), _completion(record["rejected"], "rejected")
+    else:  # TRL's implicit prompt: two whole conversations sharing their leading turns
+        whole = [turn_list(record, key, column_names(None)) for key in ("chosen", "rejected")]
+        shared = 0
+        while shared < min(map(len, whole)) and whole[0][shared] == whole[1][shared]:
+            shared += 1
+        for key, turns in zip(("chosen", "rejected"), whole):
+            if len(turns) != shared + 1 or turns[-1].role != "assistant":
+                raise BadRecord("no_shared_prompt", f"without a 'prompt' key, {key!r} must be the shared conversation "
+                                                    "plus one assistant reply")
+        prompt, chosen, rejected = whole[0][:shared], whole[0][-1].content, whole[1][-1].content
+    for text in (chosen, rejected):
+        check_conversation((*prompt, Turn("assistant", text)))  # role order, and no empty completion
+    return prompt, chosen, rejected
+
+
+def _prompt(value: Any) -> Conversation:
+    value = maybe_json(value)
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRecord("empty_prompt", "'prompt' is empty or whitespace")
+        return (Turn("user", value),)
+    if isinstance(value, list):
+        turns = turn_list({"prompt": value}, "prompt", column_names(None))
+        if not turns or turns[-1].role != "user":
+            raise BadRecord("bad_role_order", "'prompt' must end with a user turn (the completion answers it)")
+        return turns
+    raise BadRecord("bad_prompt", f"'prompt' is {type(value).__name__}; expected a string or a list of messages")
+
+
+def _completion(value: Any, key: str) -> str:
+    value = maybe_json(value)
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRecord("empty_completion", f"{key!r} is empty or whitespace: it would teach nothing")
+        return value
+    if isinstance(value, list):
+        turns = turn_list({key: value}, key, column_names(None))
+        if len(turns) != 1 or turns[0].role != "assistant":
+            raise BadRecord("bad_completion", f"{key!r} must hold exactly one assistant message")
+        return _completion(turns[0].content, key)
+    raise BadRecord("bad_completion", f"{key!r} is {type(value).__name__}; expected a string or [one assistant "
+                                      "message]")
+
+
+def _fit(prompt: list[int], completions: list[list[int]], lengths: Lengths) \
+        -> tuple[list[int], list[list[int]], bool]:
+    """The prompt and completions cut to the length settings (see the module docstring), and whether any was."""
+    cut = False
+    if lengths.max_prompt_len is not None and len(prompt) > lengths.max_prompt_len:
+        prompt, cut = prompt[-lengths.max_prompt_len:], True  # keep the end: the part next to the completion
+    if len(prompt) >= lengths.max_seq_len:
+        raise BadRecord("prompt_fills_budget", f"the prompt alone has {len(prompt)} tokens, leaving no room for a "
+                                               f"completion within max_seq_len={lengths.max_seq_len}; set "
+                                               "preference.max_prompt_len or raise data.max_seq_len")
+    room = lengths.max_seq_len - len(prompt)
+    if lengths.max_completion_len is not None:
+        room = min(room, lengths.max_completion_len)
+    out = []
+    for ids in completions:
+        cut = cut or len(ids) > room
+        out.append(ids[:room])
+    return prompt, out, cut
+
+
+def _count(summary: DataSummary, cut: bool, prompt: list[int], completions: list[list[int]]) -> None:
+    summary.truncated += cut
+    summary.supervised_tokens += sum(map(len, completions))
+    summary.total_tokens += sum(len(prompt) + len(c) for c in completions)
+
+
+# ---- batches -------------------------------------------------------------------------------------------
+def sequence_lengths(data: PreferenceData) -> list[int]:
+    """The longest row each example adds to a batch (for grouping by length)."""
+    if data.paired:
+        return [len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in data.examples]
+    return [len(e.prompt_ids) + len(e.completion_ids) for e in data.examples]
+
+
+def kl_partners(count: int, batch_size: int) -> list[int]:
+    """KTO's mismatched completion for each example: the previous one within consecutive blocks of `batch_size`
+    in data order (TRL's rotation), fixed per example so that the reference's KL log-probs can be precomputed."""
+    partners = []
+    for start in range(0, count, batch_size):
+        block = list(range(start, min(start + batch_size, count)))
+        partners += [block[-1]] + block[:-1]
+    return partners
+
+
+def collate_rows(sequences: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """(prompt ids, completion ids) pairs as right-padded rows: input_ids, attention_mask, and labels holding
+    the completion tokens (IGNORE_INDEX elsewhere). All (rows, seq) int64."""
+    longest = max(len(p) + len(c) for p, c in sequences)
+    ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)  # (rows, seq)
+    labels = torch.full((len(sequences), longest), IGNORE_INDEX, dtype=torch.long)  # (rows, seq)
+    attn = torch.zeros((len(sequences), longest), dtype=torch.long)  # (rows, seq)
+    for row, (prompt, completion) in enumerate(sequences):
+        n, p = len(prompt) + len(completion), len(prompt)
+        ids[row, :n] = torch.tensor(prompt + completion, dtype=torch.long)
+        labels[row, p:n] = torch.tensor(completion, dtype=torch.long)
+        attn[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+
+
+def collate_preference(data: PreferenceData, indices: Sequence[int], partners: Sequence[int] | None = None) \
+        -> dict[str, torch.Tensor]:
+    """One micro-batch of examples `indices`. Pairs: 2 x len rows, the chosen completions first, then the
+    rejected in the same order. KTO: one row per example, `desirable` (bool), and with `partners` the KL rows
+    (prompt i with its partner's completion) under kl_input_ids / kl_attention_mask / kl_labels. `index` holds
+    the examples' positions in the data (for precomputed reference log-probs)."""
+    chosen = [data.examples[i] for i in indices]
+    if data.paired:
+        rows = [(e.prompt_ids, e.chosen_ids) for e in chosen] + [(e.prompt_ids, e.rejected_ids) for e in chosen]
+        batch = collate_rows(rows, data.pad_token_id)
+    else:
+        batch = collate_rows([(e.prompt_ids, e.completion_ids) for e in chosen], data.pad_token_id)
+        batch["desirable"] = torch.tensor([e.desirable for e in chosen], dtype=torch.bool)
+        if partners is not None:
+            kl = collate_rows([(e.prompt_ids, data.examples[partners[i]].completion_ids)
+                               for i, e in zip(indices, chosen)], data.pad_token_id)
+            batch.update({f"kl_{key}": value for key, value in kl.items()})
+    batch["index"] = torch.tensor(list(indices), dtype=torch.long)
+    return batch
+
+
+def preference_batches(data: PreferenceData, batch_size: int, *, seed: int, epoch: int, group: int = 50,
+                       partners: Sequence[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The micro-batches of one epoch, in an order fixed by (seed, epoch), grouped by length within runs of
+    `group` batches (one optimizer step's), as SFT's iter_batches."""
+    sampler = LengthGroupedBatchSampler(sequence_lengths(data), batch_size, seed=seed, mega_batch_factor=group)
+    for indices in sampler.batches(epoch):
+        yield collate_preference(data, indices, partners)
+
+
+def split_preference(data: PreferenceData, fraction: float, seed: int) -> tuple[PreferenceData, PreferenceData]:
+    """Hold out `fraction` of the examples (at least one) for validation, fixed by `seed`."""
+    n = len(data.examples)
+    k = max(1, round(n * fraction))
+    if n < 2 or k >= n:
+        raise DataError(f"cannot split {fraction:g} of {n} examples for validation and keep any for training")
+    held = set(random.Random(f"lorakit-split:{seed}").sample(range(n), k))
+    keep = [e for i, e in enumerate(data.examples) if i not in held]
+    out = [e for i, e in enumerate(data.examples) if i in held]
+    return (PreferenceData(keep, data.summary, data.pad_token_id), PreferenceData(out, data.summary, data.pad_token_id))
