@@ -25,7 +25,11 @@ SLOW = {
         "test_two_processes_train_like_one_with_double_accumulation", "test_fsdp_shards_the_base_and_trains_like_one_process",
         "test_several_tasks_train_on_two_processes_like_on_one",
         "test_loading_into_shards_keeps_half_of_each_layer_and_the_rest_whole",
-        "test_a_two_process_checkpoint_resumes_on_one_process", "test_a_failing_rank_stops_every_rank_with_its_error_shown"},
+        "test_a_two_process_checkpoint_resumes_on_one_process", "test_a_failing_rank_stops_every_rank_with_its_error_shown",
+        "test_preference_objectives_train_on_two_processes_like_on_one"},
+    "train/test_preference.py": {  # several short training runs each
+        "test_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run",
+        "test_starting_from_an_sft_adapter_keeps_it_as_the_frozen_reference"},
     "plan/test_plan.py": {  # train in fresh child processes to measure their peak memory
         "test_the_runtime_item_is_the_measured_runtime", "test_predicted_peak_is_within_15_percent_of_the_measured"},
     "export/test_export_gguf.py": {  # llama.cpp, in a child process each

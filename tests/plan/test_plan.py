@@ -132,8 +132,11 @@ def test_lora_parameter_count_is_what_training_trains(tiny_run, lora, adapter_dt
     from lorakit.lora import LoraConfig, wrap
 
     config = load_run_config(tiny_run, [f"lora={json.dumps(lora)}", f"model.adapter_dtype={adapter_dtype}"])
-    shape = plan_run(config).shape
-    model = wrap(AutoModelForCausalLM.from_pretrained(config.model.name_or_path), LoraConfig.from_dict(lora))
+    plan = plan_run(config)
+    shape = plan.shape
+    # In the dtype the run loads it in (transformers 5.25 loads a checkpoint's stored dtype by default, not fp32).
+    model = wrap(AutoModelForCausalLM.from_pretrained(config.model.name_or_path, dtype=plan.setup.dtype),
+                 LoraConfig.from_dict(lora))
     if adapter_dtype != "float32":
         model.cast_adapters(getattr(torch, adapter_dtype))
     assert shape.lora_params == model.trainable_parameters().trainable

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import math
 import subprocess
 import sys
 import textwrap
@@ -278,3 +279,48 @@ def test_bad_launches_are_explained(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ConfigError, match="not a number"):
         init_distributed(DistributedConfig())
+
+
+def _preference_config(root, name: str, objective: str) -> str:
+    """Pairs (dpo) or labelled completions (kto) built from the chat data's questions, right and wrong sums."""
+    records = []
+    for line in (root / "train.jsonl").read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        prompt, right = messages[0]["content"], messages[1]["content"]
+        wrong = right.replace("It is ", "It is not ")
+        records += ([{"prompt": prompt, "chosen": right, "rejected": wrong}] if objective == "dpo" else
+                    [{"prompt": prompt, "completion": right, "label": True},
+                     {"prompt": prompt, "completion": wrong, "label": False}])
+    (root / f"{objective}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    path = root / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        model: {{name_or_path: {root / "model"}, dtype: float32}}
+        objective: {objective}
+        lora: {{r: 4, lora_alpha: 8, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
+        data: {{train: {root / f"{objective}.jsonl"}, validation_fraction: 0.2, max_seq_len: 64}}
+        train: {{max_steps: 6, batch_size: 2, grad_accum: 1, lr: 5.0e-3, lr_schedule: constant, seed: 0,
+                eval_every: 3}}
+        output_dir: {root / name}
+        """))
+    return str(path)
+
+
+@pytest.mark.parametrize("objective, strategy", [("dpo", "ddp"), ("dpo", "fsdp"), ("kto", "ddp")])
+def test_preference_objectives_train_on_two_processes_like_on_one(workdir, objective, strategy):
+    """dpo and kto under torchrun: losses, reward metrics, evaluation and the adapter equal one process with twice
+    the accumulation (KTO's KL estimate is per micro-batch, so it does not depend on the process layout)."""
+    single = workdir / f"{objective}_single"
+    if not single.exists():
+        _ok(_single(["train", _preference_config(workdir, single.name, objective), "--set", "train.grad_accum=2"]))
+    out = workdir / f"{objective}_{strategy}"
+    _ok(_torchrun(2, ["-m", "lorakit", "train", _preference_config(workdir, out.name, objective), "--set",
+                      f"distributed.strategy={strategy}"]))
+    rows = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (single, out)}
+    for key in ("loss", "rewards/chosen", "eval_loss"):
+        # None: a KTO window without a desirable example has no chosen reward
+        two, one = ([math.nan if r[key] is None else r[key] for r in rows[run] if key in r] for run in (out, single))
+        assert len(two) == len(one) > 0 and two == pytest.approx(one, rel=1e-5, abs=1e-7, nan_ok=True), key
+    two, one = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (out, single))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)

@@ -43,12 +43,13 @@ class RunPlan:
     shape: ModelShape
     setup: Setup
     memory: MemoryPlan
-    tasks: int = 1
-    """With `tasks:`, a micro-batch holds train.batch_size rows of each task."""
+    rows_per_example: int = 1
+    """Rows a micro-batch holds per train.batch_size: one per task with `tasks:`; two (chosen and rejected) for
+    dpo and orpo."""
 
     def at(self, batch_size: int, seq_len: int, **changes) -> MemoryPlan:
         """The plan at train.batch_size `batch_size` and max_seq_len `seq_len` (and other Setup changes)."""
-        rows = batch_size * self.tasks
+        rows = batch_size * self.rows_per_example
         return estimate(self.shape, dataclasses.replace(self.setup, batch_size=rows, seq_len=seq_len, **changes))
 
 
@@ -62,21 +63,29 @@ def plan_run(config: RunConfig, *, hf_config=None) -> RunPlan:
     shape = model_shape(config, dtype, hf_config)
     t = config.train
     tasks = len(config.tasks) or 1
+    pairs = config.objective in ("dpo", "orpo")
     if config.speed.compile == "on" or (config.speed.compile == "auto" and q is None and not t.gradient_checkpointing
                                         and (t.max_steps or 0) >= COMPILE_MIN_STEPS):
         shape.notes.append("speed.compile may compile the decoder layers, which then keep less than counted here")
     if tasks > 1:
         shape.notes.append(f"{tasks} tasks: each micro-batch holds train.batch_size rows of each, "
                            f"{t.batch_size * tasks} rows")
+    if pairs:
+        shape.notes.append(f"{config.objective}: each micro-batch holds a chosen and a rejected row per pair, "
+                           f"{t.batch_size * 2} rows")
+    if config.objective in ("dpo", "kto"):
+        shape.notes.append("the reference pass runs under no_grad before the policy's (adapters disabled, or a frozen "
+                           "adapter, on the same weights), so it adds no weights and no saved activations")
+    rows = tasks * (2 if pairs else 1)
     setup = Setup(device=device.type, dtype=dtype, bits=q.bits if q else None,
                   double_quant=q.double_quant if q else True,
                   adapter_bytes=2 if config.model.adapter_dtype == "bfloat16" else 4,
-                  base_dtype_lora=config.speed.adapter_compute == "auto", batch_size=t.batch_size * tasks,
+                  base_dtype_lora=config.speed.adapter_compute == "auto", batch_size=t.batch_size * rows,
                   seq_len=config.data.max_seq_len, checkpointing=t.gradient_checkpointing,
                   checkpoint_every=t.checkpoint_every, loss_chunk=t.loss_chunk_tokens, packing=_packing(config),
                   eager_attention=config.model.attn_implementation == "eager",
                   runtime=runtime_bytes(device, quantized=q is not None))
-    return RunPlan(shape, setup, estimate(shape, setup), tasks)
+    return RunPlan(shape, setup, estimate(shape, setup), rows)
 
 
 def _packing(config: RunConfig) -> bool:
@@ -223,19 +232,19 @@ def alternatives(plan: RunPlan, budget: int) -> list[str]:
     s = plan.setup
     out = []
     batch = largest_batch(plan, s.seq_len, budget)
-    if 0 < batch < s.batch_size // plan.tasks:
+    if 0 < batch < s.batch_size // plan.rows_per_example:
         out.append(f"train.batch_size={batch} (raise train.grad_accum to keep the effective batch): "
                    f"{gb(plan.at(batch, s.seq_len).peak)}")
     if not s.checkpointing:
-        peak = plan.at(s.batch_size // plan.tasks, s.seq_len, checkpointing=True, checkpoint_every=1).peak
+        peak = plan.at(s.batch_size // plan.rows_per_example, s.seq_len, checkpointing=True, checkpoint_every=1).peak
         if peak <= budget:
             out.append(f"train.gradient_checkpointing=true: {gb(peak)}")
     if s.loss_chunk is None and plan.shape.chunked_head:
-        peak = plan.at(s.batch_size // plan.tasks, s.seq_len, loss_chunk=1024).peak
+        peak = plan.at(s.batch_size // plan.rows_per_example, s.seq_len, loss_chunk=1024).peak
         if peak <= budget:
             out.append(f"train.loss_chunk_tokens=1024: {gb(peak)}")
     if s.bits is None and s.device != "mps":
-        peak = plan.at(s.batch_size // plan.tasks, s.seq_len, bits=4, double_quant=True,
+        peak = plan.at(s.batch_size // plan.rows_per_example, s.seq_len, bits=4, double_quant=True,
                        runtime=s.runtime + RUNTIME_EXTRA_QUANT).peak
         if peak <= budget:
             out.append(f"model.quantization={{bits: 4}} (QLoRA): {gb(peak)}")
