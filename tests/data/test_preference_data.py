@@ -94,3 +94,29 @@ def test_kto_records_and_their_kl_partners(tok_chat):
     assert kl_scored == data.examples[1].completion_ids  # prompt 0 with completion 1
     with pytest.raises(DataError, match="bad_label"):
         prepare_preference([{"prompt": "hi", "completion": "x", "label": 3}], tok_chat, OPTS, paired=False)
+
+
+def test_a_huge_record_is_cut_before_tokenizing_to_the_same_tokens(tok_chat):
+    """A prompt of 100k characters costs a bounded tokenization: the kept end and the completions equal those of
+    the whole record (budget.py's rule, applied with the prompt keeping its end)."""
+    import lorakit.data.preference as preference
+
+    record = {"prompt": "hello world, how are you today? " * 3000 + "And three plus three?",
+              "chosen": "Six. " * 3000, "rejected": "Seven. " * 3000}
+    lengths = Lengths(64, max_prompt_len=24)
+    seen: list[int] = []
+    real = preference.tokenize_reply
+
+    def spy(prompt, reply, *args):
+        seen.append(sum(len(t.content) for t in prompt) + len(reply))
+        return real(prompt, reply, *args)
+
+    preference.tokenize_reply = spy
+    try:
+        cut = prepare_preference([record], tok_chat, OPTS, lengths=lengths).examples[0]
+    finally:
+        preference.tokenize_reply = real
+    assert max(seen) < 10_000  # the budget for 64 tokens, not the record's 130k characters
+    whole_prompt, whole_chosen = real(preference._prompt(record["prompt"]), record["chosen"], tok_chat,
+                                      preference.resolve_template(tok_chat, "auto"))
+    assert cut.prompt_ids == whole_prompt[-24:] and cut.chosen_ids == whole_chosen[:64 - 24]

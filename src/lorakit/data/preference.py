@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import DataError
+from .budget import char_budget, tokens_past_a_cut
 from .collate import LengthGroupedBatchSampler
 from .formats import Conversation, Turn, check_conversation, column_names, maybe_json, turn_list
 from .options import DataOptions
@@ -121,10 +122,8 @@ def _pair(record: Mapping[str, Any], location: str, tokenizer: Any, template: Ch
     prompt, chosen, rejected = _pair_texts(record)
     if chosen == rejected:
         raise BadRecord("identical_completions", "'chosen' and 'rejected' are the same text: the pair prefers nothing")
-    prompt_ids, chosen_ids = tokenize_reply(prompt, chosen, tokenizer, template)
-    rejected_prompt, rejected_ids = tokenize_reply(prompt, rejected, tokenizer, template)
-    if rejected_prompt != prompt_ids:  # the same prompt renders the same whatever follows (checked by round-trip)
-        raise BadRecord("template_roundtrip", "the prompt tokenizes differently before 'chosen' and 'rejected'")
+    prompt_ids, (chosen_ids, rejected_ids) = _tokenize(prompt, [chosen, rejected], tokenizer, template,
+                                                       lengths.max_seq_len)
     prompt_ids, (chosen_ids, rejected_ids), cut = _fit(prompt_ids, [chosen_ids, rejected_ids], lengths)
     if chosen_ids == rejected_ids:
         raise BadRecord("identical_after_truncation", "'chosen' and 'rejected' are the same tokens after truncation "
@@ -147,10 +146,47 @@ def _unpaired(record: Mapping[str, Any], location: str, tokenizer: Any, template
     prompt = _prompt(record["prompt"])
     completion = _completion(record["completion"], "completion")
     check_conversation((*prompt, Turn("assistant", completion)))
-    prompt_ids, completion_ids = tokenize_reply(prompt, completion, tokenizer, template)
+    prompt_ids, (completion_ids,) = _tokenize(prompt, [completion], tokenizer, template, lengths.max_seq_len)
     prompt_ids, (completion_ids,), cut = _fit(prompt_ids, [completion_ids], lengths)
     _count(summary, cut, prompt_ids, [completion_ids])
     return Unpaired(prompt_ids, completion_ids, label, location)
+
+
+def _tokenize(prompt: Conversation, replies: list[str], tokenizer: Any, template: ChatTemplate, max_seq_len: int) \
+        -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, ids of each reply), as tokenize_reply gives them. A record far longer than max_seq_len tokens
+    could need is cut to a character budget first (budget.py: tokenizing holds a few hundred bytes per input
+    byte), the prompt keeping its end and each reply its start; while what a cut leaves holds fewer tokens than
+    tokens_past_a_cut, the budget doubles, so the tokens that _fit keeps are those of the whole record."""
+    budget = char_budget(max_seq_len)
+    while True:
+        cut_prompt, cut_replies = _prompt_tail(prompt, budget), [r[:budget] for r in replies]
+        prompt_ids, out = None, []
+        for reply in cut_replies:
+            ids, reply_ids = tokenize_reply(cut_prompt, reply, tokenizer, template)
+            if prompt_ids is not None and ids != prompt_ids:  # the same prompt renders the same whatever follows
+                raise BadRecord("template_roundtrip", "the prompt tokenizes differently before 'chosen' and 'rejected'")
+            prompt_ids = ids
+            out.append(reply_ids)
+        enough = tokens_past_a_cut(max_seq_len)
+        short = ((cut_prompt != prompt and len(prompt_ids) < enough)
+                 or any(c != r and len(ids) < enough for c, r, ids in zip(cut_replies, replies, out)))
+        if not short:
+            return prompt_ids, out
+        budget *= 2
+
+
+def _prompt_tail(prompt: Conversation, budget: int) -> Conversation:
+    """The prompt with at most `budget` characters of content, its end kept: the last turns whole, the one where
+    the budget runs out cut to its end, the earlier ones emptied (kept, so the roles and markup stay)."""
+    if sum(len(t.content) for t in prompt) <= budget:
+        return prompt
+    out, left = [], budget
+    for turn in reversed(prompt):
+        keep = turn.content[len(turn.content) - left:] if left < len(turn.content) else turn.content
+        out.append(Turn(turn.role, keep if left > 0 else ""))
+        left = max(0, left - len(turn.content))
+    return tuple(reversed(out))
 
 
 def _pair_texts(record: Mapping[str, Any]) -> tuple[Conversation, str, str]:

@@ -24,7 +24,7 @@ MAY_CHANGE = ("train.max_steps", "train.epochs", "train.save_every", "train.eval
               "speed", "distributed", "deploy_targets", "data.skip_bad_records", "data.max_drop_fraction",
               # the same numbers computed another way: what a run resumed after running out of memory changes
               "train.gradient_checkpointing", "train.checkpoint_every", "train.loss_chunk_tokens", "train.nan_policy",
-              "model.device", "model.attn_implementation")
+              "model.device", "model.attn_implementation", "preference.reference.precompute")
 # Checkpoints that record this compare every key either side has (a section set on one side only is a change);
 # older ones recorded a few keys, compared where both have them.
 VERSION_KEY, VERSION = "fingerprint_version", 2

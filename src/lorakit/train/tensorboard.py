@@ -11,7 +11,7 @@ SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm
            "eval_loss": "eval/loss", "eval_perplexity": "eval/perplexity"}
 
 # An objective's own columns (preference: rewards/chosen, logps/rejected, kl, ...; eval_ prefixed in evaluations).
-OBJECTIVE_SCALARS = ("rewards/", "logps/", "kl", "nll_loss", "log_odds_ratio")
+OBJECTIVE_SCALARS = ("rewards/", "logps/", "kl", "nll_loss", "log_odds_chosen")
 
 
 def _objective_tag(key: str) -> str | None:

@@ -258,7 +258,7 @@ class Preference:
             fields["rewards/accuracies"] = mean("accurate", "examples")
         if self.kind == "orpo":
             fields["nll_loss"] = mean("nll", "chosen_tokens")
-            fields["log_odds_ratio"] = mean("log_odds", "examples")
+            fields["log_odds_chosen"] = mean("log_odds", "examples")  # TRL's name for the mean log odds ratio
         return fields
 
 
