@@ -66,6 +66,7 @@ def test_fit_trains_the_objective_it_is_given(tmp_path):
 def test_a_recipe_is_chosen_by_the_objective_name(tmp_path):
     assert RECIPES["sft"].__module__ == "lorakit.recipes.sft"
     path = tmp_path / "run.yaml"
-    path.write_text("objective: dpo\nmodel: {name_or_path: ./no-model}\ndata: {train: train.jsonl}\n")
-    with pytest.raises(ConfigError, match="objective: 'dpo' is not one of sft"):  # before anything loads
+    assert RECIPES["dpo"].__module__ == "lorakit.recipes.preference"
+    path.write_text("objective: grpo\nmodel: {name_or_path: ./no-model}\ndata: {train: train.jsonl}\n")
+    with pytest.raises(ConfigError, match="objective: 'grpo' is not one of sft, dpo, orpo, kto"):  # before loading
         run_recipe(load_run_config(path))
