@@ -13,7 +13,7 @@ from lorakit.config import run_config_from_dict
 from lorakit.data import DataOptions
 from lorakit.data.preference import collate_preference, prepare_preference
 from lorakit.errors import ConfigError
-from lorakit.lora import LoraConfig, LoraModel
+from lorakit.lora import LoraConfig, LoraModel, load_adapter
 from lorakit.recipes import run_recipe
 from lorakit.train.logprobs import completion_log_probs
 from lorakit.train.metrics import read_metrics
@@ -116,6 +116,45 @@ def test_starting_from_an_sft_adapter_keeps_it_as_the_frozen_reference(model_dir
     # Step 1's policy is the reference itself: the log-ratios, so the rewards, are exactly zero.
     assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
     assert abs(first["loss"] - 0.6931471805599453) < 1e-6
+
+
+def test_plan_and_deploy_check_use_the_starting_adapter_not_the_lora_section(model_dir, tmp_path):
+    """With reference.adapter the policy is that adapter: the memory plan counts its parameters (and its frozen
+    copy) and deploy_targets checks its rank, whatever the lora section says."""
+    from lorakit.plan.check import plan_run
+
+    sft = _config(model_dir, tmp_path, out="sft")
+    sft.update(objective="sft", preference={})
+    sft["lora"] = {"r": 32, "target_modules": ["q_proj", "o_proj"]}  # vLLM's default --max-lora-rank is 16
+    sft["data"] = {"train": str(tmp_path / "sft.jsonl")}
+    sft["train"] = {**sft["train"], "max_steps": 1, "eval_every": 1, "save_every": 1}
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}]}) + "\n"
+        for p in PAIRS), encoding="utf-8")
+    adapter = run_recipe(run_config_from_dict(sft), log=quiet).adapter_dir
+    trained = sum(p.numel() for p in load_adapter(_tiny_base(model_dir), adapter, is_trainable=True).parameters()
+                  if p.requires_grad)
+
+    config = _config(model_dir, tmp_path, reference={"adapter": str(adapter)})  # lora section: r 4 on q, v
+    plan = plan_run(run_config_from_dict(config))
+    assert plan.shape.lora_params == trained
+    item = next(i for i in plan.memory.items if i.name.startswith("LoRA weights"))
+    assert item.bytes == 5 * 4 * trained and "frozen reference" in item.note
+    fresh = plan_run(run_config_from_dict(_config(model_dir, tmp_path)))
+    assert fresh.shape.lora_params < trained and "4 copies" in next(
+        i for i in fresh.memory.items if i.name.startswith("LoRA weights")).note
+
+    config["deploy_targets"] = ["vllm"]
+    with pytest.raises(ConfigError, match=r"vllm would refuse the adapter.*32"):
+        run_recipe(run_config_from_dict(config), log=quiet)
+    assert not (tmp_path / "run" / "adapter").exists()
+    run_recipe(run_config_from_dict({**config, "deploy_targets": []}), log=quiet)  # the lora section alone passes
+
+
+def _tiny_base(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("objective, preference, field", [

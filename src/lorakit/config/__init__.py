@@ -9,12 +9,12 @@ sections.py holds the dataclasses, load.py reads and validates YAML, reference.p
 """
 
 from ..lora.config import LoraConfig
-from .load import apply_override, load_run_config, run_config_from_dict
+from .load import apply_override, as_trained, load_run_config, run_config_from_dict
 from .reference import field_reference
 from .sections import DataConfig, DistributedConfig, ModelConfig, PreferenceConfig, QuantizationConfig, \
     ReferenceConfig, RunConfig, SpeedConfig, TaskConfig, TrainConfig
 
 __all__ = ["DataConfig", "DistributedConfig", "LoraConfig", "ModelConfig", "PreferenceConfig", "QuantizationConfig",
            "ReferenceConfig", "RunConfig",
-           "SpeedConfig", "TaskConfig", "TrainConfig", "apply_override", "field_reference", "load_run_config",
+           "SpeedConfig", "TaskConfig", "TrainConfig", "apply_override", "as_trained", "field_reference", "load_run_config",
            "run_config_from_dict"]

@@ -126,6 +126,18 @@ PREFERENCE_OBJECTIVES = ("dpo", "orpo", "kto")
 REFERENCE_FREE = "simpo and orpo use no reference model"
 
 
+def as_trained(config: RunConfig) -> RunConfig:
+    """`config` with the lora section the run really trains: with preference.reference.adapter the policy starts
+    from that adapter, so its adapter_config.json replaces the lora section (for the memory plan and the deploy
+    check, which run before any model loads). A bad adapter folder raises AdapterError saying what is wrong."""
+    start = config.preference.reference.adapter if config.objective in PREFERENCE_OBJECTIVES else None
+    if start is None:
+        return config
+    from ..lora.io import read_adapter_config  # reads a file; the config itself never needs it
+
+    return dataclasses.replace(config, lora=read_adapter_config(start).replace(inference_mode=False))  # it trains
+
+
 def _preference_problems(config: RunConfig) -> list[str]:
     """What the preference fields allow one by one but not with the objective or each other."""
     if config.objective not in PREFERENCE_OBJECTIVES:

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from ..base_model import pick_device, pick_dtype, quant_spec
-from ..config import RunConfig
+from ..config import RunConfig, as_trained
 from ..data import detect_format, read_records
 from ..errors import ConfigError
 from ..train.speed import COMPILE_MIN_STEPS
@@ -55,6 +55,7 @@ class RunPlan:
 
 def plan_run(config: RunConfig, *, hf_config=None) -> RunPlan:
     """The memory plan of `config` on this machine (no weights are loaded)."""
+    config = as_trained(config)  # reference.adapter: the starting adapter's shape, not the lora section's
     device = pick_device(config.model.device)
     dtype = pick_dtype(config.model.dtype, device)
     spec = quant_spec(config.model, dtype, device)
@@ -75,7 +76,11 @@ def plan_run(config: RunConfig, *, hf_config=None) -> RunPlan:
                            f"{t.batch_size * 2} rows")
     if config.objective in ("dpo", "kto"):
         shape.notes.append("the reference pass runs under no_grad before the policy's (adapters disabled, or a frozen "
-                           "adapter, on the same weights), so it adds no weights and no saved activations")
+                           "adapter, on the same weights), so it adds no saved activations")
+    frozen_copy = config.objective in ("dpo", "kto") and config.preference.reference.adapter is not None
+    if frozen_copy:
+        shape.notes.append(f"the policy starts from {config.preference.reference.adapter} (its r and targets are "
+                           "planned here, not the lora section's); its frozen copy, the reference, is counted")
     rows = tasks * (2 if pairs else 1)
     setup = Setup(device=device.type, dtype=dtype, bits=q.bits if q else None,
                   double_quant=q.double_quant if q else True,
@@ -84,7 +89,7 @@ def plan_run(config: RunConfig, *, hf_config=None) -> RunPlan:
                   seq_len=config.data.max_seq_len, checkpointing=t.gradient_checkpointing,
                   checkpoint_every=t.checkpoint_every, loss_chunk=t.loss_chunk_tokens, packing=_packing(config),
                   eager_attention=config.model.attn_implementation == "eager",
-                  runtime=runtime_bytes(device, quantized=q is not None))
+                  runtime=runtime_bytes(device, quantized=q is not None), frozen_adapter=frozen_copy)
     return RunPlan(shape, setup, estimate(shape, setup), rows)
 
 

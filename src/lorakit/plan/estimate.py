@@ -77,6 +77,8 @@ class Setup:
     eager_attention: bool
     runtime: int
     """The framework's own bytes (CPU: resident runtime; CUDA: the context), measured by check.py."""
+    frozen_adapter: bool = False
+    """A frozen copy of the trained adapter is held too (preference.reference.adapter): its weights only."""
 
 
 @dataclass
@@ -155,7 +157,8 @@ def estimate(shape: ModelShape, setup: Setup) -> MemoryPlan:
         backward = _tensors((4 * n * V, 2))  # the cross-entropy's gradient and the log-softmax's
         loss_note = "full logits" + ("" if s.loss_chunk is None else " (this model's head cannot be chunked)")
     pieces = max(shape.lora_tensors, 1)
-    lora_state = _tensors((shape.lora_bytes // pieces, 4 * pieces))  # weights, gradients, AdamW's two moments
+    copies = 5 if s.frozen_adapter else 4  # weights, gradients, AdamW's two moments (+ the frozen reference)
+    lora_state = _tensors((shape.lora_bytes // pieces, copies * pieces))
 
     forward_set = activations + kept + transient
     backward_set = activations + kept + working + recompute + backward
@@ -188,7 +191,8 @@ def estimate(shape: ModelShape, setup: Setup) -> MemoryPlan:
         Item("framework runtime", s.runtime, "measured: Python, torch, transformers, tokenizer"
              + ("" if s.device == "cpu" else ", CUDA context")),
         Item("base weights", weights, _weights_note(shape, s)),
-        Item("LoRA weights + grads + AdamW", _total(lora_state), f"{shape.lora_params:,} trainable, 4 copies"),
+        Item("LoRA weights + grads + AdamW", _total(lora_state), f"{shape.lora_params:,} trainable, {copies} copies"
+             + (" (one the frozen reference)" if s.frozen_adapter else "")),
         Item("activations", _total(activations), _activation_note(s, checkpointed, shape.layers, masked)),
         Item("backward working set", work if in_peak else 0,
              ("one layer's gradients" + (" + one recomputed layer" if recompute else "")

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..base_model import load_base_model
-from ..config import RunConfig
+from ..config import RunConfig, as_trained
 from ..data.preference import Lengths, PreferenceData, prepare_preference, split_preference
 from ..errors import ConfigError
 from ..lora import LoraModel
@@ -58,7 +58,7 @@ def _train(config: RunConfig, resume: str | None, overwrite: bool, allow_change:
     fsdp = runtime.strategy == "fsdp"
     if fsdp and config.model.quantization is not None:
         raise ConfigError(QUANTIZED_FSDP, where="run config")
-    check_run_config(config, log)
+    check_run_config(as_trained(config), log)  # reference.adapter: that adapter's r and targets are deployed
     check_before_training(config, log, enforce=runtime.world == 1)
 
     loaded = load_base_model(config.model, log=log, shard_over=runtime if fsdp else None)
