@@ -12,6 +12,10 @@ realized); LoRA r=16 alpha=32 on q,k,v,o; 3 optimizer steps (the peak is reached
 has no AdamW state and a heap not yet fragmented). The `tiny` preset (2 layers, 32 wide, vocab 512) measures
 the runtime: its peak is Python + torch + transformers + lorakit training nothing of size; the planner's
 runtime item is that process's RSS at planning time plus lorakit.plan.check.RUNTIME_EXTRA_CPU, calibrated here.
+The dpo-* configurations train objective dpo on random-word pairs (batch/2 pairs, so as many rows): dpo-fp32 and
+dpo-bf16 with completions that fill the rows (every position scored, the plan's assumption without a cap),
+dpo-fp32-capped with prompt and completions cut to half a row each (preference.max_prompt_len and
+max_completion_len), which tells the plan that only half of each row is scored. Every row is max_seq_len tokens.
 
   40m   hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 32000; batch 4 x 256
   150m  hidden 768, 12 layers, 12 heads, intermediate 2048, vocab 32000; batch 4 x 512 (bench/train_speed.py)
@@ -24,6 +28,7 @@ runtime item is that process's RSS at planning time plus lorakit.plan.check.RUNT
     python bench/plan_accuracy.py --presets tiny,gqa    # the held-out shape (~1 min)
     python bench/plan_accuracy.py --presets 7b          # the 7B 4-bit run alone
     python bench/plan_accuracy.py --presets 40m --configs bf16,bf16-gc
+    python bench/plan_accuracy.py --presets tiny,40m,150m --configs dpo-fp32,dpo-fp32-capped   # DPO, any CPU
 
 Columns: predicted and measured peak (GB = 1e9 bytes), error = predicted / measured - 1; above runtime =
 the same for the part above the tiny run (predicted minus the tiny's predicted peak, measured minus its
@@ -49,7 +54,18 @@ CONFIGS = {  # name -> --set overrides
     "fp32": ["model.dtype=float32"],
     "4bit": ["model.quantization={bits: 4}"],
     "4bit-gc": ["model.quantization={bits: 4}", "train.gradient_checkpointing=true"],
+    # DPO (objective dpo, batch/2 pairs = the same rows): fp32, which any CPU computes at full speed
+    "dpo-fp32": ["model.dtype=float32"],
+    "dpo-fp32-capped": ["model.dtype=float32", "preference.max_completion_len={half}",
+                        "preference.max_prompt_len={rest}"],
+    "dpo-bf16": [],
 }
+PREFERENCE = {  # name -> (prompt words, completion words) as fractions of max_seq_len
+    "dpo-fp32": (0.02, 1.0),  # the completions fill the rows: every position scored, the plan's assumption
+    "dpo-fp32-capped": (1.0, 1.0),  # cut to half a row each: half of each row scored, as max_completion_len says
+    "dpo-bf16": (0.02, 1.0),
+}
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} </s> {% endfor %}"  # a turn ends with </s>
 DEFAULT_CONFIGS = {"tiny": ["bf16", "4bit"], "40m": list(CONFIGS), "150m": list(CONFIGS), "7b": ["4bit-gc"],
                    "gqa": ["bf16", "bf16-gc", "4bit"]}
 STEPS = 3
@@ -77,9 +93,12 @@ def save_model(path: Path, shape: dict) -> Path:
     return path
 
 
-def write_run(work: Path, model: Path, shape: dict, rows: int = 16) -> Path:
-    """Text data longer than max_seq_len (every row exactly max_seq_len tokens) and a run config."""
+def write_run(work: Path, model: Path, shape: dict, rows: int = 16, preference: tuple | None = None) -> Path:
+    """Text data longer than max_seq_len (every row exactly max_seq_len tokens) and a run config; with
+    `preference` (prompt, completion words as fractions of max_seq_len), DPO pairs and objective dpo."""
     rng = random.Random(0)
+    if preference is not None:
+        return _write_dpo_run(work, model, shape, rows, preference, rng)
     data = work / "train.jsonl"
     with open(data, "w") as f:
         for _ in range(rows):
@@ -91,6 +110,27 @@ model: {{name_or_path: {model}}}
 lora: {{r: 16, lora_alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
 data: {{train: {data}, format: text, packing: false, max_seq_len: {shape['seq']}}}
 train: {{max_steps: {STEPS}, batch_size: {shape['batch']}, save_every: null, log_every: 1}}
+output_dir: {work / 'out'}
+""")
+    return config
+
+
+def _write_dpo_run(work: Path, model: Path, shape: dict, rows: int, preference: tuple, rng) -> Path:
+    def words(fraction: float) -> str:
+        return " ".join(f"w{rng.randrange(3, shape['vocab'])}" for _ in range(int(fraction * shape["seq"])))
+
+    data = work / "pairs.jsonl"
+    with open(data, "w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"prompt": words(preference[0]), "chosen": words(preference[1]),
+                                "rejected": words(preference[1])}) + "\n")
+    config = work / "run.yaml"
+    config.write_text(f"""\
+model: {{name_or_path: {model}}}
+objective: dpo
+lora: {{r: 16, lora_alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
+data: {{train: {data}, max_seq_len: {shape['seq']}}}
+train: {{max_steps: {STEPS}, batch_size: {max(shape['batch'] // 2, 1)}, save_every: null, log_every: 1}}
 output_dir: {work / 'out'}
 """)
     return config
@@ -133,16 +173,26 @@ def measure(preset: str, config_name: str) -> dict:
         sys.exit(f"error: no 7B checkpoint in {model}; write it with python bench/memory_7b.py --skip-peft")
     if preset != "7b":
         save_model(model, shape)
-    overrides = list(CONFIGS[config_name])
+        _chat_template(model)
+    half = shape["seq"] // 2
+    overrides = [o.replace("{half}", str(half)).replace("{rest}", str(shape["seq"] - half)) for o in CONFIGS[config_name]]
     if preset == "7b":  # memory_7b's settings: 4-bit NF4, bf16 compute, checkpointing, fp32 adapters
         overrides += ["model.dtype=bfloat16", "model.device=cpu"]
     with tempfile.TemporaryDirectory() as work:
-        config = write_run(Path(work), model, shape)
+        config = write_run(Path(work), model, shape, preference=PREFERENCE.get(config_name))
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(config), *overrides]
         t0 = time.perf_counter()
         result = harness.run_worker(cmd, f"{preset}/{config_name}", malloc_tune=False)
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _chat_template(model: Path) -> None:
+    """Models saved before the DPO cases existed get the chat template their pairs are rendered with."""
+    path = model / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("chat_template") != CHAT_TEMPLATE:
+        path.write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}, indent=2))
 
 
 def machine() -> str:
@@ -173,7 +223,8 @@ def main() -> None:
     runtime = {}
     for preset in args.presets.split(","):
         shape = PRESETS[preset]
-        names = args.configs.split(",") if args.configs else DEFAULT_CONFIGS[preset]
+        # tiny measures the runtime the other rows are compared above: always its own two configurations
+        names = args.configs.split(",") if args.configs and preset != "tiny" else DEFAULT_CONFIGS[preset]
         for name in names:
             r = measure(preset, name)
             predicted, measured = r["plan"]["peak_bytes"], r["peak"]

@@ -89,7 +89,9 @@ def plan_run(config: RunConfig, *, hf_config=None) -> RunPlan:
                   seq_len=config.data.max_seq_len, checkpointing=t.gradient_checkpointing,
                   checkpoint_every=t.checkpoint_every, loss_chunk=t.loss_chunk_tokens, packing=_packing(config),
                   eager_attention=config.model.attn_implementation == "eager",
-                  runtime=runtime_bytes(device, quantized=q is not None), frozen_adapter=frozen_copy)
+                  runtime=runtime_bytes(device, quantized=q is not None), frozen_adapter=frozen_copy,
+                  scored_per_row=config.preference.max_completion_len if config.objective in ("dpo", "orpo", "kto")
+                  else None)
     return RunPlan(shape, setup, estimate(shape, setup), rows)
 
 

@@ -17,7 +17,8 @@ chunked_loss.py, activation_checkpointing.py, speed.py), for a Llama-style decod
   token is kept, and a chunk of logits, their fp32 copy, log-softmax and 16-bit probabilities exist at once
   (10 c V bytes for one 16-bit chunk, 14 c V when a second chunk starts while the first is still referenced);
   full logits: the fp32 log-softmax (4 n V) is kept for backward, whose cross-entropy gradient peaks at
-  12 n V. n = batch x (max_seq_len - 1): every position supervised, the worst case (chat data masks prompts).
+  12 n V. n = batch x (max_seq_len - 1): every position supervised, the worst case (chat data masks prompts);
+  preference objectives score completion tokens only, at most preference.max_completion_len per row.
 - LoRA: weights, gradients and AdamW's two moments, in the adapter dtype.
 
 On the CPU the number predicted is the peak resident set (VmHWM) of the `lorakit train` process: the
@@ -77,6 +78,8 @@ class Setup:
     eager_attention: bool
     runtime: int
     """The framework's own bytes (CPU: resident runtime; CUDA: the context), measured by check.py."""
+    scored_per_row: int | None = None
+    """At most this many tokens of a row are scored (preference.max_completion_len); None: every position."""
     frozen_adapter: bool = False
     """A frozen copy of the trained adapter is held too (preference.reference.adapter): its weights only."""
 
@@ -101,7 +104,7 @@ def estimate(shape: ModelShape, setup: Setup) -> MemoryPlan:
     e = s.dtype.itemsize
     h, i, V = shape.hidden, shape.intermediate, shape.vocab
     T = s.batch_size * s.seq_len
-    n = s.batch_size * max(s.seq_len - 1, 1)  # supervised positions, at most
+    n = s.batch_size * max(min(s.seq_len - 1, s.scored_per_row or s.seq_len), 1)  # supervised positions, at most
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     masked = s.packing or s.batch_size > 1  # padded or packed rows get a (batch, 1, seq, seq) mask
     kv = q_dim if (shape.kv_heads != shape.heads and masked) else kv_dim  # transformers repeats K, V then
