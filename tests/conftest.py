@@ -29,7 +29,8 @@ SLOW = {
         "test_preference_objectives_train_on_two_processes_like_on_one"},
     "train/test_preference.py": {  # several short training runs each
         "test_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run",
-        "test_starting_from_an_sft_adapter_keeps_it_as_the_frozen_reference"},
+        "test_starting_from_an_sft_adapter_keeps_it_as_the_frozen_reference",
+        "test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result"},  # kill -9 of a child
     "plan/test_plan.py": {  # train in fresh child processes to measure their peak memory
         "test_the_runtime_item_is_the_measured_runtime", "test_predicted_peak_is_within_15_percent_of_the_measured",
         "test_a_dpo_run_is_planned_as_well_as_sft_on_the_same_rows"},
