@@ -26,7 +26,8 @@ summed log-probs of the chosen and rejected completions (policy) and the mean re
 x beta) must agree up to bf16 rounding (the `check` table: every row against the other side's first row, within
 CHECK_TOL_SIDES, and against its own side's first row, within CHECK_TOL_SAME; a DISAGREE there is a finding).
 
-Settings on both sides: bf16 base, LoRA r=16 alpha=32 dropout 0 on q,k,v,o (fp32 adapter weights, each side's
+Settings on both sides: bf16 base (--dtype float32: an fp32 base, and TRL without autocast, for a CPU without bf16
+units, where bf16 matmuls are emulated), LoRA r=16 alpha=32 dropout 0 on q,k,v,o (fp32 adapter weights, each side's
 default), DPO sigmoid loss, beta 0.1, lr 1e-4 linear, no warmup, max_grad_norm 1.0, weight decay 0, batch 4 pairs
 (8 rows) x 512 tokens, no gradient accumulation.
 
@@ -45,6 +46,8 @@ Configurations (--configs, or --sides to keep one side's):
   trl-bf16-gc      trl-bf16 with gradient checkpointing on
   trl-bf16-pre     trl-bf16 + precompute_ref_log_probs=True
   trl-amp-pre      trl-amp + precompute_ref_log_probs=True
+With --dtype float32 the TRL configs that load bf16 are refused, and trl-amp / trl-default load fp32 with bf16=False
+(so they are TRL's fp32 step without / with gradient checkpointing), lk runs model.dtype float32.
 Every TRL config: use_cpu=True, report_to=[], save_strategy="no", seed 0, disable_tqdm; the rest TRL's defaults.
 "best" on each side = its configuration with the highest tok/s among those run without precompute; the
 precompute rows are compared with each other separately.
@@ -74,7 +77,9 @@ keep freed memory in the process (right for timing; they raise both sides' peaks
 memory-only run with glibc's defaults.
 
 Columns: s/step median (min-max), tok/s, pairs/s, cpu% = process CPU time / (wall x threads) over the timed steps
-(below ~90: another process competed for the cores and the row is not valid), prep s = model load + data + (for
+(the side's own use of the cores: serial parts of its step leave them idle), oth% = the CPU time every other
+process on the machine used in that window (/proc/stat) / (wall x cores): above 10 another process competed for
+the cores and the row is not valid, and the script gives no target verdict on it, prep s = model load + data + (for
 -pre rows) precomputing the reference, up to the start of training, peak / train peak MiB, loss of step 1 / of
 the last step (the samplers differ, so the steps see different pairs: these are not expected to agree; the check
 table is).
@@ -106,6 +111,7 @@ CONFIGS = {
     "trl-amp-pre": ("trl", dict(load="fp32", gc=False, precompute=True)),
 }
 DEFAULT_CONFIGS = "lk,trl-bf16,lk-compile,trl-amp,trl-default"  # interleaved sides
+DEFAULT_CONFIGS_FP32 = "lk,trl-amp,lk-compile,trl-default"  # --dtype float32: no bf16 loads
 # (label, lorakit config, TRL config): matched pairings printed beside best vs best
 PAIRS = [("defaults", "lk", "trl-default"),
          ("no compile vs TRL bf16, no checkpointing", "lk", "trl-bf16"),
@@ -162,6 +168,7 @@ class Probe:
         self.t_begin = time.perf_counter()
         self.stamps: dict[int, float] = {}  # step -> perf_counter at its end (0: start of training)
         self.rusage: dict[int, object] = {}
+        self.machine_busy: dict[int, float] = {}  # step -> CPU seconds of the whole machine (/proc/stat)
         self.tokens: dict[int, int] = {}  # step -> tokens of that step
         self.losses: dict[int, float] = {}
         self.prep_s = self.rss_at_start = None
@@ -173,11 +180,13 @@ class Probe:
         self.prep_s, self.rss_at_start, self.load_peak = now - self.t_begin, status["VmRSS"], status["VmHWM"]
         self.reset_ok = reset_peak()
         self.stamps[0], self.rusage[0] = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        self.machine_busy[0] = machine_busy_seconds()
 
     def step(self, step: int, tokens: int | None = None, loss: float | None = None) -> None:
         self.stamps[step] = time.perf_counter()
         if step in (self.warmup, self.warmup + self.steps):
             self.rusage[step] = resource.getrusage(resource.RUSAGE_SELF)
+            self.machine_busy[step] = machine_busy_seconds()
         if tokens is not None:
             self.tokens[step] = tokens
         if loss is not None:
@@ -202,10 +211,28 @@ class Probe:
         return dict(step_s=times, sec=statistics.median(times), spread=(min(times), max(times)),
                     warmup_s=[self.stamps[s] - self.stamps[s - 1] for s in range(1, self.warmup + 1)],
                     busy=cpu / (wall * torch.get_num_threads()), tokens_per_step=timed_tokens,
+                    others=max(self.machine_busy[last] - self.machine_busy[self.warmup] - cpu, 0.0)
+                    / (wall * (os.cpu_count() or 1)),
                     loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                     prep_s=self.prep_s, rss_at_start_mib=self.rss_at_start / 2 ** 20,
                     peak_rss_mib=peak / 2 ** 20, load_peak_mib=self.load_peak / 2 ** 20,
                     train_peak_mib=end_hwm / 2 ** 20 if self.reset_ok else None)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process on the machine has used since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+OTHERS_MAX = 0.10
+"""A row is contended when other processes used more than this share of the machine's cores during its timed
+steps. (A side's own cpu% may stay below 100 without contention: serial work in its step leaves cores idle.)"""
+
+
+def contended(r: dict) -> bool:
+    return r["others"] > OTHERS_MAX
 
 
 def lora_params(model) -> dict:
@@ -233,7 +260,7 @@ def lorakit_worker(args, opts: dict, probe: Probe) -> dict:
 
     pairs = load_pairs(args.pairs)
     out_dir = os.path.join(args.tmp, f"out-{args.config}")
-    cfg = {"model": {"name_or_path": args.model_dir, "dtype": "bfloat16"},
+    cfg = {"model": {"name_or_path": args.model_dir, "dtype": args.dtype},
            "objective": "dpo",
            "lora": {"r": args.r, "lora_alpha": args.alpha, "lora_dropout": 0.0, "target_modules": TARGETS},
            "data": {"train": args.pairs, "max_seq_len": args.prompt_len + args.completion_len},
@@ -326,7 +353,7 @@ def trl_worker(args, opts: dict, probe: Probe) -> dict:
                              target_modules=TARGETS)
     kw = dict(output_dir=os.path.join(args.tmp, f"out-{args.config}"), per_device_train_batch_size=args.batch,
               max_steps=args.warmup + args.steps, learning_rate=args.lr, lr_scheduler_type="linear", beta=BETA,
-              loss_type=["sigmoid"], bf16=True, use_cpu=True, report_to=[], save_strategy="no", seed=0,
+              loss_type=["sigmoid"], bf16=args.dtype == "bfloat16", use_cpu=True, report_to=[], save_strategy="no", seed=0,
               disable_tqdm=True, activation_checkpointing=bool(opts["gc"]),
               precompute_ref_log_probs=bool(opts.get("precompute")))
     targs = DPOConfig(**kw)
@@ -390,7 +417,7 @@ def run_worker(args, config: str, preset: str, model_dir: str, pairs: str) -> di
            "--pairs", pairs, "--tmp", args.tmp, "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--threads", str(args.threads), "--r", str(args.r), "--alpha", str(args.alpha), "--lr", str(args.lr),
            "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
-           "--completion-len", str(args.completion_len)] + (["--verbose"] if args.verbose else [])
+           "--completion-len", str(args.completion_len), "--dtype", args.dtype] + (["--verbose"] if args.verbose else [])
     return harness.run_worker(cmd, f"{preset}/{config}", malloc_tune=not args.no_malloc_tune,
                               extra_env={"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                                          "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
@@ -423,20 +450,20 @@ def ratio(a, b) -> str:
 def report(preset: str, res: dict, args) -> None:
     """The per-config table, the agreement check and the lorakit / TRL ratios of one preset."""
     tokens = 2 * args.batch * (args.prompt_len + args.completion_len)
-    hdr = (f"{'config':15} {'side':7} {'s/step':>7} {'min-max s':>11} {'tok/s':>8} {'pairs/s':>7} {'cpu%':>4} "
+    hdr = (f"{'config':15} {'side':7} {'s/step':>7} {'min-max s':>11} {'tok/s':>8} {'pairs/s':>7} {'cpu%':>4} {'oth%':>4} "
            f"{'prep s':>6} {'peak MiB':>8} {'train pk':>8} {'loss 1st':>9} {'loss last':>9}  note")
     print(hdr + "\n" + "-" * len(hdr))
     for name, r in res.items():
         notes = list(r.get("notes", []))
-        if r["busy"] < 0.9:
-            notes.insert(0, "CONTENDED (cpu% < 90): not valid")
+        if contended(r):
+            notes.insert(0, f"CONTENDED (other processes {r['others']:.0%} of the cores): not valid")
         if r["tokens_per_step"] != [tokens]:
             notes.insert(0, f"TOKENS PER STEP {r['tokens_per_step']} != {tokens}")
         lo, hi = r["spread"]
         lf = f"{r['loss_first']:9.4f}" if r["loss_first"] is not None else f"{'-':>9}"
         ll = f"{r['loss_last']:9.4f}" if r["loss_last"] is not None else f"{'-':>9}"
         print(f"{name:15} {r['side']:7} {r['sec']:7.3f} {f'{lo:.2f}-{hi:.2f}':>11} {r['tok_s']:8.1f} "
-              f"{args.batch / r['sec']:7.2f} {r['busy'] * 100:4.0f} {r['prep_s']:6.1f} {fmt_mib(r['peak_rss_mib']):>8} "
+              f"{args.batch / r['sec']:7.2f} {r['busy'] * 100:4.0f} {r['others'] * 100:4.0f} {r['prep_s']:6.1f} {fmt_mib(r['peak_rss_mib']):>8} "
               f"{fmt_mib(r['train_peak_mib']):>8} {lf} {ll}  {'; '.join(notes)}")
     print("settings:")
     for name, r in res.items():
@@ -468,10 +495,12 @@ def report(preset: str, res: dict, args) -> None:
         k, t = best("lorakit", pre), best("trl", pre)
         if k and t:
             lines.append((f"best vs best{' (precompute both)' if pre else ''}", k, t))
-    lines += [(label, k, t) for label, k, t in PAIRS if k in res and t in res]
+    fp32 = args.dtype == "float32"  # trl-amp is then TRL's plain fp32 step
+    lines += [(label.replace("TRL autocast", "TRL fp32") if fp32 else label, k, t) for label, k, t in PAIRS
+              if k in res and t in res]
     for label, k, t in lines:
         a, b = res[k], res[t]
-        valid = "" if min(a["busy"], b["busy"]) >= 0.9 else "  CONTENDED: not valid"
+        valid = "  CONTENDED: not valid" if contended(a) or contended(b) else ""
         print(f"  {label:46} {k:>14} / {t:13} tok/s {a['tok_s'] / b['tok_s']:5.2f}x   peak RSS "
               f"{ratio(a['peak_rss_mib'], b['peak_rss_mib']):>6}   train peak "
               f"{ratio(a['train_peak_mib'], b['train_peak_mib']):>6}{valid}")
@@ -479,7 +508,7 @@ def report(preset: str, res: dict, args) -> None:
     if k and t:
         a, b = res[k], res[t]
         speed, mem = a["tok_s"] / b["tok_s"], a["peak_rss_mib"] / b["peak_rss_mib"]
-        valid = min(a["busy"], b["busy"]) >= 0.9
+        valid = not (contended(a) or contended(b))
         if preset == "smoke":
             print("  target: no verdict on the smoke shape (the issue's target is for 40m and 150m)")
             return
@@ -492,7 +521,8 @@ def report(preset: str, res: dict, args) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="40m,150m", help="comma-separated, of: 40m, 150m")
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", default=None, help=f"comma-separated, of: {', '.join(CONFIGS)} (default: "
+                    f"{DEFAULT_CONFIGS}; --dtype float32: {DEFAULT_CONFIGS_FP32})")
     ap.add_argument("--sides", default="lorakit,trl", help="keep only these sides' configs: lorakit, trl or both")
     ap.add_argument("--warmup", type=int, default=None,
                     help="optimizer steps left out of the timing (compiling); default 2 (--smoke: 1)")
@@ -504,6 +534,8 @@ def main():
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="the base's dtype on both sides (float32: for a CPU without bf16 units; TRL without autocast)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in every worker; 0 = torch default")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny model (hidden 64, 2 layers, vocab 1024), 2 pairs x (32 + 32) tokens, 1 + 2 steps")
@@ -528,9 +560,13 @@ def main():
     sides = {s.strip() for s in args.sides.split(",") if s.strip()}
     if not sides or sides - {"lorakit", "trl"}:
         ap.error("--sides: lorakit, trl or lorakit,trl")
+    args.configs = args.configs or (DEFAULT_CONFIGS if args.dtype == "bfloat16" else DEFAULT_CONFIGS_FP32)
     configs = [c for c in harness.chosen_configs(args.configs, CONFIGS) if CONFIGS[c][0] in sides]
     if not configs:
         ap.error("no configuration left after --sides")
+    bf16_only = [c for c in configs if CONFIGS[c][1].get("load") == "bf16"]
+    if args.dtype == "float32" and bf16_only:
+        ap.error(f"--dtype float32: {', '.join(bf16_only)} load the model in bf16; use lk*, trl-amp*, trl-default")
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         ap.error("--steps and --repeats must be >= 1, --warmup >= 0")
 
@@ -545,7 +581,7 @@ def main():
     print(f"settings: batch {args.batch} pairs = {2 * args.batch} rows x {row} tokens ({args.prompt_len} prompt + "
           f"{args.completion_len} completion, random ids, no padding) = {2 * args.batch * row} tokens/step; LoRA "
           f"r={args.r} alpha={args.alpha} dropout 0 on {','.join(TARGETS)}, same non-zero init on both sides; DPO "
-          f"sigmoid, beta {BETA}, lr {args.lr:g} linear; bf16 base; {args.warmup} warm-up + {args.steps} timed steps "
+          f"sigmoid, beta {BETA}, lr {args.lr:g} linear; {args.dtype} base; {args.warmup} warm-up + {args.steps} timed steps "
           f"(median); {args.repeats} repeat(s), configs interleaved")
     n_pairs = args.batch * (args.warmup + args.steps)  # one epoch: no sampler wraps around
     for preset in presets:
@@ -563,7 +599,7 @@ def main():
                     r["tok_s"] = r["tokens_per_step"][0] / r["sec"] if r["tokens_per_step"] else 0.0
                     steps = " ".join(f"{x:.2f}" for x in r["warmup_s"]) + " | " + " ".join(f"{x:.2f}" for x in r["step_s"])
                     print(f"  ran {config} (repeat {rep + 1}): {r['sec']:.3f} s/step, {r['tok_s']:.1f} tok/s, cpu "
-                          f"{r['busy'] * 100:.0f}%, peak {r['peak_rss_mib']:.0f} MiB; worker {time.perf_counter() - t0:.0f} s; "
+                          f"{r['busy'] * 100:.0f}%, others {r['others'] * 100:.0f}%, peak {r['peak_rss_mib']:.0f} MiB; worker {time.perf_counter() - t0:.0f} s; "
                           f"step s (warm-up | timed) {steps}", flush=True)
                     if config not in res or r["tok_s"] > res[config]["tok_s"]:
                         res[config] = r
