@@ -75,13 +75,31 @@ def completion_log_probs(model: nn.Module, batch: dict, chunk_tokens: int | None
     `batch` holds {prefix}input_ids, {prefix}attention_mask and {prefix}labels (IGNORE_INDEX where not scored);
     `adapter` routes every row through that adapter of a LoraModel (e.g. a frozen reference adapter) instead of
     the active ones."""
+    per_token, keep = _scored_log_probs(model, batch, chunk_tokens, adapter, input_prefix)
+    rows = keep.shape[0]
+    row_of = torch.arange(rows, device=keep.device)[:, None].expand_as(keep)[keep]  # (n,)
+    sums = torch.zeros(rows, dtype=torch.float32, device=per_token.device).index_add(0, row_of, per_token)
+    return sums, keep.sum(1)
+
+
+def token_log_probs_of_completions(model: nn.Module, batch: dict, chunk_tokens: int | None, *,
+                                   adapter: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each labelled token, (rows, seq - 1) float32, 0 elsewhere; the mask of those positions).
+    Position t holds log p(token t + 1 | tokens <= t), as completion_log_probs sums them."""
+    per_token, keep = _scored_log_probs(model, batch, chunk_tokens, adapter, "")
+    out = torch.zeros(keep.shape, dtype=torch.float32, device=per_token.device)
+    return out.masked_scatter(keep, per_token), keep
+
+
+def _scored_log_probs(model: nn.Module, batch: dict, chunk_tokens: int | None, adapter: str | None,
+                      input_prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of the labelled tokens in row-major order (n,), which positions they are (rows, seq - 1))."""
     inputs = model_inputs({"input_ids": batch[f"{input_prefix}input_ids"],
                            "attention_mask": batch[f"{input_prefix}attention_mask"]}, model_device(model))
     labels = batch[f"{input_prefix}labels"].to(inputs["input_ids"].device)
     rows = labels.shape[0]
     targets = labels[:, 1:]  # (rows, seq - 1): position t predicts token t + 1
     keep = targets != IGNORE_INDEX  # (rows, seq - 1)
-    row_of = torch.arange(rows, device=labels.device)[:, None].expand_as(keep)[keep]  # (n,)
     t = targets[keep]  # (n,)
     names = [adapter] * rows if adapter is not None else None
     split = split_head(model) if chunk_tokens is not None else None
@@ -94,5 +112,4 @@ def completion_log_probs(model: nn.Module, batch: dict, chunk_tokens: int | None
         with route_rows(names):  # the LoraModel forward that would route rows is skipped here
             hidden = decoder(**inputs)[0]  # (rows, seq, hidden)
         per_token = token_log_probs(hidden[:, :-1][keep], head, t, chunk_tokens)  # (n,)
-    sums = torch.zeros(rows, dtype=torch.float32, device=per_token.device).index_add(0, row_of, per_token)
-    return sums, keep.sum(1)
+    return per_token, keep
