@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
 
@@ -16,6 +16,9 @@ class Event:
     """Tokens sampled for this event (an EOS token included; its text is not)."""
     finish_reason: str | None
     """None until the last event; then "stop" (EOS or a stop string), "length" or "cancelled"."""
+    logprobs: list[float] = field(default_factory=list)
+    """Log-probability of each of token_ids under the distribution it was sampled at: log_softmax(logits / T),
+    T the request's temperature (1 for greedy), before top_p (the importance ratio of RL needs exactly this)."""
 
 
 @dataclass

@@ -96,6 +96,12 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
+def token_logprob(logits: torch.Tensor, token: int, params: SamplingParams) -> float:
+    """log p(token) from one row of logits (vocab,) at the request's temperature (1 when greedy), before top_p."""
+    temperature = params.temperature or 1.0
+    return float(torch.log_softmax(logits.float() / temperature, dim=-1)[token])
+
+
 def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """The next token from one row of logits (vocab,): argmax at temperature 0, else temperature + top-p sampling."""
     if params.temperature == 0:

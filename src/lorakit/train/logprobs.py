@@ -75,7 +75,7 @@ def completion_log_probs(model: nn.Module, batch: dict, chunk_tokens: int | None
     `batch` holds {prefix}input_ids, {prefix}attention_mask and {prefix}labels (IGNORE_INDEX where not scored);
     `adapter` routes every row through that adapter of a LoraModel (e.g. a frozen reference adapter) instead of
     the active ones."""
-    per_token, keep = _scored_log_probs(model, batch, chunk_tokens, adapter, input_prefix)
+    per_token, keep = _scored_log_probs(model, batch, chunk_tokens, adapter, input_prefix, 1.0)
     rows = keep.shape[0]
     row_of = torch.arange(rows, device=keep.device)[:, None].expand_as(keep)[keep]  # (n,)
     sums = torch.zeros(rows, dtype=torch.float32, device=per_token.device).index_add(0, row_of, per_token)
@@ -83,16 +83,18 @@ def completion_log_probs(model: nn.Module, batch: dict, chunk_tokens: int | None
 
 
 def token_log_probs_of_completions(model: nn.Module, batch: dict, chunk_tokens: int | None, *,
-                                   adapter: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                   adapter: str | None = None, temperature: float = 1.0) \
+        -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probability of each labelled token, (rows, seq - 1) float32, 0 elsewhere; the mask of those positions).
-    Position t holds log p(token t + 1 | tokens <= t), as completion_log_probs sums them."""
-    per_token, keep = _scored_log_probs(model, batch, chunk_tokens, adapter, "")
+    Position t holds log p(token t + 1 | tokens <= t), as completion_log_probs sums them; the distribution is
+    softmax(logits / temperature), the one a sampler at that temperature drew from."""
+    per_token, keep = _scored_log_probs(model, batch, chunk_tokens, adapter, "", temperature)
     out = torch.zeros(keep.shape, dtype=torch.float32, device=per_token.device)
     return out.masked_scatter(keep, per_token), keep
 
 
 def _scored_log_probs(model: nn.Module, batch: dict, chunk_tokens: int | None, adapter: str | None,
-                      input_prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+                      input_prefix: str, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs of the labelled tokens in row-major order (n,), which positions they are (rows, seq - 1))."""
     inputs = model_inputs({"input_ids": batch[f"{input_prefix}input_ids"],
                            "attention_mask": batch[f"{input_prefix}attention_mask"]}, model_device(model))
@@ -103,13 +105,17 @@ def _scored_log_probs(model: nn.Module, batch: dict, chunk_tokens: int | None, a
     t = targets[keep]  # (n,)
     names = [adapter] * rows if adapter is not None else None
     split = split_head(model) if chunk_tokens is not None else None
+    if split is not None and temperature != 1.0 and getattr(split[1], "bias", None) is not None:
+        split = None  # logits / T = (hidden / T) W^T only without a bias: take the full logits
     if split is None:
         kwargs = {"adapter_names": names} if isinstance(model, LoraModel) and names else {}
         logits = model(**inputs, **kwargs).logits[:, :-1]  # (rows, seq - 1, vocab)
-        per_token = torch.log_softmax(logits[keep].float(), dim=-1).gather(1, t[:, None]).squeeze(1)  # (n,)
+        scaled = logits[keep].float() / temperature
+        per_token = torch.log_softmax(scaled, dim=-1).gather(1, t[:, None]).squeeze(1)  # (n,)
     else:
         decoder, head = split
         with route_rows(names):  # the LoraModel forward that would route rows is skipped here
             hidden = decoder(**inputs)[0]  # (rows, seq, hidden)
-        per_token = token_log_probs(hidden[:, :-1][keep], head, t, chunk_tokens)  # (n,)
+        scored = hidden[:, :-1][keep]
+        per_token = token_log_probs(scored / temperature if temperature != 1.0 else scored, head, t, chunk_tokens)
     return per_token, keep
