@@ -134,3 +134,11 @@ def test_group_advantages_are_trls():
     torch.testing.assert_close(group_advantages(rewards, G, "batch"), (rewards - mean) / (nanstd(rewards) + 1e-4))
     torch.testing.assert_close(group_advantages(rewards, G, "none"), rewards - mean)
     assert torch.all(group_advantages(rewards, G)[G:2 * G] == 0)  # equal rewards: no signal, not 0/0
+    # a completion no reward function scored (NaN) is left out of its group's statistics and gets advantage 0
+    unscored = rewards.clone()
+    unscored[1] = float("nan")
+    grouped = unscored.view(-1, G)
+    mean = torch.nanmean(grouped, 1).repeat_interleave(G)
+    expected = torch.nan_to_num((unscored - mean) / (nanstd(grouped, dim=1).repeat_interleave(G) + 1e-4), nan=0.0)
+    torch.testing.assert_close(group_advantages(unscored, G), expected)
+    assert group_advantages(unscored, G)[1] == 0 and group_advantages(unscored, G)[0] != 0

@@ -29,21 +29,30 @@ STD_EPSILON = 1e-4  # TRL's: a group whose rewards are all equal gets advantages
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["group", "batch", "none"] = "group") \
         -> torch.Tensor:
-    """Advantages of `rewards` (N,), laid out as N / group_size groups of consecutive completions."""
+    """Advantages of `rewards` (N,), laid out as N / group_size groups of consecutive completions. A NaN reward (a
+    completion no reward function could score) is left out of the means and deviations, as TRL leaves it out, and
+    its advantage is 0; so is every advantage of a group with fewer than two scored completions under "group"."""
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)
-    centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    centred = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).reshape(-1)
     if scale == "none":
-        return centred
+        return torch.nan_to_num(centred, nan=0.0)
     if scale == "group":
-        std = grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(-1) if group_size > 1 \
-            else torch.zeros_like(rewards)
+        std = _nanstd(grouped, dim=1).repeat_interleave(group_size)
     elif scale == "batch":
-        std = rewards.std().expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        std = _nanstd(rewards[None], dim=1).expand_as(rewards)
     else:
         raise ValueError(f"scale must be group, batch or none, not {scale!r}")
-    return centred / (std + STD_EPSILON)
+    return torch.nan_to_num(centred / (std + STD_EPSILON), nan=0.0)
+
+
+def _nanstd(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The Bessel-corrected standard deviation along `dim` ignoring NaNs; NaN where fewer than two values."""
+    count = (~torch.isnan(values)).sum(dim)
+    mean = torch.nanmean(values, dim=dim, keepdim=True)
+    variance = torch.nanmean((values - mean) ** 2, dim=dim) * count / (count - 1)
+    return torch.where(count > 1, variance.sqrt(), torch.full_like(variance, float("nan")))
 
 
 @dataclass

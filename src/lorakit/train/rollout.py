@@ -1,0 +1,81 @@
+"""One GRPO rollout: G completions per prompt from lorakit's engine, on the weights being trained, scored by the
+reward functions, laid out as the tensors grpo_losses.policy_loss takes.
+
+The engine generates with the very model object the trainer updates (the adapter being trained, routed per row),
+so there is no weight copy and no sync after a step. Every completion has its own seed, derived from the step's
+seed, the prompt's index and the completion's index: the same step draws the same completions when it is run again
+(exact resume), and continuous batching cannot change a draw (each request has its own random stream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..infer import Engine, SamplingParams
+from .objectives.grpo_losses import group_advantages
+from .rewards import RewardError, RewardSet
+
+
+@dataclass
+class PromptRecord:
+    ids: list[int]  # the prompt rendered by the chat template with its generation prompt, tokenized
+    text: str  # what the reward functions see as the prompt
+    record: Mapping[str, Any]  # the data row (extra columns such as `answer` are for the rewards)
+    location: str  # file:line, for messages
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: torch.Tensor  # (B, P) left-padded, B = prompts x G, a prompt's G completions consecutive
+    prompt_mask: torch.Tensor  # (B, P)
+    completion_ids: torch.Tensor  # (B, C) right-padded
+    completion_mask: torch.Tensor  # (B, C)
+    old_logps: torch.Tensor  # (B, C) the sampler's log-probs of the completion tokens, 0 on padding
+    rewards: torch.Tensor  # (B,) weighted sum of the reward functions (NaN where all failed)
+    advantages: torch.Tensor  # (B,) group-relative; 0 where the reward is NaN
+    completions: list[str]
+    per_function: dict[str, list[float]]
+    errors: list[RewardError] = field(default_factory=list)
+
+
+def completion_seed(step_seed: int, prompt_index: int, completion_index: int, group_size: int) -> int:
+    return (step_seed * 1_000_003 + prompt_index * group_size + completion_index) % (2 ** 63)
+
+
+def roll_out(engine: Engine, prompts: Sequence[PromptRecord], adapter: str | None, group_size: int,
+             params: SamplingParams, rewards: RewardSet, *, step_seed: int, pad_id: int,
+             scale_rewards: str = "group") -> RolloutBatch:
+    """Sample `group_size` completions of each prompt at once (the engine batches them), score and lay them out."""
+    handles = []
+    for i, prompt in enumerate(prompts):
+        for j in range(group_size):
+            seeded = SamplingParams(**{**vars(params), "seed": completion_seed(step_seed, i, j, group_size)})
+            handles.append(engine.submit(prompt.ids, adapter, seeded))
+    tokens, logps, texts = [], [], []
+    for handle in handles:
+        events = list(handle)
+        tokens.append([t for e in events for t in e.token_ids])
+        logps.append([x for e in events for x in e.logprobs])
+        texts.append("".join(e.text for e in events))
+    rows = [p for p in prompts for _ in range(group_size)]
+    scores = rewards.score([p.text for p in rows], texts, [p.record for p in rows], [p.location for p in rows])
+    reward = torch.tensor(scores.total, dtype=torch.float32)
+    advantages = group_advantages(reward, group_size, scale_rewards)  # type: ignore[arg-type]
+
+    width_p, width_c = max(len(p.ids) for p in rows), max(max(map(len, tokens)), 1)
+    prompt_ids = torch.full((len(rows), width_p), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    completion_ids = torch.full((len(rows), width_c), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros_like(completion_ids)
+    old = torch.zeros((len(rows), width_c), dtype=torch.float32)
+    for i, (p, c, lp) in enumerate(zip(rows, tokens, logps)):
+        prompt_ids[i, width_p - len(p.ids):], prompt_mask[i, width_p - len(p.ids):] = torch.tensor(p.ids), 1
+        if c:
+            completion_ids[i, :len(c)], completion_mask[i, :len(c)] = torch.tensor(c), 1
+            old[i, :len(c)] = torch.tensor(lp)
+    return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, old, reward, advantages, texts,
+                        scores.per_function, scores.errors)
+
