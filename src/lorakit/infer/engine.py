@@ -30,7 +30,7 @@ from ..lora.model import LoraModel
 from ..lora.routing import BASE
 from .handle import Event, RequestHandle, Usage
 from .kv import KVBatch, select_rows, zero_padding
-from .sampling import LimitExceeded, RequestLimits, SamplingParams, choose_token, make_generator, token_logprob
+from .sampling import LimitExceeded, RequestLimits, SamplingParams, choose_token, make_generator
 from .text import TextStream
 
 __all__ = ["Engine", "EngineClosed", "Event", "InvalidRequest", "QueueFull", "RequestHandle", "Usage"]
@@ -334,23 +334,22 @@ class Engine:
 
     def _sample(self, req: _Request, logits: torch.Tensor) -> bool:
         """Choose req's next token from logits (vocab,), emit its event; True when req is finished."""
-        token = choose_token(logits, req.params, req.generator)
-        logprob = [token_logprob(logits, token, req.params)]
+        token, logprob = choose_token(logits, req.params, req.generator)
         req.completion.append(token)
         req.pending = token
         with self._cond:
             self._stats["tokens_generated"] += 1
         if token in self.eos_ids:
-            self._finish(req, Event(req.stream.flush(), [token], "stop", logprob))
+            self._finish(req, Event(req.stream.flush(), [token], "stop", [logprob]))
             return True
         text, stopped = req.stream.add(req.completion)
         if stopped:
-            self._finish(req, Event(text, [token], "stop", logprob))
+            self._finish(req, Event(text, [token], "stop", [logprob]))
             return True
         if len(req.completion) >= req.params.max_tokens:
-            self._finish(req, Event(text + req.stream.flush(), [token], "length", logprob))
+            self._finish(req, Event(text + req.stream.flush(), [token], "length", [logprob]))
             return True
-        req.handle._push(Event(text, [token], None, logprob))
+        req.handle._push(Event(text, [token], None, [logprob]))
         return False
 
     def _finish(self, req: _Request, event: Event) -> None:

@@ -96,16 +96,12 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
-def token_logprob(logits: torch.Tensor, token: int, params: SamplingParams) -> float:
-    """log p(token) from one row of logits (vocab,) at the request's temperature (1 when greedy), before top_p."""
-    temperature = params.temperature or 1.0
-    return float(torch.log_softmax(logits.float() / temperature, dim=-1)[token])
-
-
-def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """The next token from one row of logits (vocab,): argmax at temperature 0, else temperature + top-p sampling."""
+def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, float]:
+    """The next token from one row of logits (vocab,): argmax at temperature 0, else temperature + top-p sampling;
+    and its log-probability under the distribution it was drawn from (at temperature 1 when greedy), before top_p."""
     if params.temperature == 0:
-        return int(torch.argmax(logits))
+        token = int(torch.argmax(logits))
+        return token, float(torch.log_softmax(logits.float(), dim=-1)[token])
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (vocab,)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)  # (vocab,), (vocab,)
@@ -113,5 +109,7 @@ def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         keep = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) < params.top_p
         sorted_probs = sorted_probs * keep
         pick = torch.multinomial(sorted_probs, 1, generator=generator)  # multinomial renormalises
-        return int(order[pick])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        token = int(order[pick])
+    else:
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    return token, float(torch.log(probs[token]))  # a drawn token's probability is far above float32's underflow

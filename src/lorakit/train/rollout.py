@@ -9,6 +9,7 @@ seed, the prompt's index and the completion's index: the same step draws the sam
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -52,7 +53,7 @@ def roll_out(engine: Engine, prompts: Sequence[PromptRecord], adapter: str | Non
     handles = []
     for i, prompt in enumerate(prompts):
         for j in range(group_size):
-            seeded = SamplingParams(**{**vars(params), "seed": completion_seed(step_seed, i, j, group_size)})
+            seeded = dataclasses.replace(params, seed=completion_seed(step_seed, i, j, group_size))
             handles.append(engine.submit(prompt.ids, adapter, seeded))
     tokens, logps, texts = [], [], []
     for handle in handles:
