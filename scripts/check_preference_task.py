@@ -206,7 +206,7 @@ def run_check(out: str | Path, *, quickstart: str | Path | None = None, sft_step
             raise SystemExit(f"{sft_model} is not a merged model: run `lorakit quickstart --out {quickstart}` first")
         log(f"1/4 SFT: reusing {sft_model}")
     else:
-        log(f"1/4 SFT: the quickstart run, {sft_steps} steps, merged (about 4 minutes on 2 CPU cores at 1000 steps)")
+        log(f"1/4 SFT: the quickstart run, {sft_steps} steps, merged (several minutes on 2 CPU cores at 1000 steps)")
         sft_model = train_sft(out, sft_steps, train_log)
     seconds["sft"] = time.perf_counter() - started
 
