@@ -7,8 +7,9 @@ into the same directory, resuming after a config change, resuming with changed s
 from __future__ import annotations
 
 import hashlib
-import re
 import os
+import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.train import fit, list_checkpoints, save_checkpoint, checkpoint_lock
 from lorakit.train.fingerprint import run_settings
-from lorakit.train.output_dir import RUN_FILE, check_output_dir
+from lorakit.train.output_dir import RUN_FILE, check_output_dir, inspect_output_dir
 from lorakit.train.restore import CheckpointMismatch
 from ckpt_support import linear_setup
 from test_loop_support import config, lora_model, quiet, toy_data
@@ -163,6 +164,27 @@ def test_an_output_dir_that_cannot_be_written_is_refused_by_name(tmp_path):
         check_output_dir(a_file / "below", resume="never", overwrite=False)
     with pytest.raises(ConfigError, match="cannot write to"):
         check_output_dir("/proc/lorakit-run", resume="never", overwrite=False)
+
+
+def test_a_directory_another_rank_is_probing_is_not_mistaken_for_a_file(tmp_path):
+    """Before: under torchrun, rank 0's write probe makes and removes a new output_dir while rank 1 looks at it;
+    exists() then is_dir() saw it vanish between the two calls and refused the run ("exists and is not a
+    directory", a CI failure)."""
+    target, stop = tmp_path / "run", threading.Event()
+
+    def probe_forever():
+        while not stop.is_set():
+            target.mkdir()
+            target.rmdir()
+
+    prober = threading.Thread(target=probe_forever)
+    prober.start()
+    try:
+        for _ in range(20000):
+            assert inspect_output_dir(target).own == ()
+    finally:
+        stop.set()
+        prober.join()
 
 
 def test_a_checkpoint_that_cannot_be_rotated_away_only_warns(tmp_path, monkeypatch):

@@ -70,9 +70,17 @@ class OutputDir:
 def inspect_output_dir(path: str | os.PathLike) -> OutputDir:
     """Look at `path` without changing it; OutputDirError if it exists and is not a directory."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputDirError(f"{path} exists and is not a directory", hint="choose a directory for the run's outputs")
-    names = sorted(os.listdir(path)) if path.is_dir() else []
+    # One listdir, not exists() then is_dir(): under torchrun another rank's write probe makes and removes the
+    # directory, and between two separate checks a vanished directory looked like "not a directory".
+    try:
+        names = sorted(os.listdir(path))
+    except FileNotFoundError:
+        names = []
+    except NotADirectoryError:
+        if path.exists():
+            raise OutputDirError(f"{path} exists and is not a directory",
+                                 hint="choose a directory for the run's outputs") from None
+        names = []  # a parent is a file: the write probe says so
     own = tuple(n for n in names if n in OWN_OUTPUTS and n != LOCK_FILE)
     foreign = tuple(n for n in names if n not in OWN_OUTPUTS)
     checkpoints = tuple(list_checkpoints(path))
