@@ -117,6 +117,6 @@ def test_a_huge_record_is_cut_before_tokenizing_to_the_same_tokens(tok_chat):
     finally:
         preference.tokenize_reply = real
     assert max(seen) < 10_000  # the budget for 64 tokens, not the record's 130k characters
-    whole_prompt, whole_chosen = real(preference._prompt(record["prompt"]), record["chosen"], tok_chat,
+    whole_prompt, whole_chosen = real(preference.prompt_turns(record["prompt"]), record["chosen"], tok_chat,
                                       preference.resolve_template(tok_chat, "auto"))
     assert cut.prompt_ids == whole_prompt[-24:] and cut.chosen_ids == whole_chosen[:64 - 24]

@@ -19,6 +19,7 @@ from lorakit.train.logprobs import completion_log_probs
 from lorakit.train.metrics import read_metrics
 from data_helpers import build_tokenizer, CHATML_JINJA, save_chat_llama
 from tiny_models import randomize_lora
+from kill_support import assert_same_adapter, killed_and_resumed
 
 PAIRS = [{"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": f"It is {2 * i + 1}, I think."}
          for i in range(16)]
@@ -90,24 +91,6 @@ def test_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(model_dir
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-KILLED_CHILD = """
-import json, os, sys, torch
-torch.set_num_threads(1)
-import lorakit.recipes.preference as recipe
-from lorakit.config import run_config_from_dict
-from lorakit.recipes import run_recipe
-real_fit = recipe.fit
-def die(event, info):
-    if event == "step" and info["step"] == 3:
-        os._exit(137)  # as abrupt as SIGKILL: no cleanup, no final save
-def fit(*args, **kwargs):
-    kwargs["hooks"] = [*kwargs.get("hooks", ()), die]
-    return real_fit(*args, **kwargs)
-recipe.fit = fit
-run_recipe(run_config_from_dict(json.loads(sys.argv[1])), log=lambda line: None)
-"""
-
-
 @pytest.mark.filterwarnings("ignore:.*taking over a stale lock left by pid:UserWarning")  # what the killed run left
 @pytest.mark.parametrize("objective, preference", [("dpo", {"reference": {"precompute": True}}), ("kto", {})],
                          ids=["dpo-precompute", "kto"])
@@ -115,27 +98,11 @@ def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(model_dir, tmp
     """kill -9 after step 3 (checkpoint at 2), then `resume: auto`: the same losses and adapter bit for bit as a
     run never stopped. Covers the state a preference run adds: precomputed reference log-probs (computed again
     on resume) and KTO's KL partners."""
-    import subprocess
-    import sys
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one reduction order in both processes
-    try:
-        straight = run_recipe(run_config_from_dict(_config(model_dir, tmp_path, objective, out="straight",
-                                                           **preference)), log=quiet)
-        config = _config(model_dir, tmp_path, objective, out="killed", **preference)
-        child = subprocess.run([sys.executable, "-c", KILLED_CHILD, json.dumps(config)], capture_output=True,
-                               text=True, timeout=300)
-        assert child.returncode == 137, child.stderr[-2000:]
-        assert not (tmp_path / "killed" / "adapter").exists()
-        resumed = run_recipe(run_config_from_dict(config), resume="auto", log=quiet)
-    finally:
-        torch.set_num_threads(threads)
+    straight, resumed = killed_and_resumed(
+        "lorakit.recipes.preference", _config(model_dir, tmp_path, objective, out="straight", **preference),
+        _config(model_dir, tmp_path, objective, out="killed", **preference))
     assert resumed.resumed_from == 2 and resumed.losses == straight.losses[2:]
-    from safetensors.torch import load_file
-    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_adapter(tmp_path / "straight", tmp_path / "killed")
 
 
 def test_resume_refuses_a_changed_preference_setting(model_dir, tmp_path):

@@ -15,7 +15,6 @@ stop preparation with file:line, or are skipped and counted with data.skip_bad_r
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,8 +27,8 @@ from .budget import char_budget, tokens_past_a_cut
 from .collate import LengthGroupedBatchSampler
 from .formats import Conversation, Turn, check_conversation, column_names, maybe_json, turn_list
 from .options import DataOptions
-from .prepare import MAX_LISTED, DataSummary, Source, check_losses, drop, strict_message
-from .records import BadRecord, read_records, records_from_objects
+from .prepare import DataSummary, Source, each_record, pad_id, source_name
+from .records import BadRecord
 from .templates import IGNORE_INDEX, ChatTemplate, resolve_template, tokenize_reply
 
 
@@ -77,43 +76,20 @@ def prepare_preference(source: Source, tokenizer: Any, options: DataOptions | No
     pairs when `paired`, else KTO's labelled completions. Raises DataError naming file, line and reason."""
     opts = options or DataOptions()
     lengths = lengths or Lengths(opts.max_seq_len)
-    if isinstance(source, (str, os.PathLike)):
-        name, records = name or str(source), read_records(source)
-    else:
-        name, records = name or "records", records_from_objects(source, name=name or "records")
-    summary = DataSummary(source=name, format="preference" if paired else "kto")
+    summary = DataSummary(source=source_name(source, name), format="preference" if paired else "kto")
     template: ChatTemplate | None = None
-    examples: list = []
-    strict_failures = 0
-    for rec in records:
-        summary.records_read += 1
-        try:
-            if rec.problem is not None:
-                raise rec.problem
-            assert rec.data is not None
-            if template is None:
-                template = resolve_template(tokenizer, opts.template)  # DataError: stops at once, not per record
-            if paired:
-                example = _pair(rec.data, rec.location, tokenizer, template, lengths, summary)
-            else:
-                example = _unpaired(rec.data, rec.location, tokenizer, template, lengths, summary)
-        except BadRecord as e:
-            drop(summary, e.reason, str(e if e.location else e.at(rec.location)))
-            if not opts.skip_bad_records:
-                strict_failures += 1
-                if strict_failures >= MAX_LISTED:
-                    break
-            continue
-        examples.append(example)
+
+    def example(record: Mapping[str, Any], location: str) -> PreferencePair | Unpaired:
+        nonlocal template
+        if template is None:
+            template = resolve_template(tokenizer, opts.template)  # DataError: stops at once, not per record
+        if paired:
+            return _pair(record, location, tokenizer, template, lengths, summary)
+        return _unpaired(record, location, tokenizer, template, lengths, summary)
+
+    examples = each_record(source, opts, summary, example)
     summary.template = template.name if template is not None else "-"
-    if strict_failures:
-        raise DataError(strict_message(summary, stopped=strict_failures >= MAX_LISTED))
-    check_losses(summary, opts)
-    summary.kept = len(examples)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise DataError("the tokenizer has neither a pad_token nor an eos_token to pad batches with")
-    return PreferenceData(examples, summary, pad)
+    return PreferenceData(examples, summary, pad_id(tokenizer))
 
 
 # ---- one record ----------------------------------------------------------------------------------------
@@ -143,7 +119,7 @@ def _unpaired(record: Mapping[str, Any], location: str, tokenizer: Any, template
         label = label.lower() == "true"
     if not isinstance(label, bool):
         raise BadRecord("bad_label", f"'label' is {label!r}; expected true (desirable) or false (undesirable)")
-    prompt = _prompt(record["prompt"])
+    prompt = prompt_turns(record["prompt"])
     completion = _completion(record["completion"], "completion")
     check_conversation((*prompt, Turn("assistant", completion)))
     prompt_ids, (completion_ids,) = _tokenize(prompt, [completion], tokenizer, template, lengths.max_seq_len)
@@ -195,7 +171,7 @@ def _pair_texts(record: Mapping[str, Any]) -> tuple[Conversation, str, str]:
             raise BadRecord("missing_key", f"missing key {key!r}: preference records are {{prompt, chosen, rejected}} "
                                            f"(keys present: {', '.join(map(repr, list(record)[:8])) or 'none'})")
     if "prompt" in record:
-        prompt = _prompt(record["prompt"])
+        prompt = prompt_turns(record["prompt"])
         chosen, rejected = _completion(record["chosen"], "chosen"), _completion(record["rejected"], "rejected")
     else:  # TRL's implicit prompt: two whole conversations sharing their leading turns
         whole = [turn_list(record, key, column_names(None)) for key in ("chosen", "rejected")]
@@ -212,7 +188,7 @@ def _pair_texts(record: Mapping[str, Any]) -> tuple[Conversation, str, str]:
     return prompt, chosen, rejected
 
 
-def _prompt(value: Any) -> Conversation:
+def prompt_turns(value: Any) -> Conversation:
     value = maybe_json(value)
     if isinstance(value, str):
         if not value.strip():

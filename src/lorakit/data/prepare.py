@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -26,6 +26,7 @@ from .packing import PackedRow, pack
 from .records import BadRecord, Record, read_records, records_from_objects
 from .templates import IGNORE_INDEX, ChatTemplate, Tokenized, resolve_template, tokenize_conversation, tokenize_text
 
+T = TypeVar("T")
 MAX_LISTED = 20  # problems quoted in full in an error; the rest are counted by reason
 # Reasons that are a property of the data's shape (an error in strict mode), as opposed to policy drops.
 POLICY_REASONS = ("too_long",)
@@ -93,14 +94,43 @@ def prepare(source: Source, tokenizer: Any, options: DataOptions | None = None, 
     memory / from `read_hub`). Raises DataError naming file, line and reason for bad data. `name` labels
     the summary (default: the path, or "records")."""
     opts = options or DataOptions()
-    if isinstance(source, (str, os.PathLike)):
-        name, records = name or str(source), read_records(source)
-    else:
-        name, records = name or "records", records_from_objects(source, name=name or "records")
-    summary = DataSummary(source=name)
+    summary = DataSummary(source=source_name(source, name))
     fmt = None if opts.format == "auto" else opts.format
     template: ChatTemplate | None = None
-    examples: list[Example] = []
+
+    def example(record: Mapping[str, Any], location: str) -> Example | None:
+        nonlocal fmt, template
+        if fmt is None:
+            fmt = detect_format(record, opts.columns)
+            if fmt is None:
+                raise BadRecord("unknown_format", f"fits no format: keys {sorted(map(str, record))[:8]}; "
+                                                  f"expected {describe_keys(opts.columns)}")
+        if fmt != "text" and template is None:
+            template = resolve_template(tokenizer, opts.template)  # DataError: stops at once, not per record
+        item = normalise(record, fmt, opts.columns)
+        tok, cut = _tokenize(item, tokenizer, template, opts)
+        return _apply_length_policy(tok, location, opts, summary, chat=not isinstance(item, str), cut=cut)
+
+    examples = each_record(source, opts, summary, example)
+    summary.format = fmt or "unknown"
+    summary.template = "-" if fmt == "text" or template is None else template.name
+    return PreparedData(examples, summary, opts.packing_for(summary.format), opts.max_seq_len, pad_id(tokenizer))
+
+
+def source_name(source: Source, name: str | None = None) -> str:
+    """What messages call `source`: `name`, else the path, else "records"."""
+    return name or (str(source) if isinstance(source, (str, os.PathLike)) else "records")
+
+
+def each_record(source: Source, opts: DataOptions, summary: DataSummary,
+                make: Callable[[Mapping[str, Any], str], T | None]) -> list[T]:
+    """`make(record, location)` for every record of `source`, counted in `summary`. A BadRecord (raised by make,
+    or met while reading) is dropped and counted; unless opts.skip_bad_records, the bad records then stop the
+    run together (up to MAX_LISTED of them, each with file:line). make returning None: dropped by a length
+    policy (make counted it). Fails too when nothing is left or more than max_drop_fraction was lost."""
+    records = read_records(source) if isinstance(source, (str, os.PathLike)) else \
+        records_from_objects(source, name=summary.source)
+    out: list[T] = []
     strict_failures = 0
     for rec in records:
         summary.records_read += 1
@@ -108,36 +138,29 @@ def prepare(source: Source, tokenizer: Any, options: DataOptions | None = None, 
             if rec.problem is not None:
                 raise rec.problem
             assert rec.data is not None
-            if fmt is None:
-                fmt = detect_format(rec.data, opts.columns)
-                if fmt is None:
-                    raise BadRecord("unknown_format", f"fits no format: keys {sorted(map(str, rec.data))[:8]}; "
-                                                      f"expected {describe_keys(opts.columns)}")
-            if fmt != "text" and template is None:
-                template = resolve_template(tokenizer, opts.template)  # DataError: stops at once, not per record
-            item = normalise(rec.data, fmt, opts.columns)
-            tok, cut = _tokenize(item, tokenizer, template, opts)
-            example = _apply_length_policy(tok, rec.location, opts, summary, chat=not isinstance(item, str), cut=cut)
+            example = make(rec.data, rec.location)
         except BadRecord as e:
-            where = e if e.location else e.at(rec.location)
-            drop(summary, e.reason, str(where))
+            drop(summary, e.reason, str(e if e.location else e.at(rec.location)))
             if not opts.skip_bad_records:
                 strict_failures += 1
                 if strict_failures >= MAX_LISTED:
                     break
             continue
         if example is not None:
-            examples.append(example)
-    summary.format = fmt or "unknown"
-    summary.template = "-" if fmt == "text" or template is None else template.name
+            out.append(example)
     if strict_failures:
         raise DataError(strict_message(summary, stopped=strict_failures >= MAX_LISTED))
     check_losses(summary, opts)
-    summary.kept = len(examples)
+    summary.kept = len(out)
+    return out
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise DataError("the tokenizer has neither a pad_token nor an eos_token to pad batches with")
-    return PreparedData(examples, summary, opts.packing_for(summary.format), opts.max_seq_len, pad)
+    return pad
 
 
 def _tokenize(item: Normalised, tokenizer: Any, template: ChatTemplate | None, opts: DataOptions) \

@@ -8,11 +8,8 @@ only rank 0 logs and writes.
 from __future__ import annotations
 
 import dataclasses
-import random
 from pathlib import Path
 from typing import Callable, Iterable
-
-import torch
 
 from ..base_model import load_base_model
 from ..config import RunConfig, TaskConfig
@@ -25,10 +22,10 @@ from ..train.distributed import QUANTIZED_FSDP, init_runtime, shard_base_layers
 from ..train.fingerprint import run_settings
 from ..train.loop import FitResult, fit
 from ..train.objectives import Objective, objective_for
-from ..train.output_dir import check_output_dir
 from ..train.runtime import Runtime
 from ..train.tasks import Task, TaskSet
 from ..train.tensorboard import TensorBoardHook
+from .start import start_run
 
 
 def run_training(config: RunConfig, *, resume: str | None = None, overwrite: bool = False,
@@ -45,14 +42,7 @@ def run_training(config: RunConfig, *, resume: str | None = None, overwrite: boo
 
 def _train(config: RunConfig, resume: str | None, overwrite: bool, allow_change: tuple[str, ...],
            log: Callable[[str], None], runtime: Runtime) -> FitResult:
-    torch.manual_seed(config.train.seed)  # the LoRA A init draws from it
-    random.seed(config.train.seed)
-    if overwrite and resume is None and config.train.resume != "never":
-        log(f"overwrite: starting over, so the run config's train.resume: {config.train.resume} does not apply")
-        resume = "never"
-    resume = str(config.train.resume if resume is None else resume)
-    # Every process looks (the same files), so that a refusal stops them all before anything loads.
-    check_output_dir(config.output_dir, resume=resume, overwrite=overwrite, probe=runtime.is_main)
+    resume = start_run(config, resume, overwrite, runtime, log)
     fsdp = runtime.strategy == "fsdp"
     if fsdp and config.model.quantization is not None:
         raise ConfigError(QUANTIZED_FSDP, where="run config")  # before loading it, not after
