@@ -67,6 +67,7 @@ def test_a_recipe_is_chosen_by_the_objective_name(tmp_path):
     assert RECIPES["sft"].__module__ == "lorakit.recipes.sft"
     path = tmp_path / "run.yaml"
     assert RECIPES["dpo"].__module__ == "lorakit.recipes.preference"
-    path.write_text("objective: grpo\nmodel: {name_or_path: ./no-model}\ndata: {train: train.jsonl}\n")
-    with pytest.raises(ConfigError, match="objective: 'grpo' is not one of sft, dpo, orpo, kto"):  # before loading
+    assert RECIPES["grpo"].__module__ == "lorakit.recipes.grpo"
+    path.write_text("objective: ppo\nmodel: {name_or_path: ./no-model}\ndata: {train: train.jsonl}\n")
+    with pytest.raises(ConfigError, match="objective: 'ppo' is not one of sft, dpo, orpo, kto, grpo"):  # before loading
         run_recipe(load_run_config(path))

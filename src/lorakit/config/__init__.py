@@ -12,9 +12,9 @@ from ..lora.config import LoraConfig
 from .load import apply_override, as_trained, load_run_config, run_config_from_dict
 from .reference import field_reference
 from .sections import DataConfig, DistributedConfig, ModelConfig, PreferenceConfig, QuantizationConfig, \
-    ReferenceConfig, RunConfig, SpeedConfig, TaskConfig, TrainConfig
+    ReferenceConfig, RewardConfig, RLConfig, RunConfig, SpeedConfig, TaskConfig, TrainConfig
 
 __all__ = ["DataConfig", "DistributedConfig", "LoraConfig", "ModelConfig", "PreferenceConfig", "QuantizationConfig",
-           "ReferenceConfig", "RunConfig",
+           "ReferenceConfig", "RewardConfig", "RLConfig", "RunConfig",
            "SpeedConfig", "TaskConfig", "TrainConfig", "apply_override", "as_trained", "field_reference", "load_run_config",
            "run_config_from_dict"]

@@ -97,7 +97,7 @@ def run_config_from_dict(raw: dict, *, where: str = "run config") -> RunConfig:
     problems: list[str] = []
     config = _build(RunConfig, raw, "", problems)
     if config is not None:
-        problems += _task_problems(config) + _preference_problems(config)
+        problems += _task_problems(config) + _preference_problems(config) + _rl_problems(config)
     if problems:
         raise ConfigError(problems, where=where)
     return config
@@ -157,6 +157,60 @@ def _preference_problems(config: RunConfig) -> list[str]:
         problems.append(f"preference.label_smoothing: loss_type {pref.loss_type} has no label smoothing; set it to 0")
     if pref.label_smoothing and config.objective != "dpo":
         problems.append(f"preference.label_smoothing: objective {config.objective} has no label smoothing; set it to 0")
+    return problems
+
+
+# Built-in rewards (train/rewards.py) and the options each takes; "required" ones must be set.
+REWARD_OPTIONS = {"exact_match": ((), ("column",)), "regex_match": (("pattern",), ()), "json_valid": ((), ()),
+                  "json_schema": (("schema",), ()), "numeric_equal": ((), ("column", "tolerance")),
+                  "length_penalty": (("max_chars",), ())}
+REWARD_OPTION_NAMES = ("column", "pattern", "schema", "max_chars", "tolerance")
+
+
+def _rl_problems(config: RunConfig) -> list[str]:
+    """What the rl fields allow one by one but not with the objective or each other."""
+    if config.objective != "grpo":
+        return []
+    rl, problems = config.rl, []
+    if config.tasks:
+        problems.append("tasks: objective grpo trains one adapter; remove tasks and set data.train (the prompts)")
+    if config.data.packing:
+        problems.append("data.packing: objective grpo samples completions per prompt; set packing: false")
+    if rl.epsilon_high is not None and rl.epsilon_high < rl.epsilon:
+        problems.append(f"rl.epsilon_high: {rl.epsilon_high} is below rl.epsilon {rl.epsilon}; the upper clip must be "
+                        "at least the lower one (or null: the same)")
+    if rl.max_prompt_len is None and rl.max_completion_len >= config.data.max_seq_len:
+        problems.append(f"rl.max_completion_len: {rl.max_completion_len} leaves no room for the prompt in "
+                        f"data.max_seq_len {config.data.max_seq_len}; raise max_seq_len or lower max_completion_len")
+    if not rl.rewards:
+        problems.append("rl.rewards: objective grpo needs at least one reward function, e.g. [{function: json_valid}] "
+                        "or [{function: my_rewards:correct, weight: 1}]")
+    names = set()
+    for i, reward in enumerate(rl.rewards):
+        where, function = f"rl.rewards[{i}]", reward.function
+        if function in REWARD_OPTIONS:
+            required, optional = REWARD_OPTIONS[function]
+            for option in required:
+                if getattr(reward, option) is None:
+                    problems.append(f"{where}.{option}: {function} needs it")
+            for option in REWARD_OPTION_NAMES:
+                if getattr(reward, option) is not None and option not in required + optional:
+                    takes = ", ".join(required + optional) or "no options"
+                    problems.append(f"{where}.{option}: {function} does not take it (it takes {takes}); remove it")
+        elif ":" not in function:
+            close = difflib.get_close_matches(function, list(REWARD_OPTIONS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{where}.function: {function!r} is not a built-in reward{hint}; built-ins: "
+                            f"{', '.join(REWARD_OPTIONS)}; or name your own as module:function")
+        else:
+            for option in REWARD_OPTION_NAMES:
+                if getattr(reward, option) is not None:
+                    problems.append(f"{where}.{option}: options are for built-in rewards; your function "
+                                    f"{function} reads what it needs from the record")
+        name = reward.name or function
+        if name in names:
+            problems.append(f"{where}: two rewards are named {name!r}; give one a name: (its metrics column)")
+        names.add(name)
     return problems
 
 
@@ -221,6 +275,19 @@ RANGES = {
     ("PreferenceConfig", "max_prompt_len"): (lambda v: v >= 1, "a positive integer, or null"),
     ("PreferenceConfig", "max_completion_len"): (lambda v: v >= 1, "a positive integer, or null"),
     ("DataConfig", "validation_fraction"): (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("RLConfig", "num_generations"): (lambda v: v >= 2, "at least 2 (advantages compare completions of a prompt)"),
+    ("RLConfig", "temperature"): (lambda v: v > 0, "a positive number (at 0 every completion of a group is the same)"),
+    ("RLConfig", "top_p"): (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("RLConfig", "max_completion_len"): (lambda v: v >= 1, "a positive integer"),
+    ("RLConfig", "epsilon"): (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    ("RLConfig", "epsilon_high"): (lambda v: v > 0, "a positive number, or null (the same as epsilon)"),
+    ("RLConfig", "beta"): (lambda v: v >= 0, "0 or more"),
+    ("RLConfig", "num_iterations"): (lambda v: v == 1, "1 for now (several optimizer steps per rollout are not "
+                                                      "supported yet)"),
+    ("RLConfig", "sample_every"): (lambda v: v > 0, "a positive integer, or null for no samples"),
+    ("RLConfig", "max_prompt_len"): (lambda v: v >= 1, "a positive integer"),
+    ("RewardConfig", "max_chars"): (lambda v: v >= 1, "a positive integer"),
+    ("RewardConfig", "tolerance"): (lambda v: v >= 0, "0 or more"),
     ("RunConfig", "deploy_targets"): (lambda v: isinstance(v, list) and all(t in DEPLOY_TARGETS for t in v),
                                       f"a list of deployment targets from: {', '.join(DEPLOY_TARGETS)}"),
 }

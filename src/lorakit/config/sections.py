@@ -184,12 +184,81 @@ class PreferenceConfig:
 
 
 @dataclass(kw_only=True)
+class RewardConfig:
+    """One reward function of objective grpo: a built-in or the user's own, with its weight in the sum."""
+
+    function: str
+    """A built-in (exact_match, regex_match, json_valid, json_schema, numeric_equal, length_penalty) or your own,
+    named "module:function" (importable from the working directory), called as f(prompt=, completion=, record=)
+    and returning a number."""
+    weight: float = 1.0
+    """Its weight in the summed reward."""
+    name: str | None = None
+    """Its name in the metrics (reward/NAME); default: the function's."""
+    column: str | None = None
+    """exact_match, numeric_equal: the record's column holding the expected answer (default answer)."""
+    pattern: str | None = None
+    """regex_match: the regular expression searched for in the completion."""
+    schema: str | None = None
+    """json_schema: the path of a JSON schema file the completion must validate against."""
+    max_chars: int | None = None
+    """length_penalty: completions longer than this many characters lose 1 per max_chars beyond it."""
+    tolerance: float | None = None
+    """numeric_equal: how far the number may be from the answer (default 1e-6)."""
+
+
+@dataclass(kw_only=True)
+class RLConfig:
+    """Reinforcement learning from verifiable rewards (objective: grpo). The names follow TRL's GRPOConfig. The
+    prompts are data.train (any chat format: the prompt part is used, the rest of the record goes to the
+    rewards); data.validation's prompts are answered greedily at each evaluation and their rewards logged."""
+
+    num_generations: int = 8
+    """Completions sampled per prompt (the group G whose rewards are compared). train.batch_size counts prompts,
+    so a micro-batch holds batch_size x num_generations completions."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (the log-probs are those of this distribution)."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts; 1.0: the whole distribution."""
+    max_completion_len: int = 256
+    """Tokens generated per completion at most (one cut at this length scores what it wrote so far)."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
+    """How token losses are averaged. grpo: per completion, then over completions (long completions weigh less
+    per token); dr_grpo: summed and divided by completions x max_completion_len (no length bias); dapo (TRL's
+    default): summed over the step's tokens and divided by their number."""
+    epsilon: float = 0.2
+    """Clipping of the probability ratio: [1 - epsilon, 1 + epsilon_high]."""
+    epsilon_high: float | None = None
+    """The upper clip (DAPO's clip-higher, e.g. 0.28); null: epsilon."""
+    beta: float = 0.0
+    """Weight of the KL penalty to the reference (the base with adapters disabled); 0 (current practice) skips
+    the reference forward."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group's reward standard deviation, the batch's, or nothing (Dr. GRPO)."""
+    num_iterations: int = 1
+    """Optimizer steps per rollout (GRPO's mu). Only 1 for now: each step samples fresh completions on-policy."""
+    rewards: list[RewardConfig] = field(default_factory=list)
+    """The reward functions, summed with their weights, e.g. [{function: json_valid}, {function: exact_match,
+    column: answer, weight: 2}]."""
+    sample_every: int | None = 10
+    """Write every N-th step's completions with their rewards to samples/step-N.jsonl (null: never)."""
+    max_prompt_len: int | None = None
+    """Prompts longer than this many tokens are bad records (reported with file:line, or skipped with
+    data.skip_bad_records); null: data.max_seq_len - max_completion_len, so prompt and completion fit
+    data.max_seq_len."""
+
+    def prompt_budget(self, max_seq_len: int) -> int:
+        return self.max_prompt_len if self.max_prompt_len is not None else max_seq_len - self.max_completion_len
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig
     objective: str = "sft"
     """The way of training: sft (supervised fine-tuning on the data's supervised tokens); dpo, orpo (pairs of
     {prompt, chosen, rejected}) or kto ({prompt, completion, label}): preference tuning, set in the preference
-    section. Each way is a recipe in lorakit.recipes (RECIPES)."""
+    section; grpo: reinforcement learning from the rewards of sampled completions, set in the rl section. Each
+    way is a recipe in lorakit.recipes (RECIPES)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -199,6 +268,8 @@ class RunConfig:
     """Several processes under torchrun; a single process ignores it."""
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     """Preference tuning settings (objective: dpo, orpo or kto); ignored by sft."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """RL settings (objective: grpo): group size, sampling, loss variant, rewards; ignored by the others."""
     output_dir: str = "runs/lorakit"
     """Where the adapter, checkpoints, metrics and plots go."""
     tasks: list[TaskConfig] = field(default_factory=list)

@@ -123,6 +123,12 @@ def tokenize_conversation(turns: Sequence[Turn], tokenizer: Any, template: ChatT
     return Tokenized(ids, labels, tuple(ends))
 
 
+def tokenize_prompt(prompt: Sequence[Turn], tokenizer: Any, template: ChatTemplate) -> list[int]:
+    """The ids a model continues to answer `prompt`: its render with the generation prompt (as tokenize_reply's
+    prompt ids); what RL rollouts start from."""
+    return _encode_rendered(tokenizer, template, [{"role": t.role, "content": t.content} for t in prompt], True)
+
+
 def tokenize_reply(prompt: Sequence[Turn], reply: str, tokenizer: Any, template: ChatTemplate) \
         -> tuple[list[int], list[int]]:
     """(prompt ids, reply ids) for one assistant reply to the conversation `prompt`, as tokenize_conversation

@@ -81,7 +81,11 @@ def plan_run(config: RunConfig, *, hf_config=None) -> RunPlan:
     if frozen_copy:
         shape.notes.append(f"the policy starts from {config.preference.reference.adapter} (its r and targets are "
                            "planned here, not the lora section's); its frozen copy, the reference, is counted")
-    rows = tasks * (2 if pairs else 1)
+    if config.objective == "grpo":
+        shape.notes.append(f"grpo: each micro-batch holds rl.num_generations completions per prompt, "
+                           f"{t.batch_size * config.rl.num_generations} rows; the engine's KV cache for the rollout "
+                           "is freed before the training forward and is not counted")
+    rows = tasks * (2 if pairs else config.rl.num_generations if config.objective == "grpo" else 1)
     setup = Setup(device=device.type, dtype=dtype, bits=q.bits if q else None,
                   double_quant=q.double_quant if q else True,
                   adapter_bytes=2 if config.model.adapter_dtype == "bfloat16" else 4,
@@ -91,7 +95,7 @@ def plan_run(config: RunConfig, *, hf_config=None) -> RunPlan:
                   eager_attention=config.model.attn_implementation == "eager",
                   runtime=runtime_bytes(device, quantized=q is not None), frozen_adapter=frozen_copy,
                   scored_per_row=config.preference.max_completion_len if config.objective in ("dpo", "orpo", "kto")
-                  else None)
+                  else config.rl.max_completion_len if config.objective == "grpo" else None)
     return RunPlan(shape, setup, estimate(shape, setup), rows)
 
 

@@ -11,13 +11,14 @@ from typing import Callable
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..train.loop import FitResult
-from . import preference, sft
+from . import grpo, preference, sft
 
 RECIPES: dict[str, Callable[..., FitResult]] = {
     "sft": sft.run_training,
     "dpo": preference.run_preference,
     "orpo": preference.run_preference,
     "kto": preference.run_preference,
+    "grpo": grpo.run_grpo,
 }
 
 

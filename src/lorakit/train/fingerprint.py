@@ -24,7 +24,8 @@ MAY_CHANGE = ("train.max_steps", "train.epochs", "train.save_every", "train.eval
               "speed", "distributed", "deploy_targets", "data.skip_bad_records", "data.max_drop_fraction",
               # the same numbers computed another way: what a run resumed after running out of memory changes
               "train.gradient_checkpointing", "train.checkpoint_every", "train.loss_chunk_tokens", "train.nan_policy",
-              "model.device", "model.attn_implementation", "preference.reference.precompute")
+              "model.device", "model.attn_implementation", "preference.reference.precompute",
+              "rl.sample_every")
 # Checkpoints that record this compare every key either side has (a section set on one side only is a change);
 # older ones recorded a few keys, compared where both have them.
 VERSION_KEY, VERSION = "fingerprint_version", 2
@@ -58,7 +59,9 @@ def run_settings(config) -> dict[str, Any]:
     settings = {}
     for name in ("model", "lora", "data", "speed", "distributed"):
         settings.update(flat_settings(getattr(config, name), name))
-    if config.objective != "sft":  # sft runs record what they always did, so their older checkpoints resume
+    if config.objective == "grpo":
+        settings.update(flat_settings(config.rl, "rl"))
+    elif config.objective != "sft":  # sft runs record what they always did, so their older checkpoints resume
         settings.update(flat_settings(config.preference, "preference"))
     settings["output_dir"] = config.output_dir
     settings["deploy_targets"] = list(config.deploy_targets)

@@ -96,8 +96,9 @@ def token_log_probs_of_completions(model: nn.Module, batch: dict, chunk_tokens: 
 def _scored_log_probs(model: nn.Module, batch: dict, chunk_tokens: int | None, adapter: str | None,
                       input_prefix: str, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs of the labelled tokens in row-major order (n,), which positions they are (rows, seq - 1))."""
-    inputs = model_inputs({"input_ids": batch[f"{input_prefix}input_ids"],
-                           "attention_mask": batch[f"{input_prefix}attention_mask"]}, model_device(model))
+    # position_ids when the batch has them: left-padded prompts (RL rollouts) start at position 0 as generated
+    inputs = model_inputs({key: batch[f"{input_prefix}{key}"] for key in ("input_ids", "attention_mask", "position_ids")
+                           if f"{input_prefix}{key}" in batch}, model_device(model))
     labels = batch[f"{input_prefix}labels"].to(inputs["input_ids"].device)
     rows = labels.shape[0]
     targets = labels[:, 1:]  # (rows, seq - 1): position t predicts token t + 1

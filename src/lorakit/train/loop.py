@@ -123,15 +123,16 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
         nonlocal last_eval_step
         result, last_eval_step = objective.evaluate(model, runtime), state.step
         # No perplexity where the loss is not a cross-entropy (preference objectives give NaN).
-        state.last_eval_loss = result.loss
+        state.last_eval_loss = None if math.isnan(result.loss) else result.loss  # grpo's evaluation has no loss
         state.last_eval_perplexity = None if math.isnan(result.perplexity) else result.perplexity
         if math.isfinite(result.loss) and (state.best_eval_loss is None or result.loss < state.best_eval_loss):
             state.best_eval_loss, state.best_step = result.loss, state.step
         info = {"step": state.step, "eval_loss": result.loss, "eval_perplexity": result.perplexity, **result.fields}
         metrics.write({**info, "eval_tokens": result.tokens})
         perplexity = f", perplexity {result.perplexity:.2f}" if not math.isnan(result.perplexity) else ""
-        log(f"eval at step {state.step}: loss {result.loss:.4f}{perplexity} (best {_fmt(state.best_eval_loss)} at "
-            f"step {state.best_step}){_by_part(result.parts)}{_by_part(result.fields)}")
+        scored = (f"loss {result.loss:.4f}{perplexity} (best {_fmt(state.best_eval_loss)} at step {state.best_step})"
+                  if not math.isnan(result.loss) else "")  # grpo evaluates rewards, not a loss
+        log(f"eval at step {state.step}: " + f"{scored}{_by_part(result.parts)}{_by_part(result.fields)}".lstrip(" |"))
         _call(hooks, "eval", {**info, "tokens": result.tokens})
 
     try:

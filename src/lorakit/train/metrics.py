@@ -88,16 +88,21 @@ def plot_losses(rows: list[dict], target: str | os.PathLike) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
-    val = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train")
-    if val:
-        ax.plot(*zip(*val), marker="o", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+    panels = [("loss", series("loss"), series("eval_loss"))]
+    if any("reward" in r for r in rows):  # grpo: the reward is the curve to watch (its loss hovers near 0)
+        panels.append(("mean reward", series("reward"), series("eval_reward")))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (name, train, val) in zip(axes[0], panels):
+        if train:
+            ax.plot(*zip(*train), label="train")
+        if val:
+            ax.plot(*zip(*val), marker="o", label="validation" + (" (greedy)" if name == "mean reward" else ""))
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.legend()
     fig.tight_layout()
     write_atomic(target, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

@@ -30,8 +30,10 @@ RUN_FILE = "lorakit_run.json"
 ADAPTER_DIR = "adapter"
 TRAINER_STATE = "trainer_state.json"
 TENSORBOARD_DIR = "tensorboard"
+SAMPLES_DIR = "samples"  # objective grpo: completions and rewards every rl.sample_every steps
 # Everything a run writes; `overwrite` deletes these (but the lock) and nothing else.
-OWN_OUTPUTS = (RUN_FILE, CHECKPOINTS, ADAPTER_DIR, METRICS_FILE, PLOT_FILE, TRAINER_STATE, TENSORBOARD_DIR, LOCK_FILE)
+OWN_OUTPUTS = (RUN_FILE, CHECKPOINTS, ADAPTER_DIR, METRICS_FILE, PLOT_FILE, TRAINER_STATE, TENSORBOARD_DIR, SAMPLES_DIR,
+               LOCK_FILE)
 
 
 @dataclass(frozen=True)

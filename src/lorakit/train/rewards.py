@@ -186,3 +186,18 @@ class RewardSet:
             scored = [w * v for w, v in terms if not math.isnan(v)]
             total.append(sum(scored) if scored else math.nan)
         return Scores(per_function, total, errors)
+
+
+def reward_set(configs: Sequence[Any]) -> RewardSet:
+    """The RewardSet of the run config's rl.rewards (RewardConfig entries, checked by the config loader): each
+    built-in made with its options, each module:function imported (a ConfigError names what is wrong)."""
+    functions = []
+    for config in configs:
+        if config.function in BUILTINS:
+            options = {k: getattr(config, k) for k in ("column", "pattern", "schema", "max_chars", "tolerance")
+                       if getattr(config, k) is not None}
+            function = BUILTINS[config.function](**options)
+        else:
+            function = load_function(config.function)
+        functions.append((config.name or config.function, function, config.weight))
+    return RewardSet(functions)

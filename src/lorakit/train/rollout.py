@@ -11,21 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 
+from ..data.prompts import PromptRecord
 from ..infer import Engine, SamplingParams
 from .objectives.grpo_losses import group_advantages
 from .rewards import RewardError, RewardSet
-
-
-@dataclass
-class PromptRecord:
-    ids: list[int]  # the prompt rendered by the chat template with its generation prompt, tokenized
-    text: str  # what the reward functions see as the prompt
-    record: Mapping[str, Any]  # the data row (extra columns such as `answer` are for the rewards)
-    location: str  # file:line, for messages
 
 
 @dataclass
@@ -38,6 +31,7 @@ class RolloutBatch:
     rewards: torch.Tensor  # (B,) weighted sum of the reward functions (NaN where all failed)
     advantages: torch.Tensor  # (B,) group-relative; 0 where the reward is NaN
     completions: list[str]
+    finish_reasons: list[str]  # "stop" (EOS), "length" (cut at max_tokens), per completion
     per_function: dict[str, list[float]]
     errors: list[RewardError] = field(default_factory=list)
 
@@ -55,12 +49,13 @@ def roll_out(engine: Engine, prompts: Sequence[PromptRecord], adapter: str | Non
         for j in range(group_size):
             seeded = dataclasses.replace(params, seed=completion_seed(step_seed, i, j, group_size))
             handles.append(engine.submit(prompt.ids, adapter, seeded))
-    tokens, logps, texts = [], [], []
+    tokens, logps, texts, reasons = [], [], [], []
     for handle in handles:
         events = list(handle)
         tokens.append([t for e in events for t in e.token_ids])
         logps.append([x for e in events for x in e.logprobs])
         texts.append("".join(e.text for e in events))
+        reasons.append(events[-1].finish_reason if events else "cancelled")
     rows = [p for p in prompts for _ in range(group_size)]
     scores = rewards.score([p.text for p in rows], texts, [p.record for p in rows], [p.location for p in rows])
     reward = torch.tensor(scores.total, dtype=torch.float32)
@@ -78,5 +73,15 @@ def roll_out(engine: Engine, prompts: Sequence[PromptRecord], adapter: str | Non
             completion_ids[i, :len(c)], completion_mask[i, :len(c)] = torch.tensor(c), 1
             old[i, :len(c)] = torch.tensor(lp)
     return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, old, reward, advantages, texts,
-                        scores.per_function, scores.errors)
+                        reasons, scores.per_function, scores.errors)
 
+
+
+def training_batch(rollout: RolloutBatch) -> dict[str, torch.Tensor]:
+    """The rollout as one training forward takes it: prompt then completion per row, labels on the completion
+    tokens only, positions counted from each row's first prompt token (as the engine generated them)."""
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    labels = torch.cat([torch.full_like(rollout.prompt_ids, -100),
+                        rollout.completion_ids.masked_fill(rollout.completion_mask == 0, -100)], 1)
+    return {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], 1), "attention_mask": mask,
+            "position_ids": (mask.cumsum(1) - 1).clamp(min=0), "labels": labels}
