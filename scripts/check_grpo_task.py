@@ -17,7 +17,7 @@ legs (an integer) and home, else 0.
    a valid record to learn from).
 4. After: the same greedy answers with the adapter. Exits 1 unless the held-out reward is at least 0.9 and rose by
    at least 0.1.
-The run's metrics.jsonl, loss_curve.png (loss and mean reward per step, held-out reward at each evaluation) and
+The run's metrics.jsonl, loss.png (loss and mean reward per step, held-out reward at each evaluation) and
 samples/ (completions with their rewards) are in OUT/grpo.
 """
 
@@ -154,7 +154,7 @@ def main() -> int:
     print(f"training reward (sampled at temperature {args.temperature:g}, 8 per prompt): first {k} steps "
           f"{sum(train_rewards[:k]) / k:.3f}, last {k} steps {sum(train_rewards[-k:]) / k:.3f}")
     print(f"e.g. {prompts[0]!r} -> {answers[0]!r}")
-    print(f"plot: {out / 'grpo' / 'loss_curve.png'}; samples: {out / 'grpo' / 'samples'}")
+    print(f"plot: {out / 'grpo' / 'loss.png'}; samples: {out / 'grpo' / 'samples'}")
     print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     if not (after >= 0.9 and after >= before + 0.1):
         print(f"FAIL: held-out reward {before:.2f} -> {after:.2f} (needs >= 0.9 and a rise of 0.1 or more)")
