@@ -15,19 +15,17 @@ stop preparation with file:line, or are skipped and counted with data.skip_bad_r
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..errors import DataError
 from .budget import char_budget, tokens_past_a_cut
 from .collate import LengthGroupedBatchSampler
 from .formats import Conversation, Turn, check_conversation, column_names, maybe_json, turn_list
 from .options import DataOptions
-from .prepare import DataSummary, Source, each_record, pad_id, source_name
+from .prepare import DataSummary, Source, each_record, pad_id, source_name, split_validation
 from .records import BadRecord
 from .templates import IGNORE_INDEX, ChatTemplate, resolve_template, tokenize_reply
 
@@ -307,12 +305,6 @@ def preference_batches(data: PreferenceData, batch_size: int, *, seed: int, epoc
 
 
 def split_preference(data: PreferenceData, fraction: float, seed: int) -> tuple[PreferenceData, PreferenceData]:
-    """Hold out `fraction` of the examples (at least one) for validation, fixed by `seed`."""
-    n = len(data.examples)
-    k = max(1, round(n * fraction))
-    if n < 2 or k >= n:
-        raise DataError(f"cannot split {fraction:g} of {n} examples for validation and keep any for training")
-    held = set(random.Random(f"lorakit-split:{seed}").sample(range(n), k))
-    keep = [e for i, e in enumerate(data.examples) if i not in held]
-    out = [e for i, e in enumerate(data.examples) if i in held]
-    return (PreferenceData(keep, data.summary, data.pad_token_id), PreferenceData(out, data.summary, data.pad_token_id))
+    """Hold out `fraction` of the examples (at least one) for validation, fixed by `seed` (split_validation's)."""
+    keep, held = split_validation(data.examples, fraction, seed)
+    return (PreferenceData(keep, data.summary, data.pad_token_id), PreferenceData(held, data.summary, data.pad_token_id))

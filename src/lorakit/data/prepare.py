@@ -238,9 +238,9 @@ def check_losses(summary: DataSummary, opts: DataOptions) -> None:
                         + "\nfix the data, or raise max_drop_fraction if this loss is intended")
 
 
-def split_validation(examples: Sequence[Example], fraction: float, seed: int = 0) \
-        -> tuple[list[Example], list[Example]]:
-    """Split off `fraction` of the examples (at least one) as a validation set, fixed by `seed`.
+def split_validation(examples: Sequence[T], fraction: float, seed: int = 0) -> tuple[list[T], list[T]]:
+    """Split off `fraction` of the examples (at least one) as a validation set, fixed by `seed`: SFT examples,
+    preference pairs or GRPO prompts alike.
 
     Both parts keep the original order; the choice depends only on (len(examples), fraction, seed).
     """

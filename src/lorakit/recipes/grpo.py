@@ -9,12 +9,13 @@ written to samples/step-N.jsonl.
 
 from __future__ import annotations
 
-import random
+import dataclasses
 from pathlib import Path
 from typing import Callable, Iterable
 
 from ..base_model import load_base_model
 from ..config import RunConfig
+from ..data.prepare import split_validation
 from ..data.prompts import PromptData, prepare_prompts
 from ..errors import ConfigError
 from ..plan.check import check_before_training
@@ -88,11 +89,8 @@ def _prompts(config: RunConfig, tokenizer, log: Callable[[str], None]) -> tuple[
 
     train, validation = prepared(config.data.train), prepared(config.data.validation)
     if validation is None and config.data.validation_fraction > 0:
-        held = random.Random(config.train.seed).sample(range(len(train.records)),
-                                                       max(1, round(len(train.records) * config.data.validation_fraction)))
-        chosen = set(held)
-        validation = PromptData([train.records[i] for i in sorted(held)], train.summary, train.pad_token_id)
-        train = PromptData([r for i, r in enumerate(train.records) if i not in chosen], train.summary, train.pad_token_id)
+        kept, held = split_validation(train.records, config.data.validation_fraction, seed=config.train.seed)
+        train, validation = dataclasses.replace(train, records=kept), dataclasses.replace(train, records=held)
         log(f"validation: {len(validation.records)} of {len(train.records) + len(validation.records)} prompts held "
             f"out (seed {config.train.seed})")
     return train, validation
