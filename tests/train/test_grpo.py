@@ -64,6 +64,13 @@ def test_grpo_trains_on_its_own_rollouts_and_logs_rewards_and_samples(model_dir,
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step-2.jsonl").read_text().splitlines()]
     assert len(samples) == 2 * 4 and {s["step"] for s in samples} == {2}
     assert {"prompt", "completion", "reward", "advantage", "rewards", "finish_reason", "location"} <= set(samples[0])
+    # The step's reward metrics are those of the completions in its samples file (groups of 4 consecutive rows)
+    row2 = next(r for r in steps if r["step"] == 2)
+    rewards = torch.tensor([s["reward"] for s in samples])
+    assert row2["reward"] == pytest.approx(float(rewards.mean()), abs=1e-6)
+    group_stds = rewards.view(-1, 4).std(dim=1)
+    assert row2["reward_group_std"] == pytest.approx(float(group_stds.mean()), abs=1e-6)
+    assert row2["frac_reward_zero_std"] == pytest.approx(float((group_stds < 1e-6).float().mean()))
     assert sorted((tmp_path / "run" / "samples").iterdir()) == [tmp_path / "run" / "samples" / "step-2.jsonl",
                                                                 tmp_path / "run" / "samples" / "step-4.jsonl"]
     assert any(line.startswith("objective: grpo") for line in lines)

@@ -40,7 +40,7 @@ from ..rewards import RewardSet
 from ..rollout import RolloutBatch, roll_out, training_batch
 from ..runtime import Runtime
 from .base import BatchLoss, Normaliser, WindowMetrics, batch_tokens, clip_together
-from .grpo_losses import policy_loss
+from .grpo_losses import nanstd, policy_loss
 
 MAX_ERRORS_LOGGED = 3  # per micro-batch: each failing reward is named with its record, without flooding the log
 
@@ -65,7 +65,7 @@ class GRPO:
                              max_prompt_tokens=longest, max_new_tokens=rl.max_completion_len)
         self.engine.start()
         self.names = [name for name, _, _ in rewards.functions]
-        self.sum_keys = ("loss", "completions", "tokens", "completion_tokens", "scored", "reward", "reward_sq",
+        self.sum_keys = ("loss", "completions", "tokens", "completion_tokens", "reward", "reward_sq",
                          "group_std", "groups", "zero_std_groups", "truncated", "clipped_low", "clipped_high", "kl",
                          "mismatch", "reward_errors", "scored_rewards",
                          *itertools.chain.from_iterable((f"{n}:sum", f"{n}:count") for n in self.names))
@@ -129,7 +129,7 @@ class GRPO:
         term = out.loss if rl.loss_type == "dapo" else out.loss * rows / normaliser["completions"]
         scored = float(mask.sum())
         sums = {"loss": float(term.detach()), "completions": rows, "tokens": batch_tokens(inputs),
-                "completion_tokens": scored, "scored": scored,
+                "completion_tokens": scored,
                 "clipped_low": float(out.clipped_low) * scored, "clipped_high": float(out.clipped_high) * scored,
                 "kl": float(out.kl) * scored if out.kl is not None else 0.0,
                 "mismatch": float(((logps.detach() - rollout.old_logps.to(logps.device)).abs() * mask).sum()),
@@ -215,8 +215,7 @@ class GRPO:
         rewards, g = rollout.rewards, self.rl.num_generations
         scored = rewards[~torch.isnan(rewards)]
         grouped = rewards.view(-1, g)
-        stds = torch.tensor([float(row[~torch.isnan(row)].std()) if int((~torch.isnan(row)).sum()) > 1 else 0.0
-                             for row in grouped])
+        stds = torch.nan_to_num(nanstd(grouped, dim=1), nan=0.0)  # a group with < 2 scored rewards: spread 0
         sums = {"reward": float(scored.sum()), "reward_sq": float((scored ** 2).sum()), "group_std": float(stds.sum()),
                 "groups": float(grouped.shape[0]), "zero_std_groups": float((stds < 1e-6).sum()),
                 "truncated": float(sum(r == "length" for r in rollout.finish_reasons)),
@@ -228,10 +227,10 @@ class GRPO:
         return sums
 
     def _fields(self, sums: dict[str, float]) -> dict[str, float | None]:
-        completions, scored = sums["completions"], sums.get("scored_rewards", sums["completions"])
+        completions, scored = sums["completions"], sums["scored_rewards"]
         mean = sums["reward"] / scored if scored else None
         variance = sums["reward_sq"] / scored - mean ** 2 if mean is not None else None
-        tokens = sums["scored"]
+        tokens = sums["completion_tokens"]
         fields = {"reward": mean, "reward_std": math.sqrt(max(variance, 0.0)) if variance is not None else None,
                   "reward_group_std": sums["group_std"] / sums["groups"] if sums["groups"] else None,
                   "frac_reward_zero_std": sums["zero_std_groups"] / sums["groups"] if sums["groups"] else None,

@@ -39,15 +39,15 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["gro
     if scale == "none":
         return torch.nan_to_num(centred, nan=0.0)
     if scale == "group":
-        std = _nanstd(grouped, dim=1).repeat_interleave(group_size)
+        std = nanstd(grouped, dim=1).repeat_interleave(group_size)
     elif scale == "batch":
-        std = _nanstd(rewards[None], dim=1).expand_as(rewards)
+        std = nanstd(rewards[None], dim=1).expand_as(rewards)
     else:
         raise ValueError(f"scale must be group, batch or none, not {scale!r}")
     return torch.nan_to_num(centred / (std + STD_EPSILON), nan=0.0)
 
 
-def _nanstd(values: torch.Tensor, dim: int) -> torch.Tensor:
+def nanstd(values: torch.Tensor, dim: int) -> torch.Tensor:
     """The Bessel-corrected standard deviation along `dim` ignoring NaNs; NaN where fewer than two values."""
     count = (~torch.isnan(values)).sum(dim)
     mean = torch.nanmean(values, dim=dim, keepdim=True)
