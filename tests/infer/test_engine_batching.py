@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from engine_support import alone, build_lora, build_tok, greedy, prompts, token_ids
 import lorakit.infer.engine as engine_module
-from lorakit.infer import Engine
+from lorakit.errors import AdapterError
+from lorakit.infer import Engine, InvalidRequest, QueueFull, SamplingParams
 
 ROW_ADAPTERS = ["a", "b", None, "c", "a", None]
 
@@ -101,3 +103,52 @@ def test_concurrent_submitters_get_their_alone_outputs():
             t.join(timeout=120)
         assert not any(t.is_alive() for t in threads)
     assert [got[i] for i in range(16)] == expected
+
+
+def test_requests_with_one_prompt_share_one_prefill_row_and_sample_as_they_would_alone():
+    """submit_many of n seeded samples of one prompt (GRPO's group) prefills the prompt once per adapter; each
+    sample's tokens and log-probs are those it draws when it runs by itself."""
+    lora, tok = build_lora(), build_tok()
+    p, q = prompts(2, seed=11)
+    requests = [(p, "a", SamplingParams(max_tokens=8, temperature=1.0, seed=s)) for s in range(4)]
+    requests += [(p, "b", SamplingParams(max_tokens=8, temperature=1.0, seed=9)),
+                 (q, "a", SamplingParams(max_tokens=8, temperature=1.0, seed=0))]
+    prefill_rows: list[int] = []
+
+    def count_rows(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:  # a prefill (decode steps feed one token per row)
+            prefill_rows.append(kwargs["input_ids"].shape[0])
+
+    with Engine(lora, tok, max_batch_size=8) as engine:
+        runs = [list(engine.submit(*r)) for r in requests]  # one at a time: each by itself
+        expected = [[t for e in run for t in e.token_ids] for run in runs]
+        alone_logprobs = [[x for e in run for x in e.logprobs] for run in runs]
+        prefill_rows.clear()
+        hook = lora.model.register_forward_pre_hook(count_rows, with_kwargs=True)
+        try:
+            handles = engine.submit_many(requests)
+            events = [list(h) for h in handles]
+        finally:
+            hook.remove()
+    assert prefill_rows == [3]  # p with a, p with b, q with a
+    assert [[t for e in ev for t in e.token_ids] for ev in events] == expected
+    for ev, logprobs in zip(events, alone_logprobs):
+        torch.testing.assert_close(torch.tensor([x for e in ev for x in e.logprobs]), torch.tensor(logprobs),
+                                   rtol=1e-4, atol=1e-5)
+    assert len({tuple(t) for t in expected[:4]}) > 1  # the seeds really drew different samples
+
+
+def test_submit_many_queues_all_or_none():
+    lora, tok = build_lora(), build_tok()
+    engine = Engine(lora, tok, max_queue=3)  # not started: nothing leaves the queue
+    good = (prompts(1)[0], "a", greedy(2))
+    with pytest.raises(InvalidRequest, match="max_tokens"):
+        engine.submit_many([good, (prompts(1)[0], "a", greedy(0))])
+    with pytest.raises(AdapterError, match="unknown adapter 'nope'"):
+        engine.submit_many([good, (prompts(1)[0], "nope", greedy(2))])
+    assert engine.metrics()["queue_length"] == 0
+    engine.submit(*good)
+    with pytest.raises(QueueFull, match="1 requests are already waiting and these 3 do not fit"):
+        engine.submit_many([good] * 3)
+    assert len(engine.submit_many([good] * 2)) == 2 and engine.metrics()["queue_length"] == 3
+    engine.close()

@@ -139,7 +139,36 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> RequestHandle:
         """Queue a request; validation errors are raised here, before anything is queued."""
-        prompt = list(prompt_ids)
+        return self.submit_many([(prompt_ids, adapter, params)])[0]
+
+    def submit_many(self, requests: Sequence[tuple[list[int], str | None, SamplingParams]]) -> list[RequestHandle]:
+        """Queue several (prompt_ids, adapter, params) requests at once, all or none. Queued together, they are
+        admitted together as far as the batch has room, and requests with the same prompt and adapter among
+        them are prefilled once (n samples of one prompt: GRPO's groups)."""
+        checked = [(self._checked(list(prompt_ids), params), BASE if adapter is None else adapter, params)
+                   for prompt_ids, adapter, params in requests]
+        handles = []
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is closed; no new requests")
+            for name in {name for _, name, _ in checked}:
+                if name != BASE and name not in self.adapters():
+                    raise AdapterError(f"unknown adapter {name!r}; loaded adapters: {', '.join(self.adapters()) or '(none)'}")
+            if len(self._waiting) + len(checked) > self.max_queue:
+                more = f" and these {len(checked)} do not fit" if len(checked) > 1 else ""
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting{more} (max_queue={self.max_queue}); "
+                                "retry later")
+            for prompt, name, params in checked:
+                handle = RequestHandle(f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", len(prompt))
+                self._waiting.append(_Request(handle, prompt, name, params, make_generator(params, self.device),
+                                              TextStream(self.tokenizer, list(params.stop)), []))
+                self._stats["requests_total"] += 1
+                self._per_adapter[name] += 1
+                handles.append(handle)
+            self._cond.notify_all()
+        return handles
+
+    def _checked(self, prompt: list[int], params: SamplingParams) -> list[int]:
         exceeded = self.limits.check(len(prompt), params.max_tokens)
         problems = [str(e) for e in exceeded] + params.problems()
         if prompt and len(prompt) <= self.limits.max_prompt_tokens and not all(
@@ -147,21 +176,7 @@ class Engine:
             problems.insert(0, f"prompt_ids must be integers in [0, {self.vocab_size}) (the model's vocabulary)")
         if problems:
             raise InvalidRequest("invalid request: " + "; ".join(problems), exceeded)
-        name = BASE if adapter is None else adapter
-        with self._cond:
-            if self._closed:
-                raise EngineClosed("the engine is closed; no new requests")
-            if name != BASE and name not in self.adapters():
-                raise AdapterError(f"unknown adapter {name!r}; loaded adapters: {', '.join(self.adapters()) or '(none)'}")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue}); retry later")
-            handle = RequestHandle(f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", len(prompt))
-            self._waiting.append(_Request(handle, prompt, name, params, make_generator(params, self.device),
-                                          TextStream(self.tokenizer, list(params.stop)), []))
-            self._stats["requests_total"] += 1
-            self._per_adapter[name] += 1
-            self._cond.notify_all()
-        return handle
+        return prompt
 
     # ---- adapters ------------------------------------------------------------------------------------
     def adapters(self) -> list[str]:
@@ -282,22 +297,32 @@ class Engine:
         return new
 
     def _prefill(self, new: list[_Request]) -> None:
-        """Run the new prompts together (left-padded), sample their first tokens, join the rest to the batch."""
-        longest = max(len(r.prompt) for r in new)
-        ids = torch.full((len(new), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(new), longest), dtype=torch.long)
-        for i, req in enumerate(new):
+        """Run the new prompts together (left-padded), sample their first tokens, join the rest to the batch.
+        Requests with the same prompt and adapter share one forward row; its cache is copied to each of them."""
+        rows: dict[tuple[tuple[int, ...], str], int] = {}  # (prompt, adapter) -> its forward row
+        unique: list[_Request] = []  # the request that stands for each forward row
+        row_of = []  # each new request's forward row
+        for req in new:
+            key = (tuple(req.prompt), req.adapter)
+            if key not in rows:
+                rows[key] = len(unique)
+                unique.append(req)
+            row_of.append(rows[key])
+        longest = max(len(r.prompt) for r in unique)
+        ids = torch.full((len(unique), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(unique), longest), dtype=torch.long)
+        for i, req in enumerate(unique):
             ids[i, longest - len(req.prompt):] = torch.tensor(req.prompt)
             mask[i, longest - len(req.prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (new, longest): real tokens before each position
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (unique, longest): real tokens before each position
         cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, [r.adapter for r in new])  # (new, vocab)
+        logits = self._forward(ids, mask, positions, cache, [r.adapter for r in unique])  # (unique, vocab)
         zero_padding(cache, mask)
-        lengths = mask.sum(-1)  # (new,)
-        keep = [i for i, req in enumerate(new) if not self._sample(req, logits[i])]
+        lengths = mask.sum(-1)  # (unique,)
+        keep = [i for i, req in enumerate(new) if not self._sample(req, logits[row_of[i]])]
         if keep:
-            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            index = torch.tensor([row_of[i] for i in keep], dtype=torch.long, device=self.device)
             select_rows(cache, index)
             with self._cond:
                 self._batch.join(cache, lengths.index_select(0, index))

@@ -44,11 +44,10 @@ def roll_out(engine: Engine, prompts: Sequence[PromptRecord], adapter: str | Non
              params: SamplingParams, rewards: RewardSet, *, step_seed: int, pad_id: int,
              scale_rewards: str = "group") -> RolloutBatch:
     """Sample `group_size` completions of each prompt at once (the engine batches them), score and lay them out."""
-    handles = []
-    for i, prompt in enumerate(prompts):
-        for j in range(group_size):
-            seeded = dataclasses.replace(params, seed=completion_seed(step_seed, i, j, group_size))
-            handles.append(engine.submit(prompt.ids, adapter, seeded))
+    # Submitted at once: a prompt's group is admitted together and its prompt prefilled once
+    handles = engine.submit_many([
+        (prompt.ids, adapter, dataclasses.replace(params, seed=completion_seed(step_seed, i, j, group_size)))
+        for i, prompt in enumerate(prompts) for j in range(group_size)])
     tokens, logps, texts, reasons = [], [], [], []
     for handle in handles:
         events = list(handle)
