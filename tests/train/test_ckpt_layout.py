@@ -105,6 +105,33 @@ def test_a_manifest_step_that_disagrees_with_the_directory_name_is_refused(tmp_p
         verify_checkpoint(path)
 
 
+def test_an_objectives_tensors_come_back_and_are_verified_like_the_others(tmp_path):
+    rollout = {"rollout.0.old_logps": torch.randn(3, 5), "rollout.0.key": torch.tensor([0, 2])}
+    path, _, params, optimizer = _saved(tmp_path, objective_state=rollout)
+    resumed = load_checkpoint(path, params, optimizer)
+    assert resumed.objective_state.keys() == rollout.keys()
+    assert all(torch.equal(resumed.objective_state[k], rollout[k]) for k in rollout)
+    data = bytearray((path / "objective.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte in the tensors
+    (path / "objective.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="objective.safetensors: sha256 .* does not match"):
+        load_checkpoint(path, params, optimizer)
+    plain, *_ = _saved(tmp_path / "plain")  # no objective state: no file, and nothing comes back
+    assert not (plain / "objective.safetensors").exists()
+    assert load_checkpoint(plain, params, optimizer).objective_state == {}
+
+
+def test_a_manifest_listing_a_file_lorakit_does_not_write_is_refused(tmp_path):
+    import json
+
+    path, *_ = _saved(tmp_path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"]["extra.bin"] = {"size": 0, "sha256": "0" * 64}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="may list objective.safetensors\\), no others"):
+        verify_checkpoint(path)
+
+
 # ---- names, shapes, order -------------------------------------------------------------------------------
 def test_optimizer_state_follows_parameter_names_not_positions(tmp_path):
     path, _, params, optimizer = _saved(tmp_path)

@@ -92,6 +92,41 @@ def test_resume_from_a_mid_run_checkpoint_draws_the_same_completions(model_dir, 
     assert_same_adapter(tmp_path / "straight", tmp_path / "halves")
 
 
+def test_num_iterations_trains_each_rollout_that_many_steps_with_the_ratio_moving(model_dir, tmp_path):
+    """num_iterations 2, grad_accum 2 over 5 prompt micro-batches: windows [0 1] [2 3] [4], each twice, so an
+    epoch is 6 steps; the second step of each reuses the first's completions (no rollout), its old policy is the
+    first step's, so the ratio moves off 1 (the loss differs from the first step's on the same completions)."""
+    config = _config(model_dir, tmp_path, num_iterations=2, sample_every=1, loss_type="grpo",
+                     train={"max_steps": None, "epochs": 1, "grad_accum": 2, "lr": 5e-2})
+    result = run_recipe(run_config_from_dict(config), log=quiet)
+    assert result.step == 6
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
+    assert [r["iteration"] for r in rows] == [1, 2] * 3
+    samples = {s: (tmp_path / "run" / "samples" / f"step-{s}.jsonl").read_text().splitlines() for s in range(1, 7)}
+    for first in (1, 3, 5):
+        completions = [json.loads(line)["completion"] for line in samples[first]]
+        assert completions == [json.loads(line)["completion"] for line in samples[first + 1]]
+        again, fresh = rows[first], rows[first - 1]
+        assert again["rollout_s"] == 0.0 and again["logp_mismatch"] is None and fresh["logp_mismatch"] < 1e-4
+        assert again["reward"] == fresh["reward"] and again["loss"] != fresh["loss"]
+    # 9 training prompts: 4 per window of 2 micro-batches; the last window is one micro-batch of one prompt
+    assert len(samples[1]) == 2 * 2 * 4 and len(samples[5]) == 1 * 4
+
+
+def test_a_resume_between_two_iterations_trains_on_the_checkpointed_rollout(model_dir, tmp_path):
+    """num_iterations 2: the checkpoint of step 3 (the first of window 2's two steps) holds that window's
+    rollout and old log-probs, so the resumed step 4 is the uninterrupted run's, bit for bit."""
+    def config(out):
+        return _config(model_dir, tmp_path, out=out, num_iterations=2,
+                       train={"max_steps": 6, "save_every": 1, "keep_checkpoints": 10})
+    straight = run_recipe(run_config_from_dict(config("straight")), log=quiet)
+    step3 = tmp_path / "straight" / "checkpoints" / "step-00000003"
+    assert (step3 / "objective.safetensors").is_file()
+    resumed = run_recipe(run_config_from_dict(config("halves")), resume=str(step3), log=quiet)
+    assert resumed.resumed_from == 3 and resumed.losses == straight.losses[3:]
+    assert_same_adapter(tmp_path / "straight", tmp_path / "halves")
+
+
 def _rollout(rows: int, width: int, group: int, seed: int):
     """A rollout with random completions of uneven lengths (prompts of 4 tokens, no padding among them)."""
     from lorakit.train.rollout import RolloutBatch
@@ -130,7 +165,8 @@ def test_a_window_of_micro_batches_has_the_gradient_of_the_whole_batch_at_once(m
                      RewardSet([("json_valid", lambda **kw: 0.0, 1.0)]), log=quiet)
     try:
         first, second = _rollout(4, 6, 2, seed=1), _rollout(2, 3, 2, seed=2)
-        window = [{"rollout": first}, {"rollout": second}]
+        window = [{"rollout": first, "epoch": 0, "batch": 0, "iteration": 0},
+                  {"rollout": second, "epoch": 0, "batch": 1, "iteration": 0}]
         normaliser = {"completions": 6, "tokens": int(first.completion_mask.sum() + second.completion_mask.sum())}
         for batch in window:
             objective.loss(model, batch, normaliser).term.backward()
@@ -143,7 +179,7 @@ def test_a_window_of_micro_batches_has_the_gradient_of_the_whole_batch_at_once(m
         whole.completion_ids = torch.cat([first.completion_ids, pad(second.completion_ids)])
         whole.completion_mask = torch.cat([first.completion_mask, pad(second.completion_mask)])
         whole.advantages = torch.cat([first.advantages, second.advantages])
-        objective.loss(model, {"rollout": whole}, normaliser).term.backward()
+        objective.loss(model, {"rollout": whole, "epoch": 0, "batch": 0, "iteration": 0}, normaliser).term.backward()
         for n, p in model.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(split[n], p.grad, rtol=1e-5, atol=1e-7)
@@ -153,11 +189,14 @@ def test_a_window_of_micro_batches_has_the_gradient_of_the_whole_batch_at_once(m
 
 
 @pytest.mark.filterwarnings("ignore:.*taking over a stale lock left by pid:UserWarning")  # what the killed run left
-def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(model_dir, tmp_path):
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(model_dir, tmp_path, iterations):
     """kill -9 after step 3 (checkpoint at 2), then `resume: auto`: step 3 samples again what it sampled before the
-    kill, and losses, samples and adapter are those of a run never stopped, bit for bit."""
-    straight, resumed = killed_and_resumed("lorakit.recipes.grpo", _config(model_dir, tmp_path, out="straight"),
-                                           _config(model_dir, tmp_path, out="killed"))
+    kill (num_iterations 1), or trains again on the rollout of steps 1-2, which the checkpoint holds (3); losses,
+    samples and adapter are those of a run never stopped, bit for bit."""
+    straight, resumed = killed_and_resumed(
+        "lorakit.recipes.grpo", _config(model_dir, tmp_path, out="straight", num_iterations=iterations),
+        _config(model_dir, tmp_path, out="killed", num_iterations=iterations))
     assert resumed.resumed_from == 2 and resumed.losses == straight.losses[2:]
     assert (tmp_path / "straight" / "samples" / "step-4.jsonl").read_text() == \
            (tmp_path / "killed" / "samples" / "step-4.jsonl").read_text()
@@ -204,7 +243,7 @@ def test_objective_grpo_runs_from_the_cli(model_dir, tmp_path):
     ({"rewards": [{"function": "json_valid"}, {"function": "json_valid"}]}, "two rewards are named 'json_valid'"),
     ({"num_generations": 1}, "rl.num_generations: must be at least 2"),
     ({"epsilon": 0.2, "epsilon_high": 0.1}, "rl.epsilon_high: 0.1 is below rl.epsilon 0.2"),
-    ({"num_iterations": 2}, "rl.num_iterations: must be 1 for now"),
+    ({"num_iterations": 0}, "rl.num_iterations: must be a positive integer"),
     ({"max_completion_len": 64}, "rl.max_completion_len: 64 leaves no room for the prompt in data.max_seq_len 64"),
     ({"loss_type": "ppo"}, "rl.loss_type: must be one of grpo, dr_grpo, dapo"),
 ])

@@ -282,8 +282,7 @@ RANGES = {
     ("RLConfig", "epsilon"): (lambda v: 0 < v < 1, "a number in (0, 1)"),
     ("RLConfig", "epsilon_high"): (lambda v: v > 0, "a positive number, or null (the same as epsilon)"),
     ("RLConfig", "beta"): (lambda v: v >= 0, "0 or more"),
-    ("RLConfig", "num_iterations"): (lambda v: v == 1, "1 for now (several optimizer steps per rollout are not "
-                                                      "supported yet)"),
+    ("RLConfig", "num_iterations"): (lambda v: v >= 1, "a positive integer (optimizer steps per rollout)"),
     ("RLConfig", "sample_every"): (lambda v: v > 0, "a positive integer, or null for no samples"),
     ("RLConfig", "max_prompt_len"): (lambda v: v >= 1, "a positive integer"),
     ("RewardConfig", "max_chars"): (lambda v: v >= 1, "a positive integer"),

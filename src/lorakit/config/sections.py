@@ -236,7 +236,8 @@ class RLConfig:
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide advantages by the group's reward standard deviation, the batch's, or nothing (Dr. GRPO)."""
     num_iterations: int = 1
-    """Optimizer steps per rollout (GRPO's mu). Only 1 for now: each step samples fresh completions on-policy."""
+    """Optimizer steps per rollout (GRPO's mu): 1 samples fresh completions every step (on-policy); mu > 1 trains
+    mu steps on each rollout, the ratio to the sampling policy clipped to [1 - epsilon, 1 + epsilon_high]."""
     rewards: list[RewardConfig] = field(default_factory=list)
     """The reward functions, summed with their weights, e.g. [{function: json_valid}, {function: exact_match,
     column: answer, weight: 2}]."""

@@ -43,7 +43,9 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 MANIFEST = "manifest.json"
+OBJECTIVE_FILE = "objective.safetensors"  # what an objective needs to go on exactly (GRPO: the rollout being reused)
 FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
+OPTIONAL_FILES = (OBJECTIVE_FILE,)
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest lists four files; anything near this size is not ours
@@ -113,7 +115,8 @@ def _json_bytes(value: object, what: str) -> bytes:
 
 
 def _serialize(step: int, model_params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-               scheduler, data_position: dict | None, trainer_state: dict | None) -> dict[str, bytes]:
+               scheduler, data_position: dict | None, trainer_state: dict | None,
+               objective_state: dict[str, torch.Tensor] | None = None) -> dict[str, bytes]:
     """Every checkpoint file's bytes. Built before the first write, so a bad value fails with nothing on disk."""
     model = {name: p.detach().to("cpu").contiguous().clone() for name, p in model_params.items()}
     optim_tensors, optim_meta = optimizer_state_by_name(optimizer, model_params)
@@ -130,11 +133,15 @@ def _serialize(step: int, model_params: dict[str, nn.Parameter], optimizer: torc
         "trainer_state": trainer_state or {},
     }
     _json_bytes(state["scheduler"], "LR scheduler state")  # a clearer message than one for the whole file
-    return {
+    files = {
         MODEL_FILE: save_safetensors(model, metadata={"format": "pt"}),
         OPTIMIZER_FILE: save_safetensors(optim_tensors, metadata={"format": "pt"}),
         STATE_FILE: _json_bytes(state, "checkpoint state (data position / trainer state)"),
     }
+    if objective_state:
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in objective_state.items()}
+        files[OBJECTIVE_FILE] = save_safetensors(tensors, metadata={"format": "pt"})
+    return files
 
 
 def _write_file(path: Path, data: bytes) -> dict:
@@ -165,12 +172,14 @@ def _publish(tmp: Path, final: Path) -> None:
 def save_checkpoint(out_dir: str | os.PathLike, step: int, model_params: dict[str, nn.Parameter],
                     optimizer: torch.optim.Optimizer, scheduler=None, *, data_position: dict | None = None,
                     trainer_state: dict | None = None, fingerprints: dict | None = None,
-                    keep_last: int | None = None, best_step: int | None = None) -> Path:
+                    keep_last: int | None = None, best_step: int | None = None,
+                    objective_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Commit a checkpoint of `step` under `<out_dir>/checkpoints/` and return its directory.
 
     The caller must hold `checkpoint_lock(out_dir)`. `fingerprints` (config hash, base model id, data hash, ...)
     go into the manifest for `compare_fingerprints` on resume. With `keep_last`, older checkpoints beyond the
-    newest `keep_last` are deleted after this one is committed, except `best_step`'s.
+    newest `keep_last` are deleted after this one is committed, except `best_step`'s. `objective_state` (tensors
+    the objective needs to continue exactly) goes into objective.safetensors, verified like the other files.
     """
     out_dir = Path(out_dir)
     if not holds_lock(out_dir):
@@ -178,7 +187,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model_params: dict[st
                               "run inside `with checkpoint_lock(out_dir):`")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"step must be a non-negative int, got {step!r}")
-    payload = _serialize(step, model_params, optimizer, scheduler, data_position, trainer_state)
+    payload = _serialize(step, model_params, optimizer, scheduler, data_position, trainer_state, objective_state)
     manifest = {"format_version": FORMAT_VERSION, "step": step,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": {},
                 "fingerprints": fingerprints or {}}
@@ -280,9 +289,10 @@ def read_manifest(path: Path) -> dict:
     match = STEP_DIR.match(path.name)
     if not isinstance(step, int) or (match and int(match.group(1)) != step):
         raise CheckpointError(f"{manifest_path}: step {step!r} does not match the directory name {path.name!r}")
-    if not isinstance(files, dict) or sorted(files) != sorted(FILES):
-        raise CheckpointError(f"{manifest_path}: must list exactly the files {', '.join(FILES)}")
-    for name in FILES:
+    if not isinstance(files, dict) or not set(FILES) <= set(files) or not set(files) <= set(FILES + OPTIONAL_FILES):
+        raise CheckpointError(f"{manifest_path}: must list the files {', '.join(FILES)} (and may list "
+                              f"{', '.join(OPTIONAL_FILES)}), no others")
+    for name in files:
         entry, file = files[name], path / name
         if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
             raise CheckpointError(f"{manifest_path}: the entry for {name} needs an integer size and a sha256")
@@ -309,7 +319,7 @@ def verify_checkpoint(path: str | os.PathLike, *, full_hash: bool = True) -> dic
     path = Path(path)
     manifest = read_manifest(path)
     if full_hash:
-        for name in FILES:
+        for name in manifest["files"]:
             check_sha256(path / name, (path / name).read_bytes(), manifest["files"][name]["sha256"])
     return manifest
 

@@ -12,7 +12,6 @@ Step numbers are 1-based: step n is the n-th optimizer step, and checkpoint step
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import random
@@ -107,13 +106,17 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
     if not params:
         raise TrainingError("the model has no trainable parameters; wrap it with a LoRA config first")
     n_batches = objective.batches_per_epoch()
-    total_steps = total_steps_for(config, n_batches, runtime.world)
+    window_size = config.grad_accum * runtime.world
+    steps_per_epoch = (objective.steps_per_epoch(window_size) if hasattr(objective, "steps_per_epoch")
+                       else math.ceil(n_batches / window_size))
+    total_steps = total_steps_for(config, steps_per_epoch)
     optimizer = build_optimizer(params, config)
     scheduler = build_scheduler(optimizer, config.lr_schedule, warmup_steps=config.warmup_steps, total_steps=total_steps)
     state = TrainState()
     checkpoints = Checkpoints(out, params, optimizer, scheduler, keep_last=config.keep_checkpoints, runtime=runtime,
                               fingerprints=run_fingerprints(objective.fingerprint(), config, runtime.world, settings),
-                              log=log, on_save=lambda step, path: _call(hooks, "save", {"step": step, "path": str(path)}))
+                              log=log, on_save=lambda step, path: _call(hooks, "save", {"step": step, "path": str(path)}),
+                              objective_state=getattr(objective, "state_tensors", dict))
     compiled, undo_speed = _prepare_model(model, objective, config, speed, total_steps, log)
     was_training, started = model.training, time.perf_counter()
     model.train()
@@ -140,13 +143,15 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
             resume = str(config.resume if resume is None else resume)
             checkpoints.start(state, resume=resume, overwrite=overwrite, allow_change=allow_change,
                               batches_per_epoch=n_batches)
+            if hasattr(objective, "load_state_tensors"):
+                objective.load_state_tensors(checkpoints.resumed_objective_state)  # {} when starting afresh
             metrics = MetricsLog(out, keep_until_step=checkpoints.resumed_from) if runtime.is_main else metrics
             for line in [*objective.describe(), _describe(objective, config, n_batches, total_steps, params),
                          runtime.describe(config.grad_accum, config.batch_size)]:
                 if line:
                     log(line)
             bar = _progress(total_steps, state.step) if runtime.is_main else None
-            window_size, window_rng = config.grad_accum * runtime.world, None
+            window_rng = None
             try:
                 while state.step < total_steps:
                     if state.batches_done >= n_batches:  # epoch finished: the next starts at its first batch
@@ -336,19 +341,23 @@ def build_optimizer(params: dict[str, torch.nn.Parameter], config: TrainConfig) 
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def total_steps_for(config: TrainConfig, n_batches: int, processes: int = 1) -> int:
+def total_steps_for(config: TrainConfig, steps_per_epoch: int) -> int:
     """max_steps, or enough steps for `epochs` epochs (a short last window per epoch counts as a step)."""
     if config.max_steps is not None:
         return config.max_steps
-    return max(1, math.ceil(config.epochs * math.ceil(n_batches / (config.grad_accum * processes))))
+    return max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
 def _windows(batches: Iterator[dict], size: int) -> Iterator[list[dict]]:
-    """Group micro-batches into accumulation windows of `size` (the epoch's last one may be shorter)."""
-    while True:
-        window = list(itertools.islice(batches, size))
-        if not window:
-            return
+    """Group micro-batches into accumulation windows of `size`; the epoch's last one may be shorter, and so may
+    one that the objective ends early (a micro-batch with "ends_window": GRPO reusing a short rollout)."""
+    window: list[dict] = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size or batch.get("ends_window"):
+            yield window
+            window = []
+    if window:
         yield window
 
 

@@ -19,8 +19,8 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from ..errors import CheckpointError
-from .checkpoint import (CHECKPOINTS, FILES, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, check_sha256, list_checkpoints,
-                         read_manifest)
+from .checkpoint import (CHECKPOINTS, MODEL_FILE, OBJECTIVE_FILE, OPTIMIZER_FILE, STATE_FILE, check_sha256,
+                         list_checkpoints, read_manifest)
 from .fingerprint import VERSION_KEY
 from .optim_state import optimizer_state_from_names
 from .rng import check_rng_state, restore_rng_state
@@ -37,6 +37,8 @@ class Resumed:
     fingerprints: dict
     changes: list[str] = field(default_factory=list)
     """Settings that differ from the checkpoint's and were accepted (may_change or allow_change)."""
+    objective_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The objective's own tensors (objective.safetensors; empty when it saved none)."""
 
 
 # ---- parse and check ----------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ def load_checkpoint(path: str | os.PathLike, model_params: dict[str, nn.Paramete
     path = Path(path)
     manifest = read_manifest(path)
     blobs = {}
-    for name in FILES:
+    for name in manifest["files"]:  # FILES, and objective.safetensors where the objective saved one
         # Hash the very bytes we parse, so the file cannot change between check and use.
         blobs[name] = (path / name).read_bytes()
         check_sha256(path / name, blobs[name], manifest["files"][name]["sha256"])
@@ -104,6 +106,7 @@ def _apply(path: Path, manifest: dict, blobs: dict[str, bytes], model_params: di
     tensors = _parse_tensors(path / MODEL_FILE, blobs[MODEL_FILE])
     optim_tensors = _parse_tensors(path / OPTIMIZER_FILE, blobs[OPTIMIZER_FILE])
     state = _parse_state(path / STATE_FILE, blobs[STATE_FILE])
+    objective_state = _parse_tensors(path / OBJECTIVE_FILE, blobs[OBJECTIVE_FILE]) if OBJECTIVE_FILE in blobs else {}
     optim_sd = None
     try:  # intact files whose tensors are not this model's: a mismatch, never a reason to try an older checkpoint
         _check_model_tensors(path / MODEL_FILE, tensors, model_params)
@@ -136,7 +139,7 @@ def _apply(path: Path, manifest: dict, blobs: dict[str, bytes], model_params: di
     restore_rng_state(state["rng"])
     return Resumed(path=path, step=manifest["step"], data_position=state["data_position"],
                    trainer_state=state["trainer_state"], fingerprints=manifest.get("fingerprints") or {},
-                   changes=changes)
+                   changes=changes, objective_state=objective_state)
 
 
 def resume(out_dir: str | os.PathLike, model_params: dict[str, nn.Parameter],

@@ -84,3 +84,33 @@ def training_batch(rollout: RolloutBatch) -> dict[str, torch.Tensor]:
                         rollout.completion_ids.masked_fill(rollout.completion_mask == 0, -100)], 1)
     return {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], 1), "attention_mask": mask,
             "position_ids": (mask.cumsum(1) - 1).clamp(min=0), "labels": labels}
+
+
+# ---- a rollout in a checkpoint (GRPO reuses one over num_iterations steps: a resume mid-way needs it back) ----
+FINISH_REASONS = ("stop", "length", "cancelled")
+_TENSOR_FIELDS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_logps", "rewards", "advantages")
+
+
+def rollout_tensors(rollout: RolloutBatch, prefix: str) -> dict[str, torch.Tensor]:
+    """The rollout as named tensors (safetensors holds only tensors): texts as UTF-8 bytes with their lengths,
+    finish reasons as codes, each reward function's values under its name. Its reward errors were logged when
+    it was scored and are not kept."""
+    out = {f"{prefix}{name}": getattr(rollout, name) for name in _TENSOR_FIELDS}
+    encoded = [text.encode("utf-8") for text in rollout.completions]
+    out[f"{prefix}text_bytes"] = torch.tensor(list(b"".join(encoded)), dtype=torch.uint8)
+    out[f"{prefix}text_lengths"] = torch.tensor([len(b) for b in encoded], dtype=torch.long)
+    out[f"{prefix}finish_reasons"] = torch.tensor([FINISH_REASONS.index(r) for r in rollout.finish_reasons])
+    for name, values in rollout.per_function.items():
+        out[f"{prefix}reward.{name}"] = torch.tensor(values, dtype=torch.float64)
+    return out
+
+
+def rollout_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, reward_names: Sequence[str]) -> RolloutBatch:
+    """rollout_tensors' inverse (bit for bit: the resumed steps train on the very same rollout)."""
+    data, texts, offset = bytes(tensors[f"{prefix}text_bytes"].tolist()), [], 0
+    for length in tensors[f"{prefix}text_lengths"].tolist():
+        texts.append(data[offset:offset + length].decode("utf-8"))
+        offset += length
+    return RolloutBatch(**{name: tensors[f"{prefix}{name}"] for name in _TENSOR_FIELDS}, completions=texts,
+                        finish_reasons=[FINISH_REASONS[i] for i in tensors[f"{prefix}finish_reasons"].tolist()],
+                        per_function={name: tensors[f"{prefix}reward.{name}"].tolist() for name in reward_names})

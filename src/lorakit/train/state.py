@@ -48,12 +48,15 @@ class Checkpoints:
 
     def __init__(self, out: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, scheduler, *,
                  fingerprints: dict, keep_last: int | None, runtime: Runtime, log: Callable[[str], None],
-                 on_save: Callable[[int, Path], None]):
+                 on_save: Callable[[int, Path], None],
+                 objective_state: Callable[[], dict[str, torch.Tensor]] = dict):
         self.out, self.params, self.optimizer, self.scheduler = out, params, optimizer, scheduler
         self.fingerprints, self.keep_last, self.runtime, self.log, self.on_save = \
             fingerprints, keep_last, runtime, log, on_save
+        self.objective_state = objective_state  # the objective's tensors, saved with each checkpoint
         self.last_saved: int | None = None
         self.resumed_from: int | None = None
+        self.resumed_objective_state: dict[str, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -89,6 +92,7 @@ class Checkpoints:
                     setattr(state, key, value)
             state.step, state.epoch, state.batches_done = resumed.step, position["epoch"], position["batches_done"]
             self.resumed_from = self.last_saved = resumed.step
+            self.resumed_objective_state = resumed.objective_state
             self.log(f"resumed from {resumed.path} at step {resumed.step} "
                      f"(epoch {state.epoch}, batch {state.batches_done} of {batches_per_epoch})")
         self.runtime.broadcast_parameters(list(self.params.values()))  # resumed or seeded alike; made identical
@@ -105,7 +109,8 @@ class Checkpoints:
         path = save_checkpoint(self.out, state.step, self.params, self.optimizer, self.scheduler,
                                data_position={"epoch": state.epoch, "batches_done": state.batches_done},
                                trainer_state=state.as_dict(), fingerprints=self.fingerprints,
-                               keep_last=self.keep_last, best_step=state.best_step)
+                               keep_last=self.keep_last, best_step=state.best_step,
+                               objective_state=self.objective_state())
         self.last_saved = state.step
         self.log(f"saved checkpoint {path} ({why})")
         self.on_save(state.step, path)

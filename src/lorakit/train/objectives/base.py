@@ -7,6 +7,11 @@ task's), calls `loss` per micro-batch and backpropagates it, sums the `BatchLoss
 across processes), and turns them into the step's metrics with `window_metrics`.
 
 Batches must be a pure function of (epoch, start): that is what makes resume exact.
+
+Optional, for an objective that needs them (GRPO with num_iterations > 1 reuses a rollout over several steps):
+`steps_per_epoch(window_size)` when a micro-batch with "ends_window" ends some windows early; `state_tensors()`,
+saved with every checkpoint, and `load_state_tensors(tensors)`, called once before training with what the resumed
+checkpoint held ({} when starting afresh).
 """
 
 from __future__ import annotations

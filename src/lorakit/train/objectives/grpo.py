@@ -3,10 +3,13 @@
 Each optimizer step takes a window of prompt micro-batches; `normaliser` rolls each one out first (rollout.py:
 num_generations completions per prompt from lorakit's engine, on the very model being trained, with the adapter
 being trained; scored by the reward functions; group-relative advantages), then `loss` runs the training forward
-over prompt + completion and takes grpo_losses.policy_loss. One optimizer step per rollout (num_iterations 1),
-so the sampling policy is the policy: the ratio is 1 in value (old log-probs = the forward's, detached, as TRL
-does), and the sampler's own log-probs are logged beside them as `logp_mismatch` (a large value means
-generation and training disagree, which biases RL silently).
+over prompt + completion and takes grpo_losses.policy_loss. On a fresh rollout the sampling policy is the policy:
+the ratio is 1 in value (old log-probs = the forward's, detached, as TRL does), and the sampler's own log-probs
+are logged beside them as `logp_mismatch` (a large value means generation and training disagree, which biases RL
+silently). With num_iterations mu > 1 the window is trained on mu times, one optimizer step each (GRPO's inner
+iterations, TRL's num_iterations): the later steps reuse the rollout, with the first step's log-probs as the old
+policy's, so the ratio moves and clipping bounds the update. A checkpoint between two of them holds the rollout
+(state_tensors), so a resume there trains on the same completions.
 
 The rollout of micro-batch k of epoch e draws with seed f(train.seed, e, k): the same step draws the same
 completions when it is run again, so a resumed run continues exactly. Evaluation answers each validation prompt
@@ -30,14 +33,14 @@ from torch import nn
 from ...atomic import write_text_atomic
 from ...config import RLConfig, TrainConfig
 from ...data.prompts import PromptData
-from ...errors import DataError
+from ...errors import DataError, TrainingError
 from ...infer import Engine, SamplingParams
 from ...lora import LoraModel
 from ..evaluate import EvalResult
 from ..logprobs import token_log_probs_of_completions
 from ..output_dir import SAMPLES_DIR
 from ..rewards import RewardSet
-from ..rollout import RolloutBatch, roll_out, training_batch
+from ..rollout import RolloutBatch, roll_out, rollout_from_tensors, rollout_tensors, training_batch
 from ..runtime import Runtime
 from .base import BatchLoss, Normaliser, WindowMetrics, batch_tokens, clip_together
 from .grpo_losses import nanstd, policy_loss
@@ -73,6 +76,10 @@ class GRPO:
         self.rollout_seconds, self.rolled_out_at = 0.0, time.perf_counter()
         self.last_rollouts: list[RolloutBatch] = []  # the window's, for the samples file
         self.last_prompts: list[list[int]] = []
+        # num_iterations > 1: the round's rollouts and the old policy's log-probs, by (epoch, prompt micro-batch)
+        self.iteration = 0
+        self.reused: dict[tuple[int, int], RolloutBatch] = {}
+        self.old_logps: dict[tuple[int, int], torch.Tensor] = {}
 
     def close(self) -> None:
         self.engine.close()
@@ -88,22 +95,47 @@ class GRPO:
                 f"[{1 - rl.epsilon:g}, {1 + high:g}]; {kl}; rewards: {rewards}"]
 
     def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.data.records) / self.config.batch_size)
+        return self.rl.num_iterations * self._prompt_batches()
+
+    def steps_per_epoch(self, window_size: int) -> int:
+        return self.rl.num_iterations * math.ceil(self._prompt_batches() / window_size)
 
     def batches(self, epoch: int, start: int, group: int) -> Iterator[dict]:
+        """Each window of `group` prompt micro-batches, num_iterations times over (one optimizer step each time;
+        the first rolls out, the others reuse its rollout); the last micro-batch of each ends its window."""
         order = list(range(len(self.data.records)))
         random.Random(f"grpo-{self.config.seed}-{epoch}").shuffle(order)  # a pure function of (seed, epoch)
-        size = self.config.batch_size
-        for k in range(start, self.batches_per_epoch()):
-            yield {"index": order[k * size:(k + 1) * size], "epoch": epoch, "batch": k}
+        size, n = self.config.batch_size, self._prompt_batches()
+        plan = []  # (prompt micro-batch, iteration, ends its window)
+        for first in range(0, n, group):
+            window = range(first, min(first + group, n))
+            for iteration in range(self.rl.num_iterations):
+                plan += [(k, iteration, k == window[-1]) for k in window]
+        for k, iteration, last in plan[start:]:
+            yield {"index": order[k * size:(k + 1) * size], "epoch": epoch, "batch": k, "iteration": iteration,
+                   "ends_window": last}
 
     def normaliser(self, window: Sequence[dict]) -> Normaliser:
-        """Roll out the window's prompts (the loop asks once per window), then count what the loss divides by."""
+        """Roll out the window's prompts (the loop asks once per window), or take the rollout this window's first
+        iteration made; then count what the loss divides by."""
         started = time.perf_counter()
+        self.iteration = window[0]["iteration"]
+        if self.iteration == 0:  # a new round: the previous window's rollout is done with
+            self.reused.clear()
+            self.old_logps.clear()
         for batch in window:
-            batch["rollout"] = self._roll_out(batch)
-            for error in batch["rollout"].errors[:MAX_ERRORS_LOGGED]:
-                self.log(f"warning: {error.line()} (its reward counts as missing)")
+            key = (batch["epoch"], batch["batch"])
+            if self.iteration == 0:
+                batch["rollout"] = self.reused[key] = self._roll_out(batch)
+                for error in batch["rollout"].errors[:MAX_ERRORS_LOGGED]:
+                    self.log(f"warning: {error.line()} (its reward counts as missing)")
+            elif key in self.reused:
+                batch["rollout"] = self.reused[key]
+            else:
+                raise TrainingError(f"iteration {self.iteration + 1} of {self.rl.num_iterations} of prompt batch "
+                                    f"{batch['batch']} (epoch {batch['epoch']}) reuses a rollout that is not here: "
+                                    "the checkpoint resumed from did not hold it; resume from a checkpoint saved "
+                                    "at the end of a rollout's iterations, or start over")
         self.rolled_out_at = time.perf_counter()
         self.rollout_seconds = self.rolled_out_at - started
         self.last_rollouts = [b["rollout"] for b in window]
@@ -118,11 +150,18 @@ class GRPO:
         start = rollout.prompt_ids.shape[1] - 1  # the position whose logits predict the first completion token
         logps = self._token_logps(model, inputs)[:, start:]
         mask = rollout.completion_mask.to(logps.device)
+        key = (batch["epoch"], batch["batch"])
+        if batch["iteration"] == 0:  # on-policy: the policy that sampled is this forward's, ratio 1 in value
+            old = logps.detach()
+            if rl.num_iterations > 1:
+                self.old_logps[key] = old.clone()  # ... and it stays the old policy for the later iterations
+        else:
+            old = self.old_logps[key].to(logps.device)
         ref = None
         if rl.beta:
             with torch.no_grad(), model.disable_adapters():
                 ref = self._token_logps(model, inputs)[:, start:]
-        out = policy_loss(logps, logps.detach(), rollout.advantages.to(logps.device), mask, variant=rl.loss_type,
+        out = policy_loss(logps, old, rollout.advantages.to(logps.device), mask, variant=rl.loss_type,
                           eps_low=rl.epsilon, eps_high=rl.epsilon_high, beta=rl.beta, ref_logps=ref,
                           max_completion_len=rl.max_completion_len, tokens=normaliser["tokens"])
         # grpo and dr_grpo average over this micro-batch's completions: weigh by its share of the window's
@@ -132,7 +171,7 @@ class GRPO:
                 "completion_tokens": scored,
                 "clipped_low": float(out.clipped_low) * scored, "clipped_high": float(out.clipped_high) * scored,
                 "kl": float(out.kl) * scored if out.kl is not None else 0.0,
-                "mismatch": float(((logps.detach() - rollout.old_logps.to(logps.device)).abs() * mask).sum()),
+                "mismatch": float(((old - rollout.old_logps.to(logps.device)).abs() * mask).sum()),
                 **self._reward_sums(rollout)}
         return BatchLoss(term, sums)
 
@@ -152,7 +191,7 @@ class GRPO:
         model.eval()
         try:
             greedy = SamplingParams(max_tokens=self.rl.max_completion_len, temperature=0.0)
-            handles = [self.engine.submit(p.ids, self.adapter, greedy) for p in self.eval_data.records]
+            handles = self.engine.submit_many([(p.ids, self.adapter, greedy) for p in self.eval_data.records])
             texts = ["".join(e.text for e in handle) for handle in handles]
         finally:
             model.train(was_training)
@@ -164,6 +203,30 @@ class GRPO:
         fields = {"eval_reward": _nanmean(scores.total)}
         fields.update({f"eval_rewards/{name}": _nanmean(values) for name, values in scores.per_function.items()})
         return EvalResult(loss=math.nan, perplexity=math.nan, tokens=0, fields=fields)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """With num_iterations > 1, the round's rollouts and old log-probs (a checkpoint between two iterations
+        must hold them: the next step trains on them again); nothing otherwise."""
+        if self.rl.num_iterations == 1:
+            return {}
+        out = {}
+        for j, (key, rollout) in enumerate(sorted(self.reused.items())):
+            out[f"rollout.{j}.key"] = torch.tensor(key)
+            out.update(rollout_tensors(rollout, f"rollout.{j}."))
+            if key in self.old_logps:
+                out[f"rollout.{j}.policy_logps"] = self.old_logps[key]
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.reused.clear()
+        self.old_logps.clear()
+        for j in itertools.count():
+            if f"rollout.{j}.key" not in tensors:
+                break
+            key = tuple(tensors[f"rollout.{j}.key"].tolist())
+            self.reused[key] = rollout_from_tensors(tensors, f"rollout.{j}.", self.names)
+            if f"rollout.{j}.policy_logps" in tensors:
+                self.old_logps[key] = tensors[f"rollout.{j}.policy_logps"]
 
     def fingerprint(self) -> dict:
         digest = hashlib.sha256(b"grpo\0")
@@ -180,7 +243,7 @@ class GRPO:
             rows = [self.data.records[i] for i in indices for _ in range(self.rl.num_generations)]
             for i, (prompt, completion) in enumerate(zip(rows, rollout.completions)):
                 lines.append(json.dumps({
-                    "step": step, "prompt": prompt.text, "location": prompt.location, "completion": completion,
+                    "step": step, "iteration": self.iteration + 1, "prompt": prompt.text, "location": prompt.location, "completion": completion,
                     "finish_reason": rollout.finish_reasons[i], "reward": _finite(float(rollout.rewards[i])),
                     "advantage": float(rollout.advantages[i]),
                     "rewards": {name: _finite(values[i]) for name, values in rollout.per_function.items()}},
@@ -191,6 +254,9 @@ class GRPO:
         return path
 
     # ---- the parts -------------------------------------------------------------------------------------
+    def _prompt_batches(self) -> int:
+        return math.ceil(len(self.data.records) / self.config.batch_size)
+
     def _roll_out(self, batch: dict) -> RolloutBatch:
         step_seed = int.from_bytes(hashlib.sha256(
             f"{self.config.seed}-{batch['epoch']}-{batch['batch']}".encode()).digest()[:8], "little")
@@ -240,10 +306,13 @@ class GRPO:
                   "truncated_ratio": sums["truncated"] / completions if completions else None,
                   "clip_ratio/low": sums["clipped_low"] / tokens if tokens else None,
                   "clip_ratio/high": sums["clipped_high"] / tokens if tokens else None,
-                  "logp_mismatch": sums["mismatch"] / tokens if tokens else None,
+                  # generation vs training on the same weights: measurable on a fresh rollout only
+                  "logp_mismatch": sums["mismatch"] / tokens if tokens and self.iteration == 0 else None,
+                  "iteration": self.iteration + 1,
                   "reward_errors": int(sums["reward_errors"]),
-                  "rollout_s": self.rollout_seconds,
-                  "rollout_tokens_per_s": sums["completion_tokens"] / self.rollout_seconds if self.rollout_seconds else None}
+                  "rollout_s": self.rollout_seconds if self.iteration == 0 else 0.0,
+                  "rollout_tokens_per_s": sums["completion_tokens"] / self.rollout_seconds
+                  if self.rollout_seconds and self.iteration == 0 else None}
         if self.rl.beta:
             fields["kl"] = sums["kl"] / tokens if tokens else None
         return fields
