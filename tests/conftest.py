@@ -26,7 +26,8 @@ SLOW = {
         "test_several_tasks_train_on_two_processes_like_on_one",
         "test_loading_into_shards_keeps_half_of_each_layer_and_the_rest_whole",
         "test_a_two_process_checkpoint_resumes_on_one_process", "test_a_failing_rank_stops_every_rank_with_its_error_shown",
-        "test_preference_objectives_train_on_two_processes_like_on_one"},
+        "test_preference_objectives_train_on_two_processes_like_on_one", "test_grpo_on_two_processes_trains_like_one",
+        "test_grpo_under_fsdp_is_refused_with_what_to_set"},
     "train/test_grpo.py": {"test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result"},  # kill -9 of a child
     "train/test_preference.py": {  # several short training runs each
         "test_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run",

@@ -324,3 +324,54 @@ def test_preference_objectives_train_on_two_processes_like_on_one(workdir, objec
     two, one = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (out, single))
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+
+
+def _grpo_config(root, name: str) -> str:
+    """The chat data's questions as prompts, rewarded for being short and for holding a digit."""
+    prompts = [{"prompt": json.loads(line)["messages"][0]["content"]}
+               for line in (root / "train.jsonl").read_text().splitlines()[:20]]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    path = root / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        model: {{name_or_path: {root / "model"}, dtype: float32}}
+        objective: grpo
+        lora: {{r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}}
+        data: {{train: {root / "prompts.jsonl"}, validation_fraction: 0.2, max_seq_len: 64}}
+        train: {{max_steps: 4, batch_size: 2, grad_accum: 1, lr: 5.0e-3, lr_schedule: constant, seed: 0,
+                eval_every: 2, save_every: 2}}
+        rl:
+          num_generations: 4
+          max_completion_len: 8
+          temperature: 1.0
+          sample_every: 2
+          rewards: [{{function: length_penalty, max_chars: 6}}, {{function: regex_match, pattern: "[0-9]", weight: 0.5}}]
+        output_dir: {root / name}
+        """))
+    return str(path)
+
+
+def test_grpo_on_two_processes_trains_like_one(workdir):
+    """grpo under torchrun (ddp): each process rolls out and trains on its share of each step's prompts (the
+    same seeded completions as one process draws), evaluates its share of the validation prompts, and the
+    losses, rewards, evaluation and adapter equal one process with twice the accumulation."""
+    single = workdir / "grpo_single"
+    _ok(_single(["train", _grpo_config(workdir, single.name), "--set", "train.grad_accum=2"]))
+    out = workdir / "grpo_ddp"
+    _ok(_torchrun(2, ["-m", "lorakit", "train", _grpo_config(workdir, out.name)]))
+    rows = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (single, out)}
+    for key in ("loss", "reward", "rewards/regex_match", "completion_length", "eval_reward"):
+        two, one = ([r[key] for r in rows[run] if key in r] for run in (out, single))
+        assert len(two) == len(one) > 0 and two == pytest.approx(one, rel=1e-5, abs=1e-7), key
+    assert {r["step"] for r in rows[out] if "eval_reward" in r} == {2, 4}
+    two, one = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (out, single))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in one.items() if "lora_B" in k)  # it trained
+
+
+def test_grpo_under_fsdp_is_refused_with_what_to_set(workdir):
+    done = _torchrun(2, ["-m", "lorakit", "train", _grpo_config(workdir, "grpo_fsdp"), "--set",
+                         "distributed.strategy=fsdp"])
+    assert done.returncode != 0
+    assert "set distributed.strategy: ddp" in done.stdout + done.stderr

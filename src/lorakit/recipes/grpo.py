@@ -37,9 +37,14 @@ def run_grpo(config: RunConfig, *, resume: str | None = None, overwrite: bool = 
         raise ConfigError(f"objective: {config.objective!r} is not grpo", where="run config")
     runtime = init_runtime(config.distributed)
     try:
-        if runtime.world > 1:
-            raise ConfigError("objective grpo runs in one process for now (each process would roll out every "
-                              "prompt); start it without torchrun", where="run config")
+        if runtime.world > 1 and runtime.strategy == "fsdp":
+            raise ConfigError("objective grpo runs under torchrun with distributed.strategy ddp only: each process "
+                              "generates its own completions, and fsdp's sharded forwards would have to run in step "
+                              "across processes; set distributed.strategy: ddp", where="run config")
+        if runtime.world > 1 and config.rl.num_iterations > 1:
+            raise ConfigError("rl.num_iterations > 1 runs in one process for now (a checkpoint between two steps of "
+                              "a rollout would hold rank 0's rollouts only); set rl.num_iterations: 1 or start "
+                              "without torchrun", where="run config")
         return _train(config, resume, overwrite, tuple(allow_change), runtime.log(log), runtime)
     finally:
         runtime.close()
@@ -58,14 +63,15 @@ def _train(config: RunConfig, resume: str | None, overwrite: bool, allow_change:
     log(str(model.trainable_parameters()))
 
     train, validation = _prompts(config, loaded.tokenizer, log)
-    objective = GRPO(model, loaded.tokenizer, train, config.train, config.rl, rewards, eval_data=validation, log=log)
+    objective = GRPO(model, loaded.tokenizer, train, config.train, config.rl, rewards, eval_data=validation, log=log,
+                     runtime=runtime)
     out, every = Path(config.output_dir), config.rl.sample_every
 
     def write_samples(event: str, info: dict) -> None:
         if event == "step" and every and info["step"] % every == 0:
             objective.write_samples(info["step"], out)
 
-    tensorboard = TensorBoardHook(out / "tensorboard") if config.train.tensorboard else None
+    tensorboard = TensorBoardHook(out / "tensorboard") if config.train.tensorboard and runtime.is_main else None
     hooks = [write_samples] + ([tensorboard] if tensorboard is not None else [])
     try:
         return fit(model, objective, config.train, config.output_dir, runtime=runtime, log=log, resume=resume,

@@ -41,7 +41,7 @@ from ..logprobs import token_log_probs_of_completions
 from ..output_dir import SAMPLES_DIR
 from ..rewards import RewardSet
 from ..rollout import RolloutBatch, roll_out, rollout_from_tensors, rollout_tensors, training_batch
-from ..runtime import Runtime
+from ..runtime import OneProcess, Runtime
 from .base import BatchLoss, Normaliser, WindowMetrics, batch_tokens, clip_together
 from .grpo_losses import nanstd, policy_loss
 
@@ -54,12 +54,15 @@ class GRPO:
     compile_obstacle = "objective grpo generates with the model between steps (the engine's KV-cache forward)"
 
     def __init__(self, model: LoraModel, tokenizer, data: PromptData, config: TrainConfig, rl: RLConfig,
-                 rewards: RewardSet, *, eval_data: PromptData | None = None, log: Callable[[str], None] = print):
+                 rewards: RewardSet, *, eval_data: PromptData | None = None, log: Callable[[str], None] = print,
+                 runtime: Runtime | None = None):
         if not data.records:
             raise DataError("no training prompts left after preparation")
         self.model, self.data, self.eval_data, self.config, self.rl, self.rewards = \
             model, data, eval_data, config, rl, rewards
         self.examples, self.evaluates = len(data.records), eval_data is not None and bool(eval_data.records)
+        # under torchrun each process rolls out, trains on and evaluates its own share only
+        self.runtime = runtime if runtime is not None else OneProcess()
         self.adapter = model.active_adapters[0]
         rows = config.batch_size * rl.num_generations
         longest = max(len(p.ids) for p in data.records + (eval_data.records if eval_data is not None else []))
@@ -123,7 +126,8 @@ class GRPO:
         if self.iteration == 0:  # a new round: the previous window's rollout is done with
             self.reused.clear()
             self.old_logps.clear()
-        for batch in window:
+        mine = list(self.runtime.split(window)[0])  # the micro-batches this process trains on (the loop's split)
+        for batch in mine:
             key = (batch["epoch"], batch["batch"])
             if self.iteration == 0:
                 batch["rollout"] = self.reused[key] = self._roll_out(batch)
@@ -138,10 +142,11 @@ class GRPO:
                                     "at the end of a rollout's iterations, or start over")
         self.rolled_out_at = time.perf_counter()
         self.rollout_seconds = self.rolled_out_at - started
-        self.last_rollouts = [b["rollout"] for b in window]
-        self.last_prompts = [b["index"] for b in window]
-        return {"completions": sum(int(b["rollout"].completion_ids.shape[0]) for b in window),
-                "tokens": sum(int(b["rollout"].completion_mask.sum()) for b in window)}
+        self.last_rollouts = [b["rollout"] for b in mine]
+        self.last_prompts = [b["index"] for b in mine]
+        completions, tokens = self.runtime.sum([sum(int(b["rollout"].completion_ids.shape[0]) for b in mine),
+                                                sum(int(b["rollout"].completion_mask.sum()) for b in mine)])
+        return {"completions": int(completions), "tokens": int(tokens)}
 
     def loss(self, model: nn.Module, batch: dict, normaliser: Normaliser, *, compiled: bool = False) -> BatchLoss:
         rollout: RolloutBatch = batch["rollout"]
@@ -189,19 +194,21 @@ class GRPO:
         assert self.eval_data is not None
         was_training = model.training
         model.eval()
+        records = list(runtime.split(self.eval_data.records)[0])  # this process's share
         try:
             greedy = SamplingParams(max_tokens=self.rl.max_completion_len, temperature=0.0)
-            handles = self.engine.submit_many([(p.ids, self.adapter, greedy) for p in self.eval_data.records])
+            handles = self.engine.submit_many([(p.ids, self.adapter, greedy) for p in records])
             texts = ["".join(e.text for e in handle) for handle in handles]
         finally:
             model.train(was_training)
-        records = self.eval_data.records
         scores = self.rewards.score([p.text for p in records], texts, [p.record for p in records],
                                     [p.location for p in records])
         for error in scores.errors[:MAX_ERRORS_LOGGED]:
             self.log(f"warning: evaluation: {error.line()} (its reward counts as missing)")
-        fields = {"eval_reward": _nanmean(scores.total)}
-        fields.update({f"eval_rewards/{name}": _nanmean(values) for name, values in scores.per_function.items()})
+        # the same columns in every process, even one whose share is empty
+        columns = {"eval_reward": scores.total, **{f"eval_rewards/{n}": scores.per_function.get(n, []) for n in self.names}}
+        sums = runtime.sum([x for values in columns.values() for x in _sum_and_count(values)])  # over processes
+        fields = {name: sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else None for i, name in enumerate(columns)}
         return EvalResult(loss=math.nan, perplexity=math.nan, tokens=0, fields=fields)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -318,9 +325,10 @@ class GRPO:
         return fields
 
 
-def _nanmean(values: Sequence[float]) -> float | None:
+def _sum_and_count(values: Sequence[float]) -> tuple[float, float]:
+    """The sum and number of the scored (not NaN) values."""
     finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else None
+    return float(sum(finite)), float(len(finite))
 
 
 def _finite(value: float) -> float | None:
