@@ -63,6 +63,15 @@ def build_setup(tmp: str, shape: dict, n_prompts: int, prompt_len: int) -> tuple
     config["use_cache"] = True  # the DPO bench saves use_cache=False, which makes model.generate recompute everything
     with open(config_path, "w") as f:
         json.dump(config, f)
+    # ... and so does the generation_config.json saved beside it, which model.generate reads first: without this,
+    # TRL's rollout ran every decode step over the whole sequence (10x slower; the first measurement was wrong)
+    generation_path = os.path.join(model_dir, "generation_config.json")
+    if os.path.exists(generation_path):
+        with open(generation_path) as f:
+            generation = json.load(f)
+        generation["use_cache"] = True
+        with open(generation_path, "w") as f:
+            json.dump(generation, f)
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.chat_template = TEMPLATE
     tok.save_pretrained(model_dir)
@@ -133,6 +142,7 @@ def trl_worker(args, probe: Probe) -> dict:
 
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    assert model.generation_config.use_cache is not False, "model.generate would run without its KV cache"
     with open(args.prompts) as f:
         dataset = Dataset.from_list([json.loads(line) for line in f])
     rows = args.prompts_per_step * args.generations
