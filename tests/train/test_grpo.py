@@ -71,6 +71,12 @@ def test_grpo_trains_on_its_own_rollouts_and_logs_rewards_and_samples(model_dir,
     group_stds = rewards.view(-1, 4).std(dim=1)
     assert row2["reward_group_std"] == pytest.approx(float(group_stds.mean()), abs=1e-6)
     assert row2["frac_reward_zero_std"] == pytest.approx(float((group_stds < 1e-6).float().mean()))
+    vowel = torch.tensor([s["rewards"]["vowel"] for s in samples], dtype=torch.float64)
+    assert row2["rewards/vowel/std"] == pytest.approx(float(vowel.std(unbiased=False)), abs=1e-6)
+    advantages = torch.tensor([s["advantage"] for s in samples], dtype=torch.float64)
+    assert row2["advantage_std"] == pytest.approx(float(advantages.std(unbiased=False)), abs=1e-6)
+    assert row2["advantage_abs_mean"] == pytest.approx(float(advantages.abs().mean()), abs=1e-6)
+    assert row2["advantage_mean"] == pytest.approx(0.0, abs=1e-5)  # centred within each group
     assert sorted((tmp_path / "run" / "samples").iterdir()) == [tmp_path / "run" / "samples" / "step-2.jsonl",
                                                                 tmp_path / "run" / "samples" / "step-4.jsonl"]
     assert any(line.startswith("objective: grpo") for line in lines)

@@ -73,8 +73,8 @@ class GRPO:
         self.names = [name for name, _, _ in rewards.functions]
         self.sum_keys = ("loss", "completions", "tokens", "completion_tokens", "reward", "reward_sq",
                          "group_std", "groups", "zero_std_groups", "truncated", "clipped_low", "clipped_high", "kl",
-                         "mismatch", "reward_errors", "scored_rewards",
-                         *itertools.chain.from_iterable((f"{n}:sum", f"{n}:count") for n in self.names))
+                         "mismatch", "reward_errors", "scored_rewards", "advantage", "advantage_sq", "advantage_abs",
+                         *itertools.chain.from_iterable((f"{n}:sum", f"{n}:sq", f"{n}:count") for n in self.names))
         self.log = log
         self.rollout_seconds, self.rolled_out_at = 0.0, time.perf_counter()
         self.last_rollouts: list[RolloutBatch] = []  # the window's, for the samples file
@@ -296,19 +296,28 @@ class GRPO:
         for name, values in rollout.per_function.items():
             finite = [v for v in values if not math.isnan(v)]
             sums[f"{name}:sum"], sums[f"{name}:count"] = float(sum(finite)), float(len(finite))
+            sums[f"{name}:sq"] = float(sum(v * v for v in finite))
         sums["scored_rewards"] = float(scored.numel())
+        advantages = rollout.advantages.double()
+        sums.update(advantage=float(advantages.sum()), advantage_sq=float((advantages ** 2).sum()),
+                    advantage_abs=float(advantages.abs().sum()))
         return sums
 
     def _fields(self, sums: dict[str, float]) -> dict[str, float | None]:
         completions, scored = sums["completions"], sums["scored_rewards"]
-        mean = sums["reward"] / scored if scored else None
-        variance = sums["reward_sq"] / scored - mean ** 2 if mean is not None else None
+        mean, std = _mean_std(sums["reward"], sums["reward_sq"], scored)
         tokens = sums["completion_tokens"]
-        fields = {"reward": mean, "reward_std": math.sqrt(max(variance, 0.0)) if variance is not None else None,
+        advantage_mean, advantage_std = _mean_std(sums["advantage"], sums["advantage_sq"], completions)
+        fields = {"reward": mean, "reward_std": std,
                   "reward_group_std": sums["group_std"] / sums["groups"] if sums["groups"] else None,
                   "frac_reward_zero_std": sums["zero_std_groups"] / sums["groups"] if sums["groups"] else None,
                   **{f"rewards/{n}": sums[f"{n}:sum"] / sums[f"{n}:count"] if sums[f"{n}:count"] else None
                      for n in self.names},
+                  **{f"rewards/{n}/std": _mean_std(sums[f"{n}:sum"], sums[f"{n}:sq"], sums[f"{n}:count"])[1]
+                     for n in self.names},
+                  # normalised per group, so the mean is ~0; |A| says how much the step has to learn from
+                  "advantage_mean": advantage_mean, "advantage_std": advantage_std,
+                  "advantage_abs_mean": sums["advantage_abs"] / completions if completions else None,
                   "completion_length": sums["completion_tokens"] / completions if completions else None,
                   "truncated_ratio": sums["truncated"] / completions if completions else None,
                   "clip_ratio/low": sums["clipped_low"] / tokens if tokens else None,
@@ -323,6 +332,14 @@ class GRPO:
         if self.rl.beta:
             fields["kl"] = sums["kl"] / tokens if tokens else None
         return fields
+
+
+def _mean_std(total: float, squares: float, count: float) -> tuple[float | None, float | None]:
+    """Mean and (population) standard deviation from a sum, a sum of squares and a count (None for none)."""
+    if not count:
+        return None, None
+    mean = total / count
+    return mean, math.sqrt(max(squares / count - mean * mean, 0.0))
 
 
 def _sum_and_count(values: Sequence[float]) -> tuple[float, float]:
