@@ -206,8 +206,9 @@ class GRPO:
         for error in scores.errors[:MAX_ERRORS_LOGGED]:
             self.log(f"warning: evaluation: {error.line()} (its reward counts as missing)")
         # the same columns in every process, even one whose share is empty
-        columns = {"eval_reward": scores.total, **{f"eval_rewards/{n}": scores.per_function.get(n, []) for n in self.names}}
-        sums = runtime.sum([x for values in columns.values() for x in _sum_and_count(values)])  # over processes
+        columns = {"eval_reward": scores.total,
+                   **{f"eval_rewards/{n}": scores.per_function.get(n, []) for n in self.names}}
+        sums = runtime.sum([x for values in columns.values() for x in _moments(values)[::2]])  # sum, count
         fields = {name: sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else None for i, name in enumerate(columns)}
         return EvalResult(loss=math.nan, perplexity=math.nan, tokens=0, fields=fields)
 
@@ -250,7 +251,8 @@ class GRPO:
             rows = [self.data.records[i] for i in indices for _ in range(self.rl.num_generations)]
             for i, (prompt, completion) in enumerate(zip(rows, rollout.completions)):
                 lines.append(json.dumps({
-                    "step": step, "iteration": self.iteration + 1, "prompt": prompt.text, "location": prompt.location, "completion": completion,
+                    "step": step, "iteration": self.iteration + 1, "prompt": prompt.text,
+                    "location": prompt.location, "completion": completion,
                     "finish_reason": rollout.finish_reasons[i], "reward": _finite(float(rollout.rewards[i])),
                     "advantage": float(rollout.advantages[i]),
                     "rewards": {name: _finite(values[i]) for name, values in rollout.per_function.items()}},
@@ -286,21 +288,16 @@ class GRPO:
 
     def _reward_sums(self, rollout: RolloutBatch) -> dict[str, float]:
         rewards, g = rollout.rewards, self.rl.num_generations
-        scored = rewards[~torch.isnan(rewards)]
         grouped = rewards.view(-1, g)
         stds = torch.nan_to_num(nanstd(grouped, dim=1), nan=0.0)  # a group with < 2 scored rewards: spread 0
-        sums = {"reward": float(scored.sum()), "reward_sq": float((scored ** 2).sum()), "group_std": float(stds.sum()),
-                "groups": float(grouped.shape[0]), "zero_std_groups": float((stds < 1e-6).sum()),
+        sums = {"group_std": float(stds.sum()), "groups": float(grouped.shape[0]),
+                "zero_std_groups": float((stds < 1e-6).sum()),
                 "truncated": float(sum(r == "length" for r in rollout.finish_reasons)),
-                "reward_errors": float(len(rollout.errors))}
+                "reward_errors": float(len(rollout.errors)), "advantage_abs": float(rollout.advantages.abs().sum())}
+        sums["reward"], sums["reward_sq"], sums["scored_rewards"] = _moments(rewards)
+        sums["advantage"], sums["advantage_sq"], _ = _moments(rollout.advantages)
         for name, values in rollout.per_function.items():
-            finite = [v for v in values if not math.isnan(v)]
-            sums[f"{name}:sum"], sums[f"{name}:count"] = float(sum(finite)), float(len(finite))
-            sums[f"{name}:sq"] = float(sum(v * v for v in finite))
-        sums["scored_rewards"] = float(scored.numel())
-        advantages = rollout.advantages.double()
-        sums.update(advantage=float(advantages.sum()), advantage_sq=float((advantages ** 2).sum()),
-                    advantage_abs=float(advantages.abs().sum()))
+            sums[f"{name}:sum"], sums[f"{name}:sq"], sums[f"{name}:count"] = _moments(values)
         return sums
 
     def _fields(self, sums: dict[str, float]) -> dict[str, float | None]:
@@ -342,10 +339,11 @@ def _mean_std(total: float, squares: float, count: float) -> tuple[float | None,
     return mean, math.sqrt(max(squares / count - mean * mean, 0.0))
 
 
-def _sum_and_count(values: Sequence[float]) -> tuple[float, float]:
-    """The sum and number of the scored (not NaN) values."""
-    finite = [v for v in values if not math.isnan(v)]
-    return float(sum(finite)), float(len(finite))
+def _moments(values: Sequence[float] | torch.Tensor) -> tuple[float, float, float]:
+    """The sum, the sum of squares and the number of the scored (not NaN) values, in float64."""
+    v = torch.as_tensor(values, dtype=torch.float64)
+    v = v[~torch.isnan(v)]
+    return float(v.sum()), float((v * v).sum()), float(v.numel())
 
 
 def _finite(value: float) -> float | None:
