@@ -95,3 +95,18 @@ def save_chat_llama(directory, max_positions: int = 128):
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def save_random_adapter(model_dir, directory, *, targets=("q_proj", "v_proj"), scale: float = 0.3):
+    """A LoRA adapter on the saved model at `model_dir` with seeded non-zero weights (B too), saved to `directory`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+    from tiny_models import randomize_lora
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora = lorakit.wrap(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    randomize_lora(lora, scale=scale)
+    lora.save_adapter(directory)
+    return directory

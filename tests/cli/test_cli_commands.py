@@ -7,9 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lorakit
-from data_helpers import save_chat_llama
+from data_helpers import save_chat_llama, save_random_adapter
 from lorakit.cli import main
-from tiny_models import randomize_lora
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +19,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapter_dir(model_dir, tmp_path_factory):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    lora = lorakit.wrap(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    randomize_lora(lora, scale=0.3)
-    path = tmp_path_factory.mktemp("adapter")
-    lora.save_adapter(path)
-    return path
+    return save_random_adapter(model_dir, tmp_path_factory.mktemp("adapter"))
 
 
 def _adapted(model_dir, adapter_dir):

@@ -4,15 +4,13 @@ its exceptions into `error: ...` plus `hint: ...` and an exit code."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import AdapterError, CheckpointError, ConfigError, DataError, LorakitError
 from ..signals import Terminated
+from .loading import chosen_task, load, model_config
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -79,20 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "does not fit (the same as --set train.memory_check=false)")
     train.set_defaults(handler=_train)
 
-    evaluate = sub.add_parser("eval", help="loss and perplexity of a model, with or without an adapter, on a dataset")
-    evaluate.add_argument("config", nargs="?", help="a run config (its model, data.validation or data.train, output adapter)")
-    evaluate.add_argument("--model", help="base model directory or hub id")
-    evaluate.add_argument("--adapter", help="adapter directory (omit for the base model alone)")
-    evaluate.add_argument("--data", help="data file to evaluate on")
-    evaluate.add_argument("--task", help="for a config with tasks: the task whose adapter (adapter/<task>) and "
-                          "validation data to use")
-    evaluate.add_argument("--batch-size", type=int, default=4)
-    evaluate.add_argument("--max-seq-len", type=int, default=None)
-    evaluate.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"])
-    evaluate.add_argument("--quantize", type=int, choices=[4, 8], help=QUANTIZE_HELP + "; default: the run config's")
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object (loss, perplexity, tokens; "
-                          "perplexity null where exp(loss) overflows); a non-finite loss is an error (exit 2)")
-    evaluate.set_defaults(handler=_eval)
+    from .evaluate import add_parser as add_eval_parser
+
+    add_eval_parser(sub, QUANTIZE_HELP)  # lorakit eval: loss, generation metrics, --compare, --harness (cli/evaluate.py)
 
     merge = sub.add_parser("merge", help="fold an adapter into its base and save a plain transformers model")
     merge.add_argument("--model", "--base", dest="model", required=True, help="base model directory or hub id")
@@ -217,7 +204,7 @@ def _data_inspect(args: argparse.Namespace) -> int:
     from ..data.templates import resolve_template
 
     config = load_run_config(args.config, args.overrides)
-    task = _chosen_task(config, args.task)
+    task = chosen_task(config, args.task)
     files = task or config.data
     source = files.train if args.split == "train" else files.validation
     if source is None:
@@ -240,84 +227,10 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chosen_task(config, name: str | None):
-    """The task `--task` names in a config with tasks (None for a config without); an error names the choices."""
-    names = [task.name for task in config.tasks]
-    if not names:
-        if name is not None:
-            raise ConfigError(f"--task {name}: this run config has no tasks", where="run config")
-        return None
-    if name not in names:
-        raise ConfigError(f"this run config trains several tasks; choose one with --task ({', '.join(names)})",
-                          where="run config")
-    return config.tasks[names.index(name)]
-
-
 def _quickstart(args: argparse.Namespace) -> int:
     from ..quickstart import run_quickstart
 
     run_quickstart(args.out, max_steps=args.steps, overwrite=args.overwrite, log=print)
-    return 0
-
-
-def _model_config(model: str, dtype: str | None, quantize, **extra):
-    """quantize: None, 4 / 8 (from --quantize), or a run config's QuantizationConfig."""
-    from ..config import ModelConfig, QuantizationConfig
-
-    quantization = QuantizationConfig(bits=quantize) if isinstance(quantize, int) else quantize
-    return ModelConfig(name_or_path=model, dtype=dtype or "auto", quantization=quantization, **extra)
-
-
-def _load(model: str, adapter: str | None, dtype: str | None, quantize=None):
-    from ..base_model import load_base_model
-    from ..lora import load_adapter
-
-    loaded = load_base_model(_model_config(model, dtype, quantize), log=print)
-    if adapter:
-        loaded.model = load_adapter(loaded.model, adapter)
-    return loaded
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from ..config import load_run_config
-    from ..data import iter_batches, prepare
-    from ..train.evaluate import evaluate
-
-    adapter, quantize = args.adapter, args.quantize
-    if args.config:
-        config = load_run_config(args.config)
-        model = args.model or config.model.name_or_path
-        if quantize is None:
-            quantize = config.model.quantization  # as trained: same bits and 4-bit type
-        task = _chosen_task(config, args.task)
-        files = task or config.data
-        trained = Path(config.output_dir) / "adapter" / (task.name if task else "")
-        adapter = adapter or (str(trained) if trained.is_dir() else None)
-        data_path = args.data or files.validation or files.train
-        options = config.data  # the data section is a DataOptions
-    else:
-        if not (args.model and args.data):
-            raise ConfigError("give a run config, or both --model and --data", where="lorakit eval")
-        from ..data import DataOptions
-
-        model, data_path, options = args.model, args.data, DataOptions()
-    if args.max_seq_len:
-        options = dataclasses.replace(options, max_seq_len=args.max_seq_len)
-    loaded = _load(model, adapter, args.dtype, quantize)
-    data = prepare(data_path, loaded.tokenizer, options)
-    result = evaluate(loaded.model, iter_batches(data, args.batch_size, dtype=loaded.dtype))
-    if not result.tokens:
-        raise LorakitError(f"{data_path}: no token carries loss (every label is masked): nothing to evaluate")
-    if not math.isfinite(result.loss):
-        what = f"the model with adapter {adapter}" if adapter else "the base model"
-        raise LorakitError(f"the loss is {result.loss} over {result.tokens} tokens: {what} computes non-finite "
-                           "logits on this data; check the adapter (lorakit check ADAPTER --base MODEL) and the "
-                           "base weights, or evaluate in --dtype float32 (float16 overflows easily)")
-    if args.json:  # strict JSON: a perplexity too large for a float (loss > 709) is null
-        perplexity = result.perplexity if math.isfinite(result.perplexity) else None
-        print(json.dumps({"loss": result.loss, "perplexity": perplexity, "tokens": result.tokens}, allow_nan=False))
-    else:
-        print(f"{data.summary.line()}\nloss {result.loss:.4f}  perplexity {result.perplexity:.3f}  ({result.tokens} tokens)")
     return 0
 
 
@@ -329,7 +242,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     check_out(args.out, "hf", overwrite=args.overwrite, inputs=(args.model, args.adapter))  # before the long part
     load, dtype = (args.dtype, None) if args.quantize else merge_dtypes(args.model, args.dtype)
-    loaded = load_base_model(_model_config(args.model, load, args.quantize, device="cpu"), log=print)
+    loaded = load_base_model(model_config(args.model, load, args.quantize, device="cpu"), log=print)
     print(loaded.describe())
     out = merge_to_directory(loaded, args.adapter, args.out, max_shard_size=args.max_shard_size,
                              overwrite=args.overwrite, dtype=dtype)
@@ -356,11 +269,11 @@ def _export(args: argparse.Namespace) -> int:
     check_out(out, args.format if args.format == "ollama" else "gguf", overwrite=args.overwrite,
               inputs=(args.model, args.adapter))
     if args.format == "lora-gguf":
-        write_lora_gguf(_load(args.model, args.adapter, "float32").model, out, overwrite=args.overwrite)
+        write_lora_gguf(load(args.model, args.adapter, "float32").model, out, overwrite=args.overwrite)
         print(f"GGUF LoRA adapter written to {out} (llama.cpp: llama-cli -m BASE.gguf --lora {out})")
         return 0
     dtype = "float32" if args.dtype == "auto" else args.dtype
-    loaded = load_base_model(_model_config(args.model, dtype, args.quantize, device="cpu"), log=print)
+    loaded = load_base_model(model_config(args.model, dtype, args.quantize, device="cpu"), log=print)
     print(loaded.describe())
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
@@ -416,7 +329,7 @@ def _chat_ids(tokenizer, messages):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    loaded = _load(args.model, args.adapter, args.dtype, args.quantize)
+    loaded = load(args.model, args.adapter, args.dtype, args.quantize)
     if args.chat_template:
         ids = _chat_ids(loaded.tokenizer, [{"role": "user", "content": args.prompt}])
     else:
@@ -427,7 +340,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    loaded = _load(args.model, args.adapter, args.dtype, args.quantize)
+    loaded = load(args.model, args.adapter, args.dtype, args.quantize)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
     with _engine(loaded, args) as engine:
