@@ -333,7 +333,7 @@ def _harness(args: argparse.Namespace, inputs: Inputs) -> int:
     result = run_harness(loaded.model, loaded.tokenizer, tasks, include_path=args.harness_include, limit=args.limit,
                          num_fewshot=args.num_fewshot, batch_size=args.batch_size or 8, log=log)
     if args.json:
-        print(json.dumps(result.as_json(), allow_nan=False, default=str))
+        print(json.dumps(result.raw, allow_nan=False, default=str))
     else:
         print(format_table(result))
     return 0
