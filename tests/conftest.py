@@ -45,6 +45,7 @@ SLOW = {
         "test_compiled_layers_and_loss_give_the_plain_loss_and_grads_and_undo_restores_them"},
     "train/test_ckpt_faults.py": {"test_a_hard_kill_at_any_save_stage_never_exposes_a_partial_checkpoint"},  # kill -9
     "train/test_loop_resume.py": {"test_killed_run_resumes_exactly"},  # kill -9
+    "train/test_forgetting.py": {"test_two_processes_report_the_forgetting_numbers_of_one"},  # torchrun
     "train/test_ckpt_layout.py": {"test_a_second_run_on_a_locked_directory_is_refused_with_the_holders_pid"},  # a child
     "cli/test_cli_train_safety.py": {"test_sigterm_saves_a_checkpoint_like_ctrl_c",  # SIGTERM to a child training
                                      "test_training_again_into_a_run_is_refused_until_resumed_or_overwritten"},
@@ -65,6 +66,7 @@ SLOW = {
     "train/test_loop_nan.py": {"test_three_consecutive_skips_stop"},
     "train/test_chunked_loss.py": {"test_a_batch_with_no_supervised_token_gives_zero_that_backpropagates"},
     "test_mixed_batch.py": {"test_generate_with_adapter_names_matches_per_row_greedy_generate"},
+    "eval/test_harness.py": {"test_an_unknown_task_names_close_matches_and_the_include_option"},  # ~15k task YAMLs
 }
 
 

@@ -11,10 +11,10 @@ sections.py holds the dataclasses, load.py reads and validates YAML, reference.p
 from ..lora.config import LoraConfig
 from .load import apply_override, as_trained, load_run_config, run_config_from_dict
 from .reference import field_reference
-from .sections import DataConfig, DistributedConfig, ModelConfig, PreferenceConfig, QuantizationConfig, \
-    ReferenceConfig, RewardConfig, RLConfig, RunConfig, SpeedConfig, TaskConfig, TrainConfig
+from .sections import DataConfig, DistributedConfig, EvalConfig, ForgettingLimits, ModelConfig, PreferenceConfig, \
+    QuantizationConfig, ReferenceConfig, RewardConfig, RLConfig, RunConfig, SpeedConfig, TaskConfig, TrainConfig
 
-__all__ = ["DataConfig", "DistributedConfig", "LoraConfig", "ModelConfig", "PreferenceConfig", "QuantizationConfig",
-           "ReferenceConfig", "RewardConfig", "RLConfig", "RunConfig",
+__all__ = ["DataConfig", "DistributedConfig", "EvalConfig", "ForgettingLimits", "LoraConfig", "ModelConfig",
+           "PreferenceConfig", "QuantizationConfig", "ReferenceConfig", "RewardConfig", "RLConfig", "RunConfig",
            "SpeedConfig", "TaskConfig", "TrainConfig", "apply_override", "as_trained", "field_reference", "load_run_config",
            "run_config_from_dict"]

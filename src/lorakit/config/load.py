@@ -97,7 +97,8 @@ def run_config_from_dict(raw: dict, *, where: str = "run config") -> RunConfig:
     problems: list[str] = []
     config = _build(RunConfig, raw, "", problems)
     if config is not None:
-        problems += _task_problems(config) + _preference_problems(config) + _rl_problems(config)
+        problems += (_task_problems(config) + _preference_problems(config) + _rl_problems(config)
+                     + _eval_problems(config))
     if problems:
         raise ConfigError(problems, where=where)
     return config
@@ -214,6 +215,22 @@ def _rl_problems(config: RunConfig) -> list[str]:
     return problems
 
 
+def _eval_problems(config: RunConfig) -> list[str]:
+    """What the eval fields allow one by one but not together or with tasks."""
+    ev, problems = config.eval, []
+    limits = ev.max_forgetting
+    if limits is not None and limits.loss_increase is None and limits.kl is None:
+        problems.append("eval.max_forgetting: names no limit; give loss_increase, kl or both, e.g. "
+                        "{loss_increase: 0.1, kl: 0.05} (or remove it to report the numbers only)")
+    if limits is not None and ev.general_text is None:
+        problems.append("eval.max_forgetting: forgetting is measured on eval.general_text; set general_text: "
+                        "path/to/general.jsonl (or remove max_forgetting)")
+    if ev.general_text is not None and config.tasks:
+        problems.append("eval.general_text: measures one adapter against its base; with tasks (one adapter per "
+                        "task) remove general_text or train the tasks in separate runs")
+    return problems
+
+
 def _build(cls: type, values: Any, path: str, problems: list[str]) -> Any:
     """Instantiate dataclass `cls` from `values`, appending a message per problem; None if any."""
     if cls is LoraConfig:
@@ -285,6 +302,8 @@ RANGES = {
     ("RLConfig", "num_iterations"): (lambda v: v >= 1, "a positive integer (optimizer steps per rollout)"),
     ("RLConfig", "sample_every"): (lambda v: v > 0, "a positive integer, or null for no samples"),
     ("RLConfig", "max_prompt_len"): (lambda v: v >= 1, "a positive integer"),
+    ("ForgettingLimits", "loss_increase"): (lambda v: v > 0, "a positive number (nats per token), or null for no limit"),
+    ("ForgettingLimits", "kl"): (lambda v: v > 0, "a positive number (nats per token), or null for no limit"),
     ("RewardConfig", "max_chars"): (lambda v: v >= 1, "a positive integer"),
     ("RewardConfig", "tolerance"): (lambda v: v >= 0, "0 or more"),
     ("RunConfig", "deploy_targets"): (lambda v: isinstance(v, list) and all(t in DEPLOY_TARGETS for t in v),
@@ -319,7 +338,10 @@ def _coerce(kind: Any, value: Any, where: str, problems: list[str]) -> Any:
             result = _coerce(option, value, where, trial)
             if not trial:
                 return result
-        problems.append(f"{where}: expected {' or '.join(_name(a) for a in args)}, got {_describe(value)}")
+        # A section is named by what it holds, not by its class name.
+        names = [f"a mapping (keys: {', '.join(f.name for f in dataclasses.fields(a))})" if a in sections else _name(a)
+                 for a in args]
+        problems.append(f"{where}: expected {' or '.join(names)}, got {_describe(value)}")
         return value
     if origin is Literal:
         if isinstance(value, bool) and {"on", "off"} <= set(args):

@@ -7,15 +7,16 @@ import dataclasses
 import inspect
 
 from ..lora.config import LoraConfig
-from .sections import DataConfig, DistributedConfig, ModelConfig, PreferenceConfig, QuantizationConfig, \
-    ReferenceConfig, RunConfig, SpeedConfig, TaskConfig, TrainConfig
+from .sections import DataConfig, DistributedConfig, EvalConfig, ForgettingLimits, ModelConfig, PreferenceConfig, \
+    QuantizationConfig, ReferenceConfig, RunConfig, SpeedConfig, TaskConfig, TrainConfig
 
 
 def field_reference() -> str:
     """Every run-config field with its type, default and docstring, read from the dataclasses' source."""
     sections = [("model", ModelConfig), ("model.quantization", QuantizationConfig), ("lora", LoraConfig), ("data", DataConfig), ("train", TrainConfig),
                 ("speed", SpeedConfig), ("distributed", DistributedConfig), ("preference", PreferenceConfig),
-                ("preference.reference", ReferenceConfig), ("tasks[i]", TaskConfig), ("", RunConfig)]
+                ("preference.reference", ReferenceConfig), ("eval", EvalConfig),
+                ("eval.max_forgetting", ForgettingLimits), ("tasks[i]", TaskConfig), ("", RunConfig)]
     listed = {name.split(".")[0] for name, _ in sections}  # "tasks[i]" (its entries) keeps "tasks" listed
     lines = []
     for section, cls in sections:

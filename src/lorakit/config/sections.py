@@ -253,6 +253,37 @@ class RLConfig:
 
 
 @dataclass(kw_only=True)
+class ForgettingLimits:
+    """How far the adapter may move the model away from its base on the general text (eval.max_forgetting)."""
+
+    loss_increase: float | None = None
+    """The most the general text's loss (mean cross-entropy per token, nats) may rise above the base's:
+    general_loss - general_loss_base; null: no limit on it."""
+    kl: float | None = None
+    """The most the mean KL(base || adapter) of the next-token distributions over the general text's tokens (nats)
+    may be; null: no limit on it."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """What each evaluation measures besides the validation data: forgetting, on general text."""
+
+    general_text: str | None = None
+    """A data file of general text (any format the data section reads: text, messages, alpaca, ...; its format is
+    detected, the other data options are the run's). At each evaluation (train.eval_every, and at the end) its loss
+    is reported with the adapter (general_loss) and without (general_loss_base: the same model with adapters
+    disabled, no second copy), with the mean KL from the base's next-token distribution (general_kl)."""
+    max_forgetting: ForgettingLimits | None = None
+    """Limits on forgetting, e.g. {loss_increase: 0.1, kl: 0.05} (either or both; needs general_text). An
+    evaluation over either limit warns or stops the run (on_forgetting); the best checkpoint is then the best of
+    the evaluations that stayed within them, and rotation keeps it. null: report the numbers only."""
+    on_forgetting: Literal["stop", "warn"] = "stop"
+    """What an evaluation over max_forgetting does. stop: end the run there (its checkpoint is saved as usual)
+    and write the best checkpoint within the limits to <output_dir>/adapter (if none stayed within them, the
+    adapter as trained, and the log and trainer_state.json say so); warn: log a warning and go on."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig
     objective: str = "sft"
@@ -271,6 +302,8 @@ class RunConfig:
     """Preference tuning settings (objective: dpo, orpo or kto); ignored by sft."""
     rl: RLConfig = field(default_factory=RLConfig)
     """RL settings (objective: grpo): group size, sampling, loss variant, rewards; ignored by the others."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Forgetting on general text, measured at each evaluation and optionally limited; works for every objective."""
     output_dir: str = "runs/lorakit"
     """Where the adapter, checkpoints, metrics and plots go."""
     tasks: list[TaskConfig] = field(default_factory=list)

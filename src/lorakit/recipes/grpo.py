@@ -23,6 +23,7 @@ from ..serving_compat import check_run_config
 from ..train.adapters import wrap_adapters
 from ..train.distributed import init_runtime
 from ..train.fingerprint import run_settings
+from ..train.forgetting import forgetting_gate
 from ..train.loop import FitResult, fit
 from ..train.objectives.grpo import GRPO
 from ..train.rewards import reward_set
@@ -65,6 +66,7 @@ def _train(config: RunConfig, resume: str | None, overwrite: bool, allow_change:
     train, validation = _prompts(config, loaded.tokenizer, log)
     objective = GRPO(model, loaded.tokenizer, train, config.train, config.rl, rewards, eval_data=validation, log=log,
                      runtime=runtime)
+    forgetting = forgetting_gate(config, loaded.tokenizer, log)  # eval.general_text, or None
     out, every = Path(config.output_dir), config.rl.sample_every
 
     def write_samples(event: str, info: dict) -> None:
@@ -76,7 +78,7 @@ def _train(config: RunConfig, resume: str | None, overwrite: bool, allow_change:
     try:
         return fit(model, objective, config.train, config.output_dir, runtime=runtime, log=log, resume=resume,
                    hooks=hooks, speed=config.speed, overwrite=overwrite, allow_change=allow_change,
-                   settings=run_settings(config))
+                   settings=run_settings(config), forgetting=forgetting)
     finally:
         objective.close()
         if tensorboard is not None:

@@ -24,6 +24,7 @@ from ..serving_compat import check_run_config
 from ..train.adapters import wrap_adapters
 from ..train.distributed import QUANTIZED_FSDP, init_runtime, shard_base_layers
 from ..train.fingerprint import run_settings
+from ..train.forgetting import forgetting_gate
 from ..train.loop import FitResult, fit
 from ..train.objectives.preference import REFERENCE_ADAPTER, Preference, Reference
 from ..train.runtime import Runtime
@@ -66,11 +67,12 @@ def _train(config: RunConfig, resume: str | None, overwrite: bool, allow_change:
     objective = Preference(config.objective, train, config.train, config.preference, reference, eval_data=validation)
     if config.preference.reference.precompute:
         objective.precompute_reference(model, log)
+    forgetting = forgetting_gate(config, loaded.tokenizer, log)  # eval.general_text, or None
     hooks = [TensorBoardHook(Path(config.output_dir) / "tensorboard")] if config.train.tensorboard and runtime.is_main else []
     try:
         return fit(model, objective, config.train, config.output_dir, runtime=runtime, log=log, resume=resume,
                    hooks=hooks, speed=config.speed, overwrite=overwrite, allow_change=allow_change,
-                   settings=run_settings(config))
+                   settings=run_settings(config), forgetting=forgetting)
     finally:
         for hook in hooks:
             hook.close()

@@ -20,6 +20,7 @@ from ..serving_compat import check_run_config
 from ..train.adapters import wrap_adapters
 from ..train.distributed import QUANTIZED_FSDP, init_runtime, shard_base_layers
 from ..train.fingerprint import run_settings
+from ..train.forgetting import forgetting_gate
 from ..train.loop import FitResult, fit
 from ..train.objectives import Objective, objective_for
 from ..train.runtime import Runtime
@@ -58,11 +59,12 @@ def _train(config: RunConfig, resume: str | None, overwrite: bool, allow_change:
     log(str(model.trainable_parameters()))
 
     objective = _objective(config, model, loaded.tokenizer, log)
+    forgetting = forgetting_gate(config, loaded.tokenizer, log)  # eval.general_text, or None
     hooks = [TensorBoardHook(Path(config.output_dir) / "tensorboard")] if config.train.tensorboard and runtime.is_main else []
     try:
         return fit(model, objective, config.train, config.output_dir, runtime=runtime, log=log, resume=resume,
                    hooks=hooks, speed=config.speed, overwrite=overwrite, allow_change=allow_change,
-                   settings=run_settings(config))
+                   settings=run_settings(config), forgetting=forgetting)
     finally:
         for hook in hooks:
             hook.close()

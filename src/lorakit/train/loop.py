@@ -32,7 +32,9 @@ from ..signals import Terminated, sigterm_as_interrupt, sigterm_ignored
 from .checkpoint import trainable_parameters
 from .activation_checkpointing import enable_checkpointing
 from .chunked_loss import split_head
+from .evaluate import eval_result
 from .fingerprint import run_fingerprints
+from .forgetting import ForgettingGate, forgetting_summary, write_final_adapter
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, NullMetricsLog, plot_losses
 from .objectives import Objective, objective_for
 from .output_dir import ADAPTER_DIR, TRAINER_STATE
@@ -67,6 +69,9 @@ class FitResult:
     losses: list[float] = field(default_factory=list)
     """Per-step train losses of this call (NaN for a skipped step)."""
     summary: str = ""
+    stopped_reason: str | None = None
+    """"forgetting": an evaluation (the end's included) went over eval.max_forgetting with on_forgetting stop, so
+    the run stopped there and adapter_dir holds the best checkpoint within the limits; None otherwise."""
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
@@ -74,7 +79,7 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
         output_dir: str | Path, *, runtime: Runtime | None = None, eval_data: PreparedData | None = None,
         hooks: Iterable[Hook] = (), log: Callable[[str], None] = print, resume: str | None = None,
         speed: SpeedConfig | None = None, overwrite: bool = False, allow_change: Iterable[str] = (),
-        settings: dict | None = None) -> FitResult:
+        settings: dict | None = None, forgetting: ForgettingGate | None = None) -> FitResult:
     """Train the trainable parameters of `model` on `objective` as `config` says; write checkpoints,
     metrics.jsonl, trainer_state.json and the final adapter (PEFT layout) under `output_dir`.
 
@@ -90,6 +95,9 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
     TrainingError and leaves the last good checkpoint in place. `speed` (default: SpeedConfig()'s fast path)
     is applied for the run and undone when fit returns. `runtime` (default OneProcess()): under torchrun, this
     process's runtime.Torchrun; it trains on its share of each step and only rank 0 logs, calls hooks and writes.
+    `forgetting` (forgetting.py) scores general text with and without the adapter at each evaluation (the end's
+    at least); with limits, only evaluations within them count as best, and one over them warns or stops the
+    run, a stop writing the best checkpoint within them as the adapter (the model keeps what trained).
     """
     out, runtime = Path(output_dir), runtime if runtime is not None else OneProcess()
     log, hooks = runtime.log(log), tuple(hooks) if runtime.is_main else ()
@@ -121,21 +129,44 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
     was_training, started = model.training, time.perf_counter()
     model.train()
     metrics, bar, losses, recent, last_eval_step = NullMetricsLog(), None, [], deque(maxlen=SPIKE_WINDOW), None
+    evaluates = objective.evaluates or forgetting is not None
+    stopped_reason, over_limit_evals = None, 0
 
     def run_eval() -> None:
-        nonlocal last_eval_step
-        result, last_eval_step = objective.evaluate(model, runtime), state.step
+        nonlocal last_eval_step, stopped_reason, over_limit_evals
+        # Without validation data (only general text) the result is empty: NaN loss, nothing to rank by.
+        result = objective.evaluate(model, runtime) if objective.evaluates else eval_result(0.0, 0)
+        last_eval_step = state.step
+        general = forgetting.measure(model, runtime) if forgetting is not None else None
+        over = forgetting.exceeded(general) if general is not None else []
         # No perplexity where the loss is not a cross-entropy (preference objectives give NaN).
         state.last_eval_loss = None if math.isnan(result.loss) else result.loss  # grpo's evaluation has no loss
         state.last_eval_perplexity = None if math.isnan(result.perplexity) else result.perplexity
-        if math.isfinite(result.loss) and (state.best_eval_loss is None or result.loss < state.best_eval_loss):
+        # An evaluation over eval.max_forgetting is never the best (the step a stop falls back to).
+        better = state.best_eval_loss is None or result.loss < state.best_eval_loss
+        if not over and math.isfinite(result.loss) and better:
             state.best_eval_loss, state.best_step = result.loss, state.step
-        info = {"step": state.step, "eval_loss": result.loss, "eval_perplexity": result.perplexity, **result.fields}
+        elif not over and result.tokens == 0 and forgetting is not None and forgetting.limited:
+            state.best_step = state.step  # no loss to rank by (grpo, no validation data): the latest within limits
+        info = {"step": state.step, "eval_loss": result.loss, "eval_perplexity": result.perplexity, **result.fields,
+                **(general.fields() if general is not None else {})}
+        if over:
+            over_limit_evals += 1
+            info["over_max_forgetting"] = over
+            if forgetting.stops:
+                stopped_reason = info["stopped_reason"] = "forgetting"
         metrics.write({**info, "eval_tokens": result.tokens})
         perplexity = f", perplexity {result.perplexity:.2f}" if not math.isnan(result.perplexity) else ""
         scored = (f"loss {result.loss:.4f}{perplexity} (best {_fmt(state.best_eval_loss)} at step {state.best_step})"
                   if not math.isnan(result.loss) else "")  # grpo evaluates rewards, not a loss
+        scored += f" | {general.line()}" if general is not None else ""
         log(f"eval at step {state.step}: " + f"{scored}{_by_part(result.parts)}{_by_part(result.fields)}".lstrip(" |"))
+        if over:
+            then = "stopping (eval.on_forgetting: stop)" if forgetting.stops else "going on (eval.on_forgetting: warn)"
+            log(f"warning: step {state.step}: forgetting over eval.max_forgetting: {', '.join(over)}; {then}")
+        elif forgetting is not None and forgetting.limited and state.best_step == state.step \
+                and checkpoints.last_saved != state.step:
+            checkpoints.save(state, "the best evaluation within eval.max_forgetting")  # what a stop falls back to
         _call(hooks, "eval", {**info, "tokens": result.tokens})
 
     try:
@@ -147,13 +178,14 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
                 objective.load_state_tensors(checkpoints.resumed_objective_state)  # {} when starting afresh
             metrics = MetricsLog(out, keep_until_step=checkpoints.resumed_from) if runtime.is_main else metrics
             for line in [*objective.describe(), _describe(objective, config, n_batches, total_steps, params),
-                         runtime.describe(config.grad_accum, config.batch_size)]:
+                         runtime.describe(config.grad_accum, config.batch_size),
+                         forgetting.describe() if forgetting is not None else None]:
                 if line:
                     log(line)
             bar = _progress(total_steps, state.step) if runtime.is_main else None
             window_rng = None
             try:
-                while state.step < total_steps:
+                while state.step < total_steps and stopped_reason is None:
                     if state.batches_done >= n_batches:  # epoch finished: the next starts at its first batch
                         state.epoch, state.batches_done = state.epoch + 1, 0
                     step_at_start, fresh_epoch = state.step, state.batches_done == 0
@@ -199,11 +231,12 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
                                 f"{row['tokens_per_s'] or 0:.0f} tok/s")
                         _call(hooks, "step", {**row, "skipped": not finite})
 
-                        if objective.evaluates and config.eval_every and state.step % config.eval_every == 0:
+                        if evaluates and config.eval_every and state.step % config.eval_every == 0:
                             run_eval()
-                        if config.save_every and state.step % config.save_every == 0:
+                        if (config.save_every and state.step % config.save_every == 0
+                                and checkpoints.last_saved != state.step):  # not saved by run_eval
                             checkpoints.save(state, f"every {config.save_every} steps")
-                        if state.step >= total_steps:
+                        if state.step >= total_steps or stopped_reason is not None:
                             break
                     else:
                         state.batches_done = max(state.batches_done, n_batches)  # epoch exhausted
@@ -226,15 +259,17 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
                 raise
 
             # ---- the end: last eval, last checkpoint, adapter, trainer state, plot ----
-            if objective.evaluates and last_eval_step != state.step:
+            if evaluates and last_eval_step != state.step:
                 run_eval()
             if checkpoints.last_saved != state.step:
-                checkpoints.save(state, "end of training")
+                checkpoints.save(state, "stopped: forgetting over eval.max_forgetting" if stopped_reason
+                                 else "end of training")
             adapter_dir = out / ADAPTER_DIR
             final = {**state.as_dict(), "total_steps": total_steps, "epoch_progress": state.epoch + state.batches_done / n_batches,
-                     "resumed_from": checkpoints.resumed_from, "adapter": str(adapter_dir), "metrics": METRICS_FILE}
+                     "resumed_from": checkpoints.resumed_from, "adapter": str(adapter_dir), "metrics": METRICS_FILE,
+                     "stopped_reason": stopped_reason, "adapter_step": state.step}
             if runtime.is_main:
-                model.save_adapter(adapter_dir, model.active_adapters)  # what trained, not a frozen reference
+                final.update(write_final_adapter(model, params, state, out, adapter_dir, stopped_reason, log))
                 write_text_atomic(out / TRAINER_STATE, json.dumps(final, indent=1, allow_nan=False) + "\n")
                 if plot_losses(metrics.rows(), out / PLOT_FILE):
                     log(f"loss curve: {out / PLOT_FILE}")
@@ -248,12 +283,13 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
 
     train_loss = next((x for x in reversed(losses) if math.isfinite(x)), None)
     summary = _summary(state, final["epoch_progress"], time.perf_counter() - started, train_loss, adapter_dir)
+    summary += forgetting_summary(forgetting, over_limit_evals, stopped_reason, state, final["adapter_step"])
     log(summary)
     return FitResult(step=state.step, epoch=final["epoch_progress"], train_loss=train_loss,
                      eval_loss=state.last_eval_loss, eval_perplexity=state.last_eval_perplexity,
                      best_eval_loss=state.best_eval_loss, best_step=state.best_step,
                      skipped_steps=state.skipped_steps, resumed_from=checkpoints.resumed_from, output_dir=out,
-                     adapter_dir=adapter_dir, losses=losses, summary=summary)
+                     adapter_dir=adapter_dir, losses=losses, summary=summary, stopped_reason=stopped_reason)
 
 
 # ---- the loop's parts ---------------------------------------------------------------------------------
