@@ -13,8 +13,8 @@ def _capture_grads(monkeypatch) -> list[dict[str, torch.Tensor]]:
     seen: list[dict[str, torch.Tensor]] = []
     original = loop.build_optimizer
 
-    def build(params, cfg):
-        opt = original(params, cfg)
+    def build(params, cfg, *rest):
+        opt = original(params, cfg, *rest)
         names = {id(p): n for n, p in params.items()}
         opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(
             {names[id(p)]: p.grad.clone() for g in o.param_groups for p in g["params"]}))

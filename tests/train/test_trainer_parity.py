@@ -25,8 +25,8 @@ def _lorakit_step(tmp_path, data, **overrides):
     seen = {}
     original = loop.build_optimizer
 
-    def build(params, cfg):
-        opt = original(params, cfg)
+    def build(params, cfg, *rest):
+        opt = original(params, cfg, *rest)
         opt.register_step_pre_hook(lambda o, a, kw: seen.update({n: p.grad.clone() for n, p in params.items()}))
         return opt
 

@@ -12,9 +12,10 @@ from ..lora.config import LoraConfig
 from .load import apply_override, as_trained, load_run_config, run_config_from_dict
 from .reference import field_reference
 from .sections import DataConfig, DistributedConfig, EvalConfig, ForgettingLimits, ModelConfig, PreferenceConfig, \
-    QuantizationConfig, ReferenceConfig, RewardConfig, RLConfig, RunConfig, SpeedConfig, TaskConfig, TrainConfig
+    QuantizationConfig, ReferenceConfig, RewardConfig, RLConfig, RunConfig, SpeedConfig, SweepConfig, TaskConfig, \
+    TrainConfig
 
 __all__ = ["DataConfig", "DistributedConfig", "EvalConfig", "ForgettingLimits", "LoraConfig", "ModelConfig",
            "PreferenceConfig", "QuantizationConfig", "ReferenceConfig", "RewardConfig", "RLConfig", "RunConfig",
-           "SpeedConfig", "TaskConfig", "TrainConfig", "apply_override", "as_trained", "field_reference", "load_run_config",
+           "SpeedConfig", "SweepConfig", "TaskConfig", "TrainConfig", "apply_override", "as_trained", "field_reference", "load_run_config",
            "run_config_from_dict"]

@@ -17,6 +17,7 @@ from ..lora.config import LoraConfig
 from ..lora.model import ADAPTER_NAME
 from ..serving_compat import TARGETS as DEPLOY_TARGETS
 from .sections import RunConfig
+from .sweep import expand as expand_sweep, sweep_problems
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -97,11 +98,12 @@ def run_config_from_dict(raw: dict, *, where: str = "run config") -> RunConfig:
     problems: list[str] = []
     config = _build(RunConfig, raw, "", problems)
     if config is not None:
-        problems += (_task_problems(config) + _preference_problems(config) + _rl_problems(config)
-                     + _eval_problems(config))
+        sweep = sweep_problems(config)
+        problems += sweep or (_task_problems(config) + _preference_problems(config) + _rl_problems(config)
+                              + _eval_problems(config))
     if problems:
         raise ConfigError(problems, where=where)
-    return config
+    return expand_sweep(config)  # a sweep's members become its tasks
 
 
 def _task_problems(config: RunConfig) -> list[str]:

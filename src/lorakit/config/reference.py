@@ -8,7 +8,7 @@ import inspect
 
 from ..lora.config import LoraConfig
 from .sections import DataConfig, DistributedConfig, EvalConfig, ForgettingLimits, ModelConfig, PreferenceConfig, \
-    QuantizationConfig, ReferenceConfig, RunConfig, SpeedConfig, TaskConfig, TrainConfig
+    QuantizationConfig, ReferenceConfig, RunConfig, SpeedConfig, SweepConfig, TaskConfig, TrainConfig
 
 
 def field_reference() -> str:
@@ -16,7 +16,8 @@ def field_reference() -> str:
     sections = [("model", ModelConfig), ("model.quantization", QuantizationConfig), ("lora", LoraConfig), ("data", DataConfig), ("train", TrainConfig),
                 ("speed", SpeedConfig), ("distributed", DistributedConfig), ("preference", PreferenceConfig),
                 ("preference.reference", ReferenceConfig), ("eval", EvalConfig),
-                ("eval.max_forgetting", ForgettingLimits), ("tasks[i]", TaskConfig), ("", RunConfig)]
+                ("eval.max_forgetting", ForgettingLimits), ("tasks[i]", TaskConfig), ("sweep", SweepConfig),
+                ("", RunConfig)]
     listed = {name.split(".")[0] for name, _ in sections}  # "tasks[i]" (its entries) keeps "tasks" listed
     lines = []
     for section, cls in sections:

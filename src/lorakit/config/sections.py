@@ -134,6 +134,8 @@ class TaskConfig:
     """The task's validation data file; none: this task is not evaluated."""
     lora: LoraConfig | None = None
     """This adapter's LoRA options (rank, targets, ...), replacing the run's lora section for it; none: the run's."""
+    lr: float | None = None
+    """This adapter's peak learning rate (its own AdamW group, on the run's schedule); none: train.lr."""
 
 
 @dataclass(kw_only=True)
@@ -284,6 +286,36 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class SweepConfig:
+    """A grid of settings trained in one run, one adapter per combination (a member): every member sees the same
+    batches, each row routed through its member's adapter, with its own learning rate on the run's schedule and
+    its own gradient clipping, so each equals training that configuration alone. Fields left out take the lora
+    and train sections' value. After training the members are ranked in <output_dir>/sweep.json and the best is
+    copied to <output_dir>/best_adapter."""
+
+    lr: list[float] | None = None
+    """Peak learning rates, e.g. [1.0e-4, 3.0e-4, 1.0e-3]."""
+    r: list[int] | None = None
+    """LoRA ranks, e.g. [8, 16, 32]."""
+    lora_alpha: list[float] | None = None
+    """LoRA alphas (the update is scaled by lora_alpha / r)."""
+    target_modules: list[list[str] | str] | None = None
+    """Target module sets, e.g. [[q_proj, v_proj], all-linear]."""
+    init_lora_weights: list[bool | str] | None = None
+    """Initialisations: true (kaiming A, zero B) or gaussian; pissa changes the base weights the members share,
+    so a sweep refuses it."""
+    lora_dropout: list[float] | None = None
+    """Dropout rates on the LoRA input."""
+    metrics: list[str] = field(default_factory=list)
+    """Generation metrics scored after training on data.validation's prompts (greedy), as `lorakit eval --metrics`
+    does: exact, contains, json_valid, json_fields, rouge_l. Empty: rank by validation loss alone."""
+    rank_by: str = "eval_loss"
+    """What orders the members: eval_loss (lowest first) or one of metrics (highest first)."""
+    max_new_tokens: int = 64
+    """Longest generated answer for the metrics."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig
     objective: str = "sft"
@@ -311,6 +343,9 @@ class RunConfig:
     through its task's adapter, so one pass over the frozen base trains them all; each adapter equals what
     training it alone on the same rows would give. E.g. [{name: sql, train: sql.jsonl}, {name: chat, train:
     chat.jsonl, lora: {r: 16}}]. Leave data.train empty then."""
+    sweep: SweepConfig | None = None
+    """A one-pass hyperparameter sweep over data.train (objective sft): e.g. {lr: [1.0e-4, 3.0e-4], r: [8, 16]}
+    trains 4 adapters in one run, saved to <output_dir>/adapter/<member>; see the sweep section's fields."""
     deploy_targets: list[str] = field(default_factory=list)
     """Servers the adapter is for: any of vllm, llama.cpp, ollama, peft. Before the model loads, the lora section
     is checked against what each accepts (as `lorakit check` does): one that would refuse the adapter stops the

@@ -62,27 +62,43 @@ def _train(config: RunConfig, resume: str | None, overwrite: bool, allow_change:
     forgetting = forgetting_gate(config, loaded.tokenizer, log)  # eval.general_text, or None
     hooks = [TensorBoardHook(Path(config.output_dir) / "tensorboard")] if config.train.tensorboard and runtime.is_main else []
     try:
-        return fit(model, objective, config.train, config.output_dir, runtime=runtime, log=log, resume=resume,
-                   hooks=hooks, speed=config.speed, overwrite=overwrite, allow_change=allow_change,
-                   settings=run_settings(config), forgetting=forgetting)
+        result = fit(model, objective, config.train, config.output_dir, runtime=runtime, log=log, resume=resume,
+                     hooks=hooks, speed=config.speed, overwrite=overwrite, allow_change=allow_change,
+                     settings=run_settings(config), forgetting=forgetting)
     finally:
         for hook in hooks:
             hook.close()
+    if config.sweep is not None and runtime.is_main:  # rank the members: sweep.json and best_adapter
+        from ..eval.sweep import rank_sweep
+
+        rank_sweep(config, model, loaded.tokenizer, objective.tasks.tasks[0].eval_data, config.output_dir,
+                   dtype=loaded.dtype, log=log)
+    return result
 
 
 def _objective(config: RunConfig, model, tokenizer, log: Callable[[str], None]) -> Objective:
-    """The data prepared, as the objective that trains on it: one adapter, or one per task."""
-    options = config.data  # a DataOptions, plus where the data is
-    if config.tasks:
-        tasks = TaskSet([_prepare_task(task, tokenizer, options, log) for task in config.tasks])
+    """The data prepared, as the objective that trains on it: one adapter, or one per task (a sweep's members
+    are tasks that share one preparation of data.train and its validation)."""
+    if config.tasks and config.sweep is None:
+        tasks = TaskSet([_prepare_task(task, tokenizer, config.data, log) for task in config.tasks])
         return objective_for(tasks, config.train, model)
+    train, validation = _train_and_validation(config, tokenizer, log)
+    if config.sweep is not None:
+        members = TaskSet([Task(task.name, train, validation, task.lr) for task in config.tasks])
+        return objective_for(members, config.train, model)
+    return objective_for(train, config.train, model, eval_data=validation)
+
+
+def _train_and_validation(config: RunConfig, tokenizer, log: Callable[[str], None]) \
+        -> tuple[PreparedData, PreparedData | None]:
+    options = config.data  # a DataOptions, plus where the data is
     train = _prepared(config.data.train, tokenizer, options, log)
     validation = _prepared(config.data.validation, tokenizer, options, log)
     if validation is None and config.data.validation_fraction > 0:
         kept, held = split_validation(train.examples, config.data.validation_fraction, seed=config.train.seed)
         train, validation = dataclasses.replace(train, examples=kept), dataclasses.replace(train, examples=held)
         log(f"validation: {len(held)} of {len(kept) + len(held)} examples held out (seed {config.train.seed})")
-    return objective_for(train, config.train, model, eval_data=validation)
+    return train, validation
 
 
 def _prepared(path: str | None, tokenizer, options, log: Callable[[str], None], label: str = "") -> PreparedData | None:
@@ -97,4 +113,4 @@ def _prepared(path: str | None, tokenizer, options, log: Callable[[str], None], 
 def _prepare_task(task: TaskConfig, tokenizer, options, log: Callable[[str], None]) -> Task:
     label = f"task {task.name}: "
     return Task(task.name, _prepared(task.train, tokenizer, options, log, label),
-                _prepared(task.validation, tokenizer, options, log, label))
+                _prepared(task.validation, tokenizer, options, log, label), task.lr)

@@ -68,6 +68,8 @@ def run_settings(config) -> dict[str, Any]:
     for task in config.tasks:
         if task.lora is not None:
             settings.update(flat_settings(task.lora, f"tasks.{task.name}.lora"))
+        if task.lr is not None:
+            settings[f"tasks.{task.name}.lr"] = task.lr
     return {key: value for key, value in settings.items() if not _not_recorded(key)}
 
 

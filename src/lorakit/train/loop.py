@@ -118,7 +118,7 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
     steps_per_epoch = (objective.steps_per_epoch(window_size) if hasattr(objective, "steps_per_epoch")
                        else math.ceil(n_batches / window_size))
     total_steps = total_steps_for(config, steps_per_epoch)
-    optimizer = build_optimizer(params, config)
+    optimizer = build_optimizer(params, config, objective.learning_rates() if hasattr(objective, "learning_rates") else None)
     scheduler = build_scheduler(optimizer, config.lr_schedule, warmup_steps=config.warmup_steps, total_steps=total_steps)
     state = TrainState()
     checkpoints = Checkpoints(out, params, optimizer, scheduler, keep_last=config.keep_checkpoints, runtime=runtime,
@@ -361,20 +361,24 @@ def _prepare_model(model: torch.nn.Module, objective: Objective, config: TrainCo
     return setup.compiled, undo
 
 
-def build_optimizer(params: dict[str, torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(params: dict[str, torch.nn.Parameter], config: TrainConfig,
+                    learning_rates: dict[int, float] | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only. With LoRA+ (Hayou et al. 2024, section 4) the B matrices get
-    their own group at lr x loraplus_lr_ratio; group 0 always holds the rest (A, DoRA magnitudes, heads)."""
-    if config.loraplus_lr_ratio is None:
-        groups = [{"params": list(params.values()), "lr": config.lr}]
-    else:
+    their own group at lr x loraplus_lr_ratio; group 0 always holds the rest (A, DoRA magnitudes, heads) at
+    train.lr. `learning_rates` (id(parameter) -> peak lr: a task's or sweep member's own) puts those parameters in
+    groups of their own, LoRA+ applying within them; the scheduler scales every group by the same factor."""
+    roles = {}
+    if config.loraplus_lr_ratio is not None:
         from ..lora import parameter_roles
 
         roles = parameter_roles(params)  # by the adapter method's role, on every layer kind (embeddings too)
-        is_b = {name: roles.get(name) == "B" for name in params}
-        groups = [{"params": [p for n, p in params.items() if not is_b[n]], "lr": config.lr},
-                  {"params": [p for n, p in params.items() if is_b[n]], "lr": config.lr * config.loraplus_lr_ratio}]
-        groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {(config.lr, False): []}  # group 0 first
+    for name, p in params.items():
+        is_b = roles.get(name) == "B"
+        groups.setdefault(((learning_rates or {}).get(id(p), config.lr), is_b), []).append(p)
+    return torch.optim.AdamW([{"params": members, "lr": lr * config.loraplus_lr_ratio if is_b else lr}
+                              for (lr, is_b), members in groups.items() if members],
+                             lr=config.lr, weight_decay=config.weight_decay)
 
 
 def total_steps_for(config: TrainConfig, steps_per_epoch: int) -> int:

@@ -31,9 +31,10 @@ ADAPTER_DIR = "adapter"
 TRAINER_STATE = "trainer_state.json"
 TENSORBOARD_DIR = "tensorboard"
 SAMPLES_DIR = "samples"  # objective grpo: completions and rewards every rl.sample_every steps
+SWEEP_FILE, BEST_ADAPTER = "sweep.json", "best_adapter"  # a sweep's ranking and its best member's adapter
 # Everything a run writes; `overwrite` deletes these (but the lock) and nothing else.
 OWN_OUTPUTS = (RUN_FILE, CHECKPOINTS, ADAPTER_DIR, METRICS_FILE, PLOT_FILE, TRAINER_STATE, TENSORBOARD_DIR, SAMPLES_DIR,
-               LOCK_FILE)
+               SWEEP_FILE, BEST_ADAPTER, LOCK_FILE)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ class Task:
     """The adapter this task trains (already added to the LoraModel)."""
     data: PreparedData
     eval_data: PreparedData | None = None
+    lr: float | None = None
+    """This adapter's peak learning rate (None: the run's train.lr)."""
 
 
 class TaskSet:

@@ -46,6 +46,11 @@ class MultiTask:
         return [f"tasks: {', '.join(self.names)}; each micro-batch holds {self.config.batch_size} rows of each "
                 f"task, an epoch is one pass over the largest task (smaller ones start their next epoch)"]
 
+    def learning_rates(self) -> dict[int, float]:
+        """The peak learning rate of each parameter of a task with its own (id(parameter) -> lr); the loop's
+        optimizer gives them their own groups on the run's schedule."""
+        return {id(p): task.lr for task in self.tasks.tasks if task.lr is not None for p in self.owned[task.name]}
+
     def batches_per_epoch(self) -> int:
         return self.tasks.batches_per_epoch(self.config.batch_size)
 
