@@ -39,16 +39,20 @@ class MemberScore:
 
 
 def rank_sweep(config, model, tokenizer, validation: PreparedData | None, output_dir: str | Path, *, dtype=None,
-               log: Callable[[str], None] = print) -> list[MemberScore]:
+               eval_losses: dict[str, float] | None = None, log: Callable[[str], None] = print) -> list[MemberScore]:
     """Score, rank and record the members of `config.sweep` trained into `model` (a LoraModel holding one adapter
-    per member, saved under output_dir/adapter/<member>)."""
+    per member, saved under output_dir/adapter/<member>). `eval_losses`: each member's validation loss from the
+    run's final evaluation, where it has one (else it is computed here)."""
     out = Path(output_dir)
     scores = [MemberScore(m.name, _jsonable(m.settings), None) for m in members(config)]
     names = [s.name for s in scores]
+    known = eval_losses or {}
     try:
         for score in scores:
             model.set_adapter(score.name)
-            if validation is not None:
+            if score.name in known:
+                score.eval_loss = known[score.name] if math.isfinite(known[score.name]) else None
+            elif validation is not None:
                 loss = eval_result(*loss_sums(model, iter_batches(validation, config.train.batch_size,
                                                                   seed=config.train.seed, dtype=dtype),
                                               loss_chunk_tokens=config.train.loss_chunk_tokens)).loss

@@ -43,6 +43,9 @@ def run_training(config: RunConfig, *, resume: str | None = None, overwrite: boo
 
 def _train(config: RunConfig, resume: str | None, overwrite: bool, allow_change: tuple[str, ...],
            log: Callable[[str], None], runtime: Runtime) -> FitResult:
+    if config.sweep is not None and runtime.world > 1:  # the ranking after training runs in one process
+        raise ConfigError("sweep: runs in one process for now; start it with `lorakit train`, not torchrun",
+                          where="run config")
     resume = start_run(config, resume, overwrite, runtime, log)
     fsdp = runtime.strategy == "fsdp"
     if fsdp and config.model.quantization is not None:
@@ -72,7 +75,7 @@ def _train(config: RunConfig, resume: str | None, overwrite: bool, allow_change:
         from ..eval.sweep import rank_sweep
 
         rank_sweep(config, model, loaded.tokenizer, objective.tasks.tasks[0].eval_data, config.output_dir,
-                   dtype=loaded.dtype, log=log)
+                   dtype=loaded.dtype, eval_losses=objective.last_eval_losses, log=log)
     return result
 
 

@@ -39,6 +39,7 @@ class MultiTask:
         self.sum_keys = ("loss", "tokens", *(f"task.{n}" for n in self.names))
         self.examples = tasks.examples
         self.evaluates = any(task.eval_data for task in tasks.tasks)
+        self.last_eval_losses: dict[str, float] = {}  # each task's loss at the latest evaluation
         # Each task's trainable tensors, for clipping it alone; refuses anything trained that is not per-task.
         self.owned = adapter_parameters(model, self.names, trainable_parameters(model))
 
@@ -93,6 +94,7 @@ class MultiTask:
                 parts[task.name] = eval_result(*one).loss
         finally:
             model.set_adapter(self.names)
+        self.last_eval_losses = dict(parts)  # a sweep ranks its members by the final evaluation's
         return eval_result(total, tokens, parts=parts)
 
     def fingerprint(self) -> dict:
