@@ -123,17 +123,19 @@ def test_members_are_ranked_by_their_own_validation_loss_and_the_best_is_copied(
 def test_generation_metrics_rank_the_members_as_lorakit_eval_scores_them(runs, capsys):
     """sweep.metrics scores each member's greedy answers on data.validation; the numbers equal `lorakit eval
     --metrics` on that member's saved adapter, and rank_by orders by them (highest first)."""
+    # long and fast enough for the better member to learn "It is": its ROUGE-L is then above zero
     config = _write(runs, "swept_metrics", """\
         sweep:
-          lr: [5.0e-3, 1.0e-3]
+          lr: [3.0e-2, 1.0e-4]
           metrics: [contains, rouge_l]
           rank_by: rouge_l
           max_new_tokens: 6
-        """)
-    assert main(["train", config, "--set", "train.eval_every=null"]) == 0
+        """, lora="{r: 4, lora_alpha: 8, target_modules: all-linear}")
+    assert main(["train", config, "--set", "train.eval_every=null", "--set", "train.max_steps=40",
+                 "--set", "train.max_grad_norm=1.0"]) == 0
     ranking = json.loads((runs / "swept_metrics" / "sweep.json").read_text())
     scores = [m["metrics"]["rouge_l"] for m in ranking["members"]]
-    assert scores == sorted(scores, reverse=True)
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0  # a real ordering, not two zeros
     capsys.readouterr()
     for member in ranking["members"]:
         assert main(["eval", config, "--task", member["name"], "--metrics", "contains,rouge_l", "--max-new-tokens", "6",
@@ -151,7 +153,25 @@ def test_generation_metrics_rank_the_members_as_lorakit_eval_scores_them(runs, c
     ("sweep: {lr: [1.0e-3, -1.0]}\n", "sweep.lr: every learning rate must be a positive number"),
     ("sweep: {lr: [1.0e-3, 2.0e-3]}\nobjective: dpo\n", "sweep: supervised fine-tuning only"),
     ("sweep: {r: [1, 2, 3, 4, 5], lr: [1.0e-3, 2.0e-3, 3.0e-3, 4.0e-3]}\n", "sweep: 20 combinations; at most 16"),
+    ("sweep: {lr: [1.0e-3, 2.0e-3]}\neval: {general_text: g.jsonl}\n", "eval.general_text: measures one adapter"),
 ])
 def test_sweeps_that_cannot_work_are_refused_by_field(workdir, body, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config(_write(workdir, "bad", body))
+
+
+def test_member_names_tell_close_learning_rates_apart(workdir):
+    config = load_run_config(_write(workdir, "close", "sweep: {lr: [1.5e-4, 2.0e-4, 1.0e-3]}\n"))
+    assert [t.name for t in config.tasks] == ["lr1.5e-04".replace(".", "p"), "lr2e-04", "lr1e-03"]
+
+
+def test_a_tasks_own_learning_rate_must_be_positive(workdir):
+    path = workdir / "bad_lr.yaml"
+    path.write_text(f"""\
+model: {{name_or_path: {workdir / "model"}}}
+data: {{max_seq_len: 64}}
+tasks:
+  - {{name: a, train: {workdir / "train.jsonl"}, lr: -1.0e-3}}
+""")
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.lr: must be a positive number"):
+        load_run_config(path)

@@ -98,9 +98,8 @@ def run_config_from_dict(raw: dict, *, where: str = "run config") -> RunConfig:
     problems: list[str] = []
     config = _build(RunConfig, raw, "", problems)
     if config is not None:
-        sweep = sweep_problems(config)
-        problems += sweep or (_task_problems(config) + _preference_problems(config) + _rl_problems(config)
-                              + _eval_problems(config))
+        problems += (sweep_problems(config) + _task_problems(config) + _preference_problems(config)
+                     + _rl_problems(config) + _eval_problems(config))
     if problems:
         raise ConfigError(problems, where=where)
     return expand_sweep(config)  # a sweep's members become its tasks
@@ -274,6 +273,7 @@ RANGES = {
     ("TrainConfig", "batch_size"): (lambda v: v > 0, "a positive integer"),
     ("TrainConfig", "grad_accum"): (lambda v: v > 0, "a positive integer"),
     ("TrainConfig", "lr"): (lambda v: v > 0, "a positive number"),
+    ("TaskConfig", "lr"): (lambda v: v > 0, "a positive number (or null: train.lr)"),
     ("TrainConfig", "warmup_steps"): (lambda v: v >= 0, "0 or more"),
     ("TrainConfig", "weight_decay"): (lambda v: v >= 0, "0 or more"),
     ("TrainConfig", "max_grad_norm"): (lambda v: v > 0, "a positive number, or null for no clipping"),

@@ -305,7 +305,8 @@ class SweepConfig:
     """Initialisations: true (kaiming A, zero B) or gaussian; pissa changes the base weights the members share,
     so a sweep refuses it."""
     lora_dropout: list[float] | None = None
-    """Dropout rates on the LoRA input."""
+    """Dropout rates on the LoRA input. The members draw their masks from one random stream, so with dropout a
+    member equals its run alone in distribution, not bit for bit."""
     metrics: list[str] = field(default_factory=list)
     """Generation metrics scored after training on data.validation's prompts (greedy), as `lorakit eval --metrics`
     does: exact, contains, json_valid, json_fields, rouge_l. Empty: rank by validation loss alone."""

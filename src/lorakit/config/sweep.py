@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from ..errors import ConfigError
+from ..eval.metrics import METRICS
 from ..lora.config import LoraConfig
 from ..lora.model import ADAPTER_NAME
 from .sections import RunConfig, TaskConfig
@@ -21,7 +22,7 @@ SWEPT = ("lr", "r", "lora_alpha", "target_modules", "init_lora_weights", "lora_d
 SHORT = {"lr": "lr", "r": "r", "lora_alpha": "alpha", "target_modules": "targets", "init_lora_weights": "init",
          "lora_dropout": "dropout"}
 MAX_MEMBERS = 16
-GENERATION_METRICS = ("exact", "contains", "json_valid", "json_fields", "rouge_l")  # regex needs a pattern: not here
+GENERATION_METRICS = tuple(m for m in METRICS if m != "regex")  # regex needs a pattern, which a sweep has no field for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,8 @@ def members(config: RunConfig) -> list[Member]:
 
 def _part(field: str, value: Any, values: list) -> str:
     if field == "lr":
-        text = f"{value:.0e}"
+        mantissa, exponent = f"{value:.2e}".split("e")
+        text = mantissa.rstrip("0").rstrip(".") + "e" + exponent  # 3e-04, 1.5e-04: never two members alike
     elif field == "target_modules":
         text = value if isinstance(value, str) else str(values.index(value) + 1)  # its place in the sweep's list
     else:
@@ -90,6 +92,9 @@ def sweep_problems(config: RunConfig) -> list[str]:
     if config.objective != "sft":
         problems.append(f"sweep: supervised fine-tuning only for now (objective sft); objective {config.objective} "
                         "trains one adapter per run")
+    if config.eval.general_text is not None:
+        problems.append("eval.general_text: measures one adapter against its base, and a sweep trains several at "
+                        "once; remove it, and check the best member's forgetting in a run of its own")
     if config.data.packing:
         problems.append("data.packing: a sweep batches every member's rows together, which packed rows cannot "
                         "hold; set packing: false")

@@ -22,6 +22,8 @@ from ..data import PreparedData, iter_batches
 from ..serving_compat import MISHANDLED, REFUSED, TARGETS, base_config_of, check
 from ..train.evaluate import eval_result, loss_sums
 from ..train.output_dir import BEST_ADAPTER, SWEEP_FILE
+from .answers import EvalExample, answers_of, position_limit, read_examples
+from .metrics import needs_reference, scorers
 
 
 @dataclass
@@ -39,10 +41,12 @@ class MemberScore:
 
 
 def rank_sweep(config, model, tokenizer, validation: PreparedData | None, output_dir: str | Path, *, dtype=None,
-               eval_losses: dict[str, float] | None = None, log: Callable[[str], None] = print) -> list[MemberScore]:
+               eval_losses: dict[str, float] | None = None, examples: list[EvalExample] | None = None,
+               log: Callable[[str], None] = print) -> list[MemberScore]:
     """Score, rank and record the members of `config.sweep` trained into `model` (a LoraModel holding one adapter
     per member, saved under output_dir/adapter/<member>). `eval_losses`: each member's validation loss from the
-    run's final evaluation, where it has one (else it is computed here)."""
+    run's final evaluation, where it has one (else it is computed here); `examples`: sweep_examples' prompts for
+    sweep.metrics."""
     out = Path(output_dir)
     scores = [MemberScore(m.name, _jsonable(m.settings), None) for m in members(config)]
     names = [s.name for s in scores]
@@ -58,7 +62,7 @@ def rank_sweep(config, model, tokenizer, validation: PreparedData | None, output
                                               loss_chunk_tokens=config.train.loss_chunk_tokens)).loss
                 score.eval_loss = loss if math.isfinite(loss) else None
         if config.sweep.metrics:
-            _generation_metrics(config, model, tokenizer, scores)
+            _generation_metrics(config, model, tokenizer, examples or sweep_examples(config, model, tokenizer), scores)
     finally:
         model.set_adapter(names)
     base = base_config_of(config.model.name_or_path)
@@ -105,21 +109,24 @@ def table(ranked: Sequence[MemberScore], metrics: Sequence[str]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def _generation_metrics(config, model, tokenizer, scores: list[MemberScore]) -> None:
-    from ..infer import Engine, SamplingParams
-    from .answers import generate_answers, read_examples
+def sweep_examples(config, model, tokenizer) -> list[EvalExample] | None:
+    """data.validation's prompts and references for sweep.metrics (None without metrics): read before training,
+    so a record that cannot be scored stops the run before it trains, not after."""
+    sweep = config.sweep
+    if sweep is None or not sweep.metrics:
+        return None
+    return read_examples(config.data.validation, tokenizer, config.data, positions=position_limit(model),
+                         max_new_tokens=sweep.max_new_tokens, require_reference=needs_reference(sweep.metrics, None))
+
+
+def _generation_metrics(config, model, tokenizer, examples: list[EvalExample], scores: list[MemberScore]) -> None:
+    from ..infer import SamplingParams
     from .compare import Comparison, ModelResult, score
-    from .metrics import needs_reference, scorers
 
     sweep = config.sweep
-    positions = getattr(getattr(model.model, "config", None), "max_position_embeddings", None) or 1 << 20
-    examples = read_examples(config.data.validation, tokenizer, config.data, positions=positions,
-                             max_new_tokens=sweep.max_new_tokens, require_reference=needs_reference(sweep.metrics, None))
     names = [s.name for s in scores]
-    with Engine(model, tokenizer, max_batch_size=max(8, config.train.batch_size * len(names)),
-                max_queue=len(examples) * len(names), max_prompt_tokens=positions,
-                max_new_tokens=sweep.max_new_tokens) as engine:
-        answers = generate_answers(engine, examples, names, SamplingParams(max_tokens=sweep.max_new_tokens))
+    answers = answers_of(model, tokenizer, examples, names, SamplingParams(max_tokens=sweep.max_new_tokens),
+                         batch_size=max(8, config.train.batch_size * len(names)))
     comparison = Comparison(examples, [ModelResult(n, None, a) for n, a in zip(names, answers)], list(sweep.metrics))
     score(comparison, scorers(sweep.metrics))
     for member, result in zip(scores, comparison.models):

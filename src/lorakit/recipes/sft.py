@@ -15,6 +15,7 @@ from ..base_model import load_base_model
 from ..config import RunConfig, TaskConfig
 from ..data import PreparedData, prepare, split_validation
 from ..errors import ConfigError
+from ..eval.sweep import rank_sweep, sweep_examples
 from ..plan.check import check_before_training
 from ..serving_compat import check_run_config
 from ..train.adapters import wrap_adapters
@@ -62,6 +63,7 @@ def _train(config: RunConfig, resume: str | None, overwrite: bool, allow_change:
     log(str(model.trainable_parameters()))
 
     objective = _objective(config, model, loaded.tokenizer, log)
+    ranked_on = sweep_examples(config, model, loaded.tokenizer)  # sweep.metrics' prompts: read before training
     forgetting = forgetting_gate(config, loaded.tokenizer, log)  # eval.general_text, or None
     hooks = [TensorBoardHook(Path(config.output_dir) / "tensorboard")] if config.train.tensorboard and runtime.is_main else []
     try:
@@ -72,10 +74,8 @@ def _train(config: RunConfig, resume: str | None, overwrite: bool, allow_change:
         for hook in hooks:
             hook.close()
     if config.sweep is not None and runtime.is_main:  # rank the members: sweep.json and best_adapter
-        from ..eval.sweep import rank_sweep
-
         rank_sweep(config, model, loaded.tokenizer, objective.tasks.tasks[0].eval_data, config.output_dir,
-                   dtype=loaded.dtype, eval_losses=objective.last_eval_losses, log=log)
+                   dtype=loaded.dtype, eval_losses=objective.last_eval_losses, examples=ranked_on, log=log)
     return result
 
 

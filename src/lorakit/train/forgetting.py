@@ -159,6 +159,10 @@ class ForgettingGate:
         if not hasattr(model, "disable_adapters"):
             raise ConfigError("eval.general_text: the forgetting check compares the model with its adapters "
                               "disabled; wrap the model with lorakit.wrap (a LoraModel)", where="fit")
+        if len(model.active_adapters) > 1:  # active adapters add up: the number would be of their sum
+            raise ConfigError(f"eval.general_text: measures one adapter against its base, but "
+                              f"{len(model.active_adapters)} are active ({', '.join(model.active_adapters)})",
+                              where="fit")
         batches = iter_batches(self.data, self.batch_size, seed=0, epoch=0)
         return measure_forgetting(model, batches, runtime, chunk_tokens=self.chunk_tokens)
 
