@@ -177,6 +177,8 @@ def test_metrics_follow_their_definitions():
     fields = score["json_fields"]('{"name": "Ann", "age": 30, "x": 1}', {"name": "Ann", "age": 31})
     assert fields.value == 0.5 and fields.fields == {"name": 1.0, "age": 0.0}
     assert score["json_fields"]("not json", '{"a": 1}').value == 0.0
+    strict = score["json_fields"]('{"on": 1, "n": 2.0, "xs": [true, {"k": 1}]}', {"on": True, "n": 2, "xs": [True, {"k": 1}]})
+    assert strict.fields == {"on": 0.0, "n": 1.0, "xs": 1.0}  # true is not 1; 2.0 is 2
     with pytest.raises(ValueError, match="non-empty JSON object"):
         score["json_fields"]("{}", "42")
     # ROUGE-L by hand: LCS("the cat sat on the mat", "the cat on the mat") = 5; P = 5/5, R = 5/6
@@ -229,3 +231,35 @@ def test_compare_errors(model_dir, tmp_path, capsys):
     assert "not an adapter directory (adapter_config.json) nor a model directory" in capsys.readouterr().err
     assert main(["eval", "--model", str(model_dir), "--data", str(data), "--compare"]) == 2
     assert "bare --compare compares the base with --adapter" in capsys.readouterr().err
+
+
+def test_a_report_never_replaces_what_it_did_not_write(model_dir, adapter_dir, tmp_path, capsys):
+    """--report is checked before any model loads: a directory, an input file or a file that is not an earlier
+    report is refused and left as it was; an earlier report is replaced."""
+    data = _write(tmp_path / "val.jsonl", ["x"] * len(PROMPTS))
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html>my notes</html>")
+    common = ["eval", "--model", str(model_dir), "--data", str(data), "--metrics", "exact", "--max-new-tokens", "2",
+              "--dtype", "float32", "--report"]
+    for target, message in ((tmp_path, "is a directory"), (data, "is one of this command's inputs"),
+                            (mine, "exists and is not a lorakit eval report")):
+        assert main(common + [str(target)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Loading weights" not in err
+    assert mine.read_text() == "<html>my notes</html>" and data.read_text().count("\n") == len(PROMPTS)
+    report = tmp_path / "out" / "report.html"
+    for _ in range(2):  # the second run replaces the first's report
+        assert main(common + [str(report)]) == 0
+    page = report.read_text()
+    assert page.count("<tr class=differ>") == len(PROMPTS)  # one model: every answer shown, none hidden
+
+
+def test_regex_alone_scores_only_the_pattern(model_dir, tmp_path, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))  # no references at all
+    assert main(["eval", "--model", str(model_dir), "--data", str(data), "--regex", ".", "--max-new-tokens", "3",
+                 "--dtype", "float32", "--json"]) == 0
+    out = _json_out(capsys)
+    assert out["metrics"] == ["regex"]
+    answers = [a["answers"]["base"] for a in out["answers"]]
+    assert out["models"][0]["scores"]["regex"] == pytest.approx(sum(bool(a) for a in answers) / len(answers))

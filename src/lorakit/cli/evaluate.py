@@ -63,7 +63,8 @@ def add_parser(sub, quantize_help: str) -> None:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (example i draws with seed + i)")
-    gen.add_argument("--limit", type=int, default=None, help="score only the first N prompts")
+    gen.add_argument("--limit", type=int, default=None, help="score only the first N prompts (the loss: the first N "
+                     "records)")
     gen.add_argument("--show", type=int, default=3, help="how many differing answers to print (default 3)")
     gen.add_argument("--template", default=None, help="chat template for the prompts: auto (the tokenizer's), "
                      "chatml, llama3, alpaca, plain (base models); default: the run config's, else auto")
@@ -174,12 +175,16 @@ def _contenders(args: argparse.Namespace, adapter: str | None) -> list[str | Non
 
 
 def _generation(args: argparse.Namespace, inputs: Inputs) -> int:
-    from ..eval.answers import read_examples
+    from ..eval.answers import position_limit, read_examples
     from ..eval.compare import Comparison, ModelResult, as_json, differences, field_table, score, table, unique_names
     from ..eval.metrics import needs_reference, parse_metrics, scorers
     from ..infer import SamplingParams
 
-    metrics = parse_metrics(args.metrics or ["exact"], args.regex)
+    metrics = parse_metrics(args.metrics or ([] if args.regex else ["exact"]), args.regex)
+    if args.report:
+        from ..eval.report import check_report_target
+
+        check_report_target(args.report, inputs=[p for p in (inputs.data, args.config) if p])
     score_with = scorers(metrics, args.regex)  # a missing rouge-score fails here, before any model loads
     paths = _contenders(args, inputs.adapter)
     names = unique_names(paths)
@@ -192,7 +197,7 @@ def _generation(args: argparse.Namespace, inputs: Inputs) -> int:
 
     log = (lambda _: None) if args.json else print
     loaded, engine_names = _load_with_adapters(inputs, args, [p for p in adapters if p is not None], log)
-    limit = _position_limit(loaded.model)
+    limit = position_limit(loaded.model)
     examples = read_examples(inputs.data, loaded.tokenizer, inputs.options, positions=limit,
                              max_new_tokens=args.max_new_tokens,
                              reference_column=args.reference, require_reference=needs_reference(metrics, args.regex),
@@ -270,20 +275,11 @@ def _check_same_vocabulary(loaded, examples, path: str) -> None:
                           "the same base has the same tokenizer", where="lorakit eval")
 
 
-def _position_limit(model) -> int:
-    config = getattr(getattr(model, "model", model), "config", None)
-    return getattr(config, "max_position_embeddings", None) or 1 << 20
-
-
 def _answers(loaded, examples, adapters, params, args):
-    from ..eval.answers import generate_answers
-    from ..infer import Engine
+    from ..eval.answers import answers_of
 
-    limit = _position_limit(loaded.model)
-    with Engine(loaded.model, loaded.tokenizer, max_batch_size=args.batch_size or GENERATION_BATCH,
-                max_queue=len(examples) * len(adapters), max_prompt_tokens=limit,
-                max_new_tokens=args.max_new_tokens) as engine:
-        return generate_answers(engine, examples, adapters, params)
+    return answers_of(loaded.model, loaded.tokenizer, examples, adapters, params,
+                      batch_size=args.batch_size or GENERATION_BATCH)
 
 
 def _losses(loaded, inputs: Inputs, args, results: dict, engine_names: dict) -> str | None:
@@ -299,6 +295,8 @@ def _losses(loaded, inputs: Inputs, args, results: dict, engine_names: dict) -> 
         data = prepare(inputs.data, loaded.tokenizer, inputs.options)
     except DataError as err:
         return f"not computed: the data is not trainable text ({err})"
+    if args.limit:  # the same first records the answers are scored on
+        data = dataclasses.replace(data, examples=data.examples[:args.limit])
     model = loaded.model
     for path, result in results.items():
         if isinstance(model, LoraModel) and path is not None:

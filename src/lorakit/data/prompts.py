@@ -42,9 +42,11 @@ class PromptData:
 
 
 def prepare_prompts(source: Source, tokenizer: Any, options: DataOptions | None = None, *, max_prompt_len: int,
-                    name: str | None = None) -> PromptData:
+                    name: str | None = None,
+                    limit_is: str = "rl.max_prompt_len, or data.max_seq_len - rl.max_completion_len") -> PromptData:
     """Read, validate, render and tokenize the prompt of every record of `source` (a file, or records in memory).
-    Raises DataError naming file, line and reason (or skips and counts with skip_bad_records)."""
+    Raises DataError naming file, line and reason (or skips and counts with skip_bad_records); `limit_is` says
+    what sets max_prompt_len, for that message."""
     opts = options or DataOptions()
     summary = DataSummary(source=source_name(source, name), format="prompts")
     template: ChatTemplate | None = None
@@ -57,7 +59,7 @@ def prepare_prompts(source: Source, tokenizer: Any, options: DataOptions | None 
         ids = tokenize_prompt(turns, tokenizer, template)
         if len(ids) > max_prompt_len:
             raise BadRecord("prompt_too_long", f"the prompt is {len(ids)} tokens, over the {max_prompt_len} allowed "
-                                               "(rl.max_prompt_len, or data.max_seq_len - rl.max_completion_len); "
+                                               f"({limit_is}); "
                                                "shorten it or raise the limit")
         summary.total_tokens += len(ids)
         return PromptRecord(ids, next(t.content for t in reversed(turns) if t.role == "user"), record, location)

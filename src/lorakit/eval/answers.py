@@ -48,13 +48,11 @@ def read_examples(source: Source, tokenizer: Any, options: DataOptions, *, posit
     if max_new_tokens >= positions:
         raise DataError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the model has "
                         f"{positions} positions; lower it")
-    data = prepare_prompts(source, tokenizer, options, max_prompt_len=positions)
+    data = prepare_prompts(source, tokenizer, options, max_prompt_len=positions - max_new_tokens,
+                           limit_is=f"the model's {positions} positions less {max_new_tokens} new tokens: lower "
+                                    "--max-new-tokens")
     examples = []
     for record in data.records:
-        if len(record.ids) + max_new_tokens > positions:
-            raise DataError(f"{record.location}: the prompt is {len(record.ids)} tokens; with --max-new-tokens "
-                            f"{max_new_tokens} it does not fit the model's {positions} positions: lower "
-                            "--max-new-tokens or shorten the prompt")
         reference = reference_of(record.record, options.columns, reference_column)
         if reference is None and require_reference:
             where = f"column {reference_column!r}" if reference_column else (
@@ -69,6 +67,12 @@ def read_examples(source: Source, tokenizer: Any, options: DataOptions, *, posit
     if not examples:
         raise DataError(f"{data.summary.source}: no usable prompts to evaluate")
     return examples
+
+
+def position_limit(model: Any) -> int:
+    """The most positions (prompt and answer) the model takes: its config's max_position_embeddings."""
+    config = getattr(getattr(model, "model", model), "config", None)
+    return getattr(config, "max_position_embeddings", None) or 1 << 20
 
 
 def reference_of(record: Mapping[str, Any], columns: Mapping[str, str] | None = None,
@@ -90,6 +94,16 @@ def reference_of(record: Mapping[str, Any], columns: Mapping[str, str] | None = 
     elif fmt == "alpaca":
         return record.get(col["output"])
     return record.get("answer")
+
+
+def answers_of(model: Any, tokenizer: Any, examples: Sequence[EvalExample], adapters: Sequence[str | None],
+               params: SamplingParams, *, batch_size: int) -> list[list[Answer]]:
+    """generate_answers on an engine of its own over `model` (closed when done), rows decoded `batch_size` at a
+    time."""
+    positions = position_limit(model)
+    with Engine(model, tokenizer, max_batch_size=batch_size, max_queue=len(examples) * len(adapters),
+                max_prompt_tokens=positions, max_new_tokens=params.max_tokens) as engine:
+        return generate_answers(engine, examples, adapters, params)
 
 
 def generate_answers(engine: Engine, examples: Sequence[EvalExample], adapters: Sequence[str | None],

@@ -5,7 +5,8 @@
     regex        with a capturing group: 1 if the pattern's first group, searched in the answer, equals the
                  reference (stripped); without one: 1 if the pattern is found in the answer (no reference needed)
     json_valid   1 if the answer, stripped (and without a ```json fence), parses as JSON (no reference needed)
-    json_fields  the share of the reference object's fields whose values the answer's JSON object has, equal;
+    json_fields  the share of the reference object's fields whose values the answer's JSON object has, equal as JSON
+                 (true is not 1);
                  0 for an answer that is not a JSON object. Each field's own accuracy is reported as well.
     rouge_l      ROUGE-L F1 of the answer against the reference (Google's rouge-score package, with stemming)
 
@@ -106,8 +107,19 @@ def _json_fields(answer: str, reference: Any) -> Score:
                          f"{reference_text(reference)[:80]!r}")
     ok, got = parse_json(answer)
     got = got if ok and isinstance(got, dict) else {}
-    fields = {key: float(key in got and got[key] == value) for key, value in expected.items()}
+    fields = {key: float(key in got and same_json(got[key], value)) for key, value in expected.items()}
     return Score(sum(fields.values()) / len(fields), fields)
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """JSON equality: true is not 1 and 1.0 equals 1 (Python's == says True == 1), recursively."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _regex(pattern: re.Pattern) -> Scorer:

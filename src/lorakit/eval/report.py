@@ -8,10 +8,12 @@ import difflib
 import html
 import io
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..atomic import write_text_atomic
+from ..errors import ConfigError, LorakitError
 from .compare import Comparison, field_table
 from .metrics import reference_text
 
@@ -28,6 +30,34 @@ tr.same{display:none}body.all tr.same{display:table-row}
 .meta{color:#666}
 """
 SCRIPT = "function toggleSame(box){document.body.classList.toggle('all', box.checked)}"
+GENERATOR = '<meta name="generator" content="lorakit eval">'  # how a later --report knows the file is one of ours
+
+
+def check_report_target(target: str | Path, *, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse, before any work, a --report path that cannot be written or would replace something that is not an
+    earlier lorakit report (an input file, a directory, anything else a user made)."""
+    path = Path(target)
+    where = "--report"
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give a file name, e.g. {path / 'report.html'}", where=where)
+    if any(path.resolve() == Path(other).resolve() for other in inputs):
+        raise ConfigError(f"{path} is one of this command's inputs; write the report elsewhere", where=where)
+    if path.exists():
+        try:
+            head = path.read_text(encoding="utf-8", errors="replace")[:2000]
+        except OSError as err:
+            raise ConfigError(f"{path} exists and cannot be read ({err.strerror}); choose another path",
+                              where=where) from None
+        if GENERATOR not in head:
+            raise ConfigError(f"{path} exists and is not a lorakit eval report; it is never replaced: choose another "
+                              "path, or move it away", where=where)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the directory {parent} ({err.strerror})", where=where) from None
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write into {parent} (permission denied); choose another path", where=where)
 
 
 def write_report(comparison: Comparison, target: str | Path, *, title: str, settings: Mapping[str, str],
@@ -47,14 +77,21 @@ def write_report(comparison: Comparison, target: str | Path, *, title: str, sett
         svg = _loss_svg(rows)
         if svg:
             body.append(f"<h2>Training curves: {_e(name)}</h2>{svg}")
-    differ = set(comparison.differing())
-    body.append(f"<h2>Answers</h2><p>{len(differ)} of {len(comparison.examples)} prompts answered differently. "
-                "<label><input type=checkbox onchange='toggleSame(this)'> show the prompts every model answered "
-                "the same</label></p>")
+    if len(comparison.models) > 1:
+        differ = set(comparison.differing())
+        body.append(f"<h2>Answers</h2><p>{len(differ)} of {len(comparison.examples)} prompts answered differently. "
+                    "<label><input type=checkbox onchange='toggleSame(this)'> show the prompts every model answered "
+                    "the same</label></p>")
+    else:  # one model: nothing to tell apart, every answer shown
+        differ = set(range(len(comparison.examples)))
+        body.append("<h2>Answers</h2>")
     body.append(_answers_table(comparison, differ))
-    page = (f"<!doctype html><html><head><meta charset=utf-8><title>{_e(title)}</title><style>{STYLE}</style>"
-            f"<script>{SCRIPT}</script></head><body>{''.join(body)}</body></html>\n")
-    write_text_atomic(target, page)
+    page = (f"<!doctype html><html><head><meta charset=utf-8>{GENERATOR}<title>{_e(title)}</title>"
+            f"<style>{STYLE}</style><script>{SCRIPT}</script></head><body>{''.join(body)}</body></html>\n")
+    try:
+        write_text_atomic(target, page)
+    except OSError as err:
+        raise LorakitError(f"--report {target}: could not write it ({err.strerror or err})") from None
     return Path(target)
 
 
