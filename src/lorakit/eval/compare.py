@@ -87,11 +87,13 @@ def field_table(comparison: Comparison) -> str:
     keys = sorted({key for m in comparison.models for key in m.fields})
     if not keys:
         return ""
-    width = max(len(k) for k in keys)
-    lines = ["json_fields per field: " + "  ".join(m.name for m in comparison.models)]
+    width = max(len(k) for k in [*keys, "field"])
+    widths = [max(len(m.name), 5) for m in comparison.models]
+    lines = ["json_fields per field:", f"  {'field'.ljust(width)}  " + "  ".join(
+        m.name.rjust(w) for m, w in zip(comparison.models, widths))]
     for key in keys:
-        lines.append(f"  {key.ljust(width)}  " + "  ".join(_num(m.fields.get(key)).rjust(len(m.name))
-                                                           for m in comparison.models))
+        lines.append(f"  {key.ljust(width)}  " + "  ".join(_num(m.fields.get(key)).rjust(w)
+                                                           for m, w in zip(comparison.models, widths)))
     return "\n".join(lines)
 
 
@@ -103,7 +105,7 @@ def differences(comparison: Comparison, count: int, width: int = 160) -> str:
     if not differ:
         return f"all {len(comparison.examples)} answers are the same across the models"
     out = [f"{len(differ)} of {len(comparison.examples)} prompts answered differently; the first {min(count, len(differ))}:"]
-    name_width = max(len(m.name) for m in comparison.models)
+    name_width = max(len(name) for name in ["reference", *(m.name for m in comparison.models)])
     for i in differ[:count]:
         example = comparison.examples[i]
         out.append(f"- {example.location}  prompt: {_short(example.prompt, width)}")
