@@ -1,7 +1,7 @@
 """Loading the frozen base model and its tokenizer, with the device and dtype chosen for the machine.
 
 The real `from_pretrained` path: a local directory or a hub id (users have internet; tests use local
-directories saved from tiny configs).
+directories saved from tiny configs), or a GGUF file (gguf_base.py: dequantized once into a cached directory).
 """
 
 from __future__ import annotations
@@ -93,14 +93,40 @@ def load_tokenizer(config: ModelConfig):
     """The tokenizer of `config.name_or_path` (no weights load), with a pad token (EOS where it has none)."""
     from transformers import AutoTokenizer
 
-    source = _checked_source(config)
+    source, extra = _pretrained_source(config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **_hub_options(config))
+        tokenizer = AutoTokenizer.from_pretrained(source, **_hub_options(config), **extra)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path: cannot load {source!r}: {err}", where="run config") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # padding positions carry no loss; any real token will do
     return tokenizer
+
+
+def _pretrained_source(config: ModelConfig) -> tuple[str, dict]:
+    """(source, extra from_pretrained options) for the tokenizer and the config: a GGUF base is read straight
+    from its file (transformers' reading, no weights), anything else from its directory or hub id."""
+    gguf = gguf_file_of(config)
+    if gguf is None:
+        return _checked_source(config), {}
+    return str(gguf.path.parent), {"gguf_file": gguf.path.name}
+
+
+_GGUF_READ: dict[tuple, object] = {}
+
+
+def gguf_file_of(config: ModelConfig):
+    """The GgufFile of a GGUF base (header read and hashed once per process and file version), else None."""
+    from . import gguf_base
+
+    if not gguf_base.is_gguf(config.name_or_path, config.gguf_file):
+        return None
+    path = gguf_base.locate(config.name_or_path, config.gguf_file, revision=config.revision)
+    stat = path.stat()
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _GGUF_READ:
+        _GGUF_READ[key] = gguf_base.read_gguf(path)
+    return _GGUF_READ[key]
 
 
 def _checked_source(config: ModelConfig) -> str:
@@ -134,6 +160,12 @@ def load_base_model(config: ModelConfig, *, log=lambda _: None, shard_over=None)
     dtype = pick_dtype(config.dtype, device)
     source = config.name_or_path
     options = _hub_options(config)
+    gguf = gguf_file_of(config)
+    if gguf is not None:  # its weights dequantized once into a cached directory, which loads like any other
+        from .gguf_base import dequantized
+
+        source = str(dequantized(gguf, dtype, log=log))
+        options = dict(options, revision=None)
     spec = quant_spec(config, dtype, device)
     try:
         if spec is not None:
@@ -152,6 +184,9 @@ def load_base_model(config: ModelConfig, *, log=lambda _: None, shard_over=None)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path: cannot load {source!r}: {err}", where="run config") from None
     model.eval()
+    if gguf is not None:  # named after the user's file, which the adapters record (lora/io.py BASE_FILE)
+        model.config._name_or_path = str(gguf.path)
+        model.lorakit_base_file = gguf.provenance()
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=spec.compute_dtype if spec else dtype,
                        quantization=spec.describe() if spec else None)
 
@@ -168,21 +203,24 @@ def load_model_config(config: ModelConfig):
     """transformers' config of model.name_or_path: config.json of a local directory, or the hub's."""
     from transformers import AutoConfig
 
+    source, extra = _pretrained_source(config)
     try:
-        return AutoConfig.from_pretrained(_checked_source(config), **_hub_options(config))
+        return AutoConfig.from_pretrained(source, **_hub_options(config), **extra)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path: cannot read the config of {config.name_or_path!r}: {err}",
                           where="run config") from None
 
 
 def meta_model(hf_config, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The causal LM of a transformers config (or a local model directory), built on the meta device: the modules
-    and shapes load_base_model builds, with no memory used and no weight read."""
+    """The causal LM of a transformers config (or a local model directory or GGUF file), built on the meta
+    device: the modules and shapes load_base_model builds, with no memory used and no weight read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     where = hf_config if isinstance(hf_config, (str, Path)) else "the model config"
     try:
-        if isinstance(hf_config, (str, Path)):
+        if isinstance(hf_config, (str, Path)) and str(hf_config).lower().endswith(".gguf"):
+            hf_config = AutoConfig.from_pretrained(str(Path(hf_config).parent), gguf_file=Path(hf_config).name)
+        elif isinstance(hf_config, (str, Path)):
             hf_config = AutoConfig.from_pretrained(hf_config)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)

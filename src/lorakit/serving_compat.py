@@ -364,13 +364,29 @@ def _peft(a: _Adapter) -> list[Finding]:
 
 # ---- run configs ----------------------------------------------------------------------------------------
 def base_config_of(name_or_path: str | Path) -> dict[str, Any] | None:
-    """The config.json of a local model directory; None for a hub id (nothing is downloaded) or no readable file."""
+    """The config.json of a local model directory, or transformers' config of a local GGUF file; None for a hub
+    id (nothing is downloaded) or no readable file."""
+    if str(name_or_path).lower().endswith(".gguf") and Path(name_or_path).is_file():
+        return _gguf_config(Path(name_or_path))
     path = Path(name_or_path) / "config.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _gguf_config(path: Path) -> dict[str, Any] | None:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+    except Exception:  # not readable as a model GGUF: the checks go on without the base's facts, as for a hub id
+        return None
+    if not config.get("architectures") and config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]]  # as config.json has it
+    return config
 
 
 def check_run_config(config: Any, log: Callable[[str], None]) -> list[Finding]:

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 import lorakit
 from data_helpers import CHATML_JINJA, save_chat_llama
+from llama_cpp_helpers import TEXTS, run_llama_cpp as _llama_cpp
 from lorakit.cli import main
 from lorakit.export import ExportError, write_gguf
 from lorakit.export.gguf import interleave_rope
@@ -178,35 +179,6 @@ def test_qwen2_keeps_its_rotary_layout_and_biases(tmp_path):
         t = tensors[gguf_name]
         data = gguf.dequantize(t.data, t.tensor_type).reshape(model.state_dict()[key].shape)
         np.testing.assert_allclose(data, model.state_dict()[key].numpy(), rtol=1e-3, atol=1e-3)  # no reordering
-
-
-LLAMA_CPP_SCRIPT = """
-import json, sys
-import numpy as np
-from llama_cpp import Llama
-model_file, out, ids, texts, lora = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
-llm = Llama(model_file, logits_all=True, verbose=False, n_ctx=128, n_threads=1, lora_path=lora or None)
-tokens = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in texts]
-llm.eval(ids)
-np.save(out, np.array(llm.scores[:len(ids)], dtype=np.float32))
-print(json.dumps(tokens))
-llm.close()
-"""
-TEXTS = ["The quick brown fox", "Héllo wörld, 你好 世界!", "def f(x): return x * 2  # 456", "<|im_start|>user"]
-
-
-def _llama_cpp(model_file, ids, tmp_path, lora=None, texts=TEXTS):
-    """Logits (len(ids), vocab) and token ids of TEXTS from llama.cpp, in a child process (a crash there is
-    a failed test, not a dead test run)."""
-    import json
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", LLAMA_CPP_SCRIPT, str(model_file), str(tmp_path / "logits.npy"),
-                           json.dumps(ids), json.dumps(texts), str(lora or "")], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
-    return np.load(tmp_path / "logits.npy"), json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("quant,tolerance,min_correlation", [("f16", 1e-2, 0.9999), ("q8_0", 1e-1, 0.998)])

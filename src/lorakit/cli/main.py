@@ -95,11 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a deployable model: a merged transformers checkpoint (hf) or one "
                                            "GGUF file for llama.cpp (gguf)")
-    export.add_argument("--model", "--base", dest="model", required=True, help="base model directory or hub id")
+    export.add_argument("--model", "--base", dest="model", required=True, help="base model directory, hub id or "
+                        ".gguf file (the file the adapter was trained on)")
     export.add_argument("--adapter", required=True, help="adapter directory")
     export.add_argument("--format", default="hf", choices=["hf", "gguf", "ollama", "lora-gguf"],
                         help="hf: a transformers model directory; gguf: one .gguf file (llama, mistral, qwen2); "
-                             "ollama: a directory with the .gguf and a Modelfile for `ollama create`; "
+                             "ollama: a directory with the .gguf and a Modelfile for `ollama create` (for a "
+                             ".gguf base: the adapter as a GGUF LoRA, FROM that file and ADAPTER); "
                              "lora-gguf: the adapter alone, for llama.cpp's --lora on a GGUF of the base")
     export.add_argument("--out", required=True, help="output directory (hf, ollama) or .gguf file (gguf, lora-gguf)")
     export.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type (gguf, ollama)")
@@ -260,7 +262,7 @@ def _export(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from ..base_model import load_base_model
+    from ..base_model import gguf_file_of, load_base_model
     from ..export import merge_to_directory, write_gguf, write_lora_gguf
 
     from ..export.outputs import check_out
@@ -271,6 +273,18 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "lora-gguf":
         write_lora_gguf(load(args.model, args.adapter, "float32").model, out, overwrite=args.overwrite)
         print(f"GGUF LoRA adapter written to {out} (llama.cpp: llama-cli -m BASE.gguf --lora {out})")
+        return 0
+    base_gguf = gguf_file_of(model_config(args.model, "float32", None))
+    if args.format == "ollama" and base_gguf is not None:  # the user's own file stays the base: ADAPTER on it
+        from ..export.ollama import write_ollama_adapter_directory
+
+        loaded = load(args.model, args.adapter, "float32")
+        note = write_ollama_adapter_directory(loaded.model, loaded.tokenizer, base_gguf.path, out,
+                                              overwrite=args.overwrite)
+        print(f"Ollama model written to {out}: FROM {base_gguf.path} with ADAPTER adapter.gguf "
+              f"(ollama create NAME -f {out / 'Modelfile'})")
+        if note:
+            print(f"note: {note}")
         return 0
     dtype = "float32" if args.dtype == "auto" else args.dtype
     loaded = load_base_model(model_config(args.model, dtype, args.quantize, device="cpu"), log=print)

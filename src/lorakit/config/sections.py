@@ -25,7 +25,11 @@ class QuantizationConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     name_or_path: str
-    """A local directory or a Hugging Face hub id (e.g. "Qwen/Qwen2.5-0.5B")."""
+    """A local directory, a Hugging Face hub id (e.g. "Qwen/Qwen2.5-0.5B"), or a GGUF file (./model.Q4_K_M.gguf,
+    the model llama.cpp or Ollama runs): its weights are dequantized once into lorakit's cache and trained on."""
+    gguf_file: str | None = None
+    """The GGUF file inside name_or_path when that is a hub repo or a directory (e.g.
+    "SmolLM2-135M-Instruct.Q4_1.gguf"); null: name_or_path is a model directory, hub id or .gguf file."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Compute dtype of the frozen base. auto: bfloat16 on GPUs and on CPUs with bf16 matrix units
     (AMX / AVX-512-BF16), float32 elsewhere. Trainable LoRA weights follow adapter_dtype."""

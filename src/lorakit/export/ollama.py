@@ -1,4 +1,5 @@
-"""An Ollama model directory: the GGUF file plus a Modelfile for `ollama create NAME -f DIR/Modelfile`.
+"""An Ollama model directory: the GGUF file plus a Modelfile for `ollama create NAME -f DIR/Modelfile`; or, for
+a base that is itself a GGUF file, the adapter alone as a GGUF LoRA with FROM that file and ADAPTER.
 
 Ollama's TEMPLATE is a Go template, and a tokenizer's chat template is Jinja: no general translation
 exists. So the chat template's family is recognised by the markers it writes and the matching Go template
@@ -53,8 +54,19 @@ def modelfile(gguf_name: str, model_dir: str | Path) -> tuple[str, str | None]:
     template = config.get("chat_template")
     if template is None and (Path(model_dir) / "chat_template.jinja").is_file():
         template = (Path(model_dir) / "chat_template.jinja").read_text(encoding="utf-8")
+    eos = config.get("eos_token")
+    return _modelfile([f"FROM ./{gguf_name}"], template, eos.get("content") if isinstance(eos, dict) else eos)
+
+
+def adapter_modelfile(base_gguf: str | Path, adapter_name: str, tokenizer) -> tuple[str, str | None]:
+    """(Modelfile text, note or None) applying the GGUF LoRA `adapter_name` beside it to the user's own GGUF
+    file `base_gguf` (by absolute path: Ollama reads it from there when `ollama create` runs)."""
+    lines = [f"FROM {Path(base_gguf).resolve()}", f"ADAPTER ./{adapter_name}"]
+    return _modelfile(lines, getattr(tokenizer, "chat_template", None), getattr(tokenizer, "eos_token", None))
+
+
+def _modelfile(lines: list[str], template, eos: str | None) -> tuple[str, str | None]:
     family = chat_family(template if isinstance(template, str) else None)
-    lines = [f"FROM ./{gguf_name}"]
     note = None
     if family is None:
         note = ("the chat template is not one lorakit can write for Ollama yet (ChatML, Llama 3 and Mistral are); the "
@@ -62,8 +74,6 @@ def modelfile(gguf_name: str, model_dir: str | Path) -> tuple[str, str | None]:
     else:
         _, go_template, stops = GO_TEMPLATES[family]
         lines.append(f'TEMPLATE """{go_template}"""')
-        eos = config.get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
         for stop in dict.fromkeys([*stops, *([eos] if eos else [])]):
             lines.append(f"PARAMETER stop {json.dumps(stop)}")
     return "\n".join(lines) + "\n", note
@@ -78,6 +88,22 @@ def write_ollama_directory(merged_dir: str | Path, out_dir: str | Path, *, quant
     with atomic_directory(out_dir) as staging:
         write_gguf(merged_dir, staging / "model.gguf", quant=quant, name=name)
         text, note = modelfile("model.gguf", merged_dir)
+        (staging / "Modelfile").write_text(text, encoding="utf-8")
+        check_out(out_dir, "ollama", overwrite=overwrite)  # just before the replace
+    return note
+
+
+def write_ollama_adapter_directory(model, tokenizer, base_gguf: str | Path, out_dir: str | Path, *,
+                                   overwrite: bool = False) -> str | None:
+    """`out_dir` holding adapter.gguf (the adapter alone, export/lora_gguf.py) and a Modelfile with FROM the
+    user's GGUF file and ADAPTER adapter.gguf: for a base that came from that file, so Ollama runs the weights
+    the adapter was trained on, and nothing of the base is copied. Returns the Modelfile note, as above."""
+    from .lora_gguf import write_lora_gguf
+
+    check_out(out_dir, "ollama", overwrite=overwrite)
+    with atomic_directory(out_dir) as staging:
+        write_lora_gguf(model, staging / "adapter.gguf")
+        text, note = adapter_modelfile(base_gguf, "adapter.gguf", tokenizer)
         (staging / "Modelfile").write_text(text, encoding="utf-8")
         check_out(out_dir, "ollama", overwrite=overwrite)  # just before the replace
     return note

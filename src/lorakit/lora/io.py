@@ -39,6 +39,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 DEFAULT_NAME = "default"
 FILE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The base model file an adapter was trained on (path, sha256), where the base came from one file (a GGUF); kept
+# apart from CONFIG_FILE, whose unknown keys PEFT warns about.
+BASE_FILE = "base_file.json"
 # PEFT config keys that describe the file, not the adapter; any value is fine.
 INFORMATIONAL_KEYS = {"peft_type", "auto_mapping", "revision", "inference_mode", "peft_version",
                       "megatron_core", "qalora_group_size", "library_name"}
@@ -60,6 +63,9 @@ def save_adapters(model: WrappedModel, path: Path, names: list[str]) -> None:
         tensors = {k: p.detach().to("cpu").contiguous().clone() for k, p in adapter_tensors(model, name).items()}
         write_atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         write_text_atomic(directory / CONFIG_FILE, json.dumps(peft_config_dict(model, name), indent=2) + "\n")
+        base_file = getattr(model.model, "lorakit_base_file", None)
+        if base_file:  # a GGUF base: which file, by content, so it can be recognised where the adapter is applied
+            write_text_atomic(directory / BASE_FILE, json.dumps(base_file, indent=2) + "\n")
 
 
 # ---- load -------------------------------------------------------------------------------------------
@@ -290,12 +296,34 @@ def config_for_model(model: nn.Module, directory: Path, *, is_trainable: bool) -
     config = drop_absent_modules_to_save(model, config, directory)
     wanted = config.base_model_name_or_path
     actual = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if _checked_base_file(model, directory):
+        return config  # compared by content: a renamed copy of the file is the same base
     if wanted and actual and Path(str(wanted)).name != Path(str(actual)).name:
         warnings.warn(
             f"{directory}: adapter was trained on base model {wanted!r} but is being loaded onto {actual!r}",
             stacklevel=3,
         )
     return config
+
+
+def _checked_base_file(model: nn.Module, directory: Path) -> bool:
+    """When both the adapter (BASE_FILE) and the model know the base file they came from: warn if its sha256
+    differs, and return True."""
+    ours = getattr(model, "lorakit_base_file", None)
+    try:
+        trained_on = json.loads((directory / BASE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not (ours and isinstance(trained_on, dict) and trained_on.get("sha256")):
+        return False
+    if trained_on.get("sha256") != ours.get("sha256"):
+        warnings.warn(
+            f"{directory}: adapter was trained on {trained_on.get('path')} (sha256 {str(trained_on.get('sha256'))[:16]}...) "
+            f"but is being applied to {ours.get('path')} (sha256 {str(ours.get('sha256'))[:16]}...), a different file: "
+            "its outputs will not be the ones it was trained for",
+            stacklevel=4,
+        )
+    return True
 
 
 def fill_adapter(model: WrappedModel, name: str, directory: Path) -> None:
