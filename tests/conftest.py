@@ -60,6 +60,7 @@ SLOW = {
     "test_preference_task.py": {"test_dpo_on_the_quickstart_model_learns_the_held_out_preference"},  # SFT + DPO, real model
     "test_grpo_task.py": {"test_grpo_on_the_quickstart_model_raises_the_held_out_reward"},  # SFT + GRPO, real model
     "test_eval_task.py": {"test_a_sweep_and_lorakit_eval_find_the_adapter_that_writes_the_records"},  # sweep + eval, real model
+    "test_gguf_task.py": {"test_an_adapter_trained_on_a_real_q4_1_gguf_runs_in_llama_cpp_on_that_file"},  # SmolLM2 GGUF
     "data/test_data_budget.py": {"test_a_10_mb_reply_at_max_seq_len_128_takes_little_memory"},  # a child's peak RSS
     "train/test_loop_train.py": {"test_loss_falls_on_a_learnable_task",
                                  "test_each_step_trains_on_a_random_sample_not_a_length_group"},

@@ -3,29 +3,18 @@ metric, then `lorakit eval --compare` of the base and both members with an HTML 
 scripts/check_eval_task.py (the full check trains 1000 steps and asks for a larger margin). Slow: it trains the
 real quickstart model."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from script_helpers import load_script
 
 
 def test_a_sweep_and_lorakit_eval_find_the_adapter_that_writes_the_records(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        check = _load("check_eval_task")
+        check = load_script("check_eval_task")
         run = check.train_sweep(tmp_path, steps=300, log=lambda line: None)
         result = check.compare(run, tmp_path / "report.html")
     finally:

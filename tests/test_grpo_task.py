@@ -2,22 +2,12 @@
 scripts/check_grpo_task.py (the full check runs 60 GRPO steps and scores all 100 held-out prompts). Slow: it
 trains the real quickstart model, 200 SFT steps then GRPO."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from script_helpers import SCRIPTS, load_script
 
 
 def test_grpo_on_the_quickstart_model_raises_the_held_out_reward(tmp_path, monkeypatch):
@@ -25,7 +15,7 @@ def test_grpo_on_the_quickstart_model_raises_the_held_out_reward(tmp_path, monke
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        check = _load("check_grpo_task")
+        check = load_script("check_grpo_task")
         task = check.task
         sft = task.train_sft(tmp_path, check.SFT_STEPS, lambda line: None)
         (tmp_path / "record.schema.json").write_text(json.dumps(check.SCHEMA), encoding="utf-8")

@@ -2,31 +2,17 @@
 scripts/make_preference_assets.py): a shortened scripts/check_preference_task.py. Slow: it trains the real
 quickstart model, SFT then DPO (the full check runs 1000 + 150 steps and also compares greedy answers)."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_preference_task.py"
-
-
-def _check_script():
-    spec = importlib.util.spec_from_file_location("check_preference_task", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[spec.name]
-        raise
-    return module
+from script_helpers import load_script
 
 
 def test_dpo_on_the_quickstart_model_learns_the_held_out_preference(tmp_path):
     """200 SFT steps teach the format and digit copying (not number words); DPO on the pairs then prefers the
     correct record on more than 90% of the held-out pairs, from a chance-level start."""
-    check = _check_script()
+    check = load_script("check_preference_task")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
