@@ -189,6 +189,32 @@ def test_ollama_export_of_a_gguf_base_names_the_users_file_and_adds_the_adapter(
     assert (tmp_path / "alone.gguf").read_bytes() == (tmp_path / "ollama" / "adapter.gguf").read_bytes()
 
 
+def test_a_resume_on_a_changed_gguf_file_is_refused_and_other_runs_record_nothing_new(files, tmp_path):
+    """The checkpoint's fingerprint records the GGUF file's sha256: the same path with other content is a change.
+    A run on a model directory records no GGUF key, so checkpoints written before GGUF bases existed resume."""
+    import shutil
+
+    from lorakit.config import load_run_config
+    from lorakit.train.fingerprint import run_settings
+    from lorakit.train.restore import CheckpointMismatch, compare_fingerprints
+
+    _write_data(tmp_path / "train.jsonl", 4)
+    shutil.copy(files / "model.q8_0.gguf", tmp_path / "base.gguf")
+
+    def settings(name_or_path):
+        config = tmp_path / "run.yaml"
+        config.write_text(f"model: {{name_or_path: {name_or_path}}}\ndata: {{train: {tmp_path / 'train.jsonl'}}}\n"
+                          f"output_dir: {tmp_path / 'run'}\n")
+        return run_settings(load_run_config(str(config)))
+
+    assert not [key for key in settings(files / "model") if "gguf" in key]
+    before = settings(tmp_path / "base.gguf")
+    assert before["model.gguf_sha256"] == hashlib.sha256((files / "model.q8_0.gguf").read_bytes()).hexdigest()
+    shutil.copy(files / "model.f16.gguf", tmp_path / "base.gguf")  # same path, other weights
+    with pytest.raises(CheckpointMismatch, match="model.gguf_sha256"):
+        compare_fingerprints(before, settings(tmp_path / "base.gguf"))
+
+
 def test_bad_gguf_inputs_are_refused_with_the_reason(files, tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         _load(tmp_path / "missing.gguf")

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 from typing import Any, Sequence
 
+from ..base_model import gguf_file_of
 from ..config import TrainConfig
 from ..data import PreparedData
 
@@ -63,6 +64,11 @@ def run_settings(config) -> dict[str, Any]:
         settings.update(flat_settings(config.rl, "rl"))
     elif config.objective != "sft":  # sft runs record what they always did, so their older checkpoints resume
         settings.update(flat_settings(config.preference, "preference"))
+    if settings.get("model.gguf_file") is None:
+        settings.pop("model.gguf_file", None)  # recorded only when set: checkpoints from before it existed resume
+    gguf = gguf_file_of(config.model)
+    if gguf is not None:  # the file's content, not only its name: a re-downloaded or re-quantized file differs
+        settings["model.gguf_sha256"] = gguf.sha256
     settings["output_dir"] = config.output_dir
     settings["deploy_targets"] = list(config.deploy_targets)
     for task in config.tasks:
