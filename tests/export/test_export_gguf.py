@@ -445,3 +445,34 @@ def test_a_gguf_lora_file_holds_plain_lora_only_and_the_method_is_named(tmp_path
     with pytest.raises(ExportError, match="cannot hold Dora adapters"):
         write_lora_gguf(model, tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_k_quants_come_from_llama_cpps_quantizer_and_cost_what_their_bits_say(tmp_path):
+    """--quant q4_0 / q4_k_m / q5_k_m / q6_k: llama.cpp's own quantizer picks each tensor's type (Q4_K_M keeps a
+    few in Q6_K), llama.cpp runs the file, and fewer bits cost more: the logits' error against the model grows
+    from q6_k to q4_k_m. A 256-wide model, so that rows fill the k-quants' 256-value blocks."""
+    pytest.importorskip("llama_cpp")
+    tokenizer = _byte_level_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                         max_position_embeddings=128)).eval()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    ids = tokenizer("The quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    # measured: relative error 0.17 / 0.17 / 0.077 / 0.045, correlation 0.980 / 0.985 / 0.997 / 0.999
+    wanted = {"q4_0": ("Q4_0", 0.97), "q4_k_m": ("Q4_K", 0.975), "q5_k_m": ("Q5_K", 0.99), "q6_k": ("Q6_K", 0.995)}
+    errors = {}
+    for quant, (main_type, min_correlation) in wanted.items():
+        out = tmp_path / f"model.{quant}.gguf"
+        write_gguf(tmp_path / "model", out, quant=quant)
+        types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if len(t.shape) == 2}
+        assert main_type in types and "F32" not in types, (quant, types)
+        (tmp_path / quant).mkdir()
+        logits, _ = _llama_cpp(out, ids, tmp_path / quant, texts=[])
+        errors[quant] = np.abs(logits - expected).max() / np.abs(expected).max()
+        assert np.corrcoef(logits.ravel(), expected.ravel())[0, 1] > min_correlation, quant
+    assert errors["q6_k"] < errors["q5_k_m"] < errors["q4_k_m"], errors
+    assert not list(tmp_path.glob(".*f32-*"))  # the f32 intermediate is gone

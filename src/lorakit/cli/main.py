@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                              ".gguf base: the adapter as a GGUF LoRA, FROM that file and ADAPTER); "
                              "lora-gguf: the adapter alone, for llama.cpp's --lora on a GGUF of the base")
     export.add_argument("--out", required=True, help="output directory (hf, ollama) or .gguf file (gguf, lora-gguf)")
-    export.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type (gguf, ollama)")
+    export.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"],
+                        help="GGUF weight type (gguf, ollama); q4_0 and the k-quants are made by llama.cpp's own "
+                             "quantizer (llama-cpp-python)")
     export.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help=MERGE_DTYPE_HELP + "; gguf, ollama: auto merges in float32, then --quant")
     export.add_argument("--quantize", type=int, choices=[4, 8], help="the adapter was trained on a 4/8-bit base: "

@@ -26,22 +26,34 @@ import torch
 from ..atomic import atomic_path
 from ..errors import ExportError
 from .outputs import check_out
+from .quantize import LLAMA_QUANTS, llama_quantize
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-QUANTS = ("f16", "q8_0")
+ENCODED = ("f16", "q8_0", "f32")  # written here with the gguf package
+QUANTS = ("f16", "q8_0", *LLAMA_QUANTS)  # what --quant offers; the rest through llama.cpp's quantizer
 
 
 def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16", name: str | None = None,
                overwrite: bool = False) -> Path:
     """Convert the transformers model directory `model_dir` (a merged export) into one GGUF file; `overwrite`
-    replaces an existing GGUF file, and nothing else (export/outputs.py)."""
+    replaces an existing GGUF file, and nothing else (export/outputs.py). k-quants and q4_0 are made by
+    llama.cpp's quantizer from an f32 file written first (export/quantize.py)."""
+    model_dir, out = Path(model_dir), Path(out_file)
+    check_out(out, "gguf", overwrite=overwrite)
+    if quant not in QUANTS and quant != "f32":
+        raise ExportError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
+    if quant in LLAMA_QUANTS:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.f32-", dir=out.parent) as work:
+            full = write_gguf(model_dir, Path(work) / "f32.gguf", quant="f32", name=name)
+            with atomic_path(out) as staging:
+                llama_quantize(full, staging, quant)
+                check_out(out, "gguf", overwrite=overwrite)  # just before the replace
+        return out
     gguf = gguf_module()
     from safetensors import safe_open
 
-    model_dir, out = Path(model_dir), Path(out_file)
-    check_out(out, "gguf", overwrite=overwrite)
-    if quant not in QUANTS:
-        raise ExportError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
     config = json.loads((model_dir / "config.json").read_text())
     architecture = (config.get("architectures") or ["?"])[0]
     if architecture not in ARCHITECTURES:
@@ -75,7 +87,8 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(rope_scaling["factor"])
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if quant == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+        writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                              "f32": gguf.LlamaFileType.ALL_F32}[quant])
         _add_tokenizer(writer, model_dir, config.get("vocab_size"))
 
         files = sorted(model_dir.glob("*.safetensors"))
@@ -148,9 +161,10 @@ def interleave_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _encode(tensor: torch.Tensor, quant: str, gguf):
     """(numpy data, GGML type): 1-D tensors (norms, biases) in f32 as llama.cpp keeps them; matrices in f16,
-    or q8_0 where the row length is a multiple of q8_0's 32-value block (else f16)."""
+    or q8_0 where the row length is a multiple of q8_0's 32-value block (else f16), or f32 (the source of
+    llama.cpp's quantizer)."""
     array = tensor.numpy()
-    if tensor.dim() == 1:
+    if tensor.dim() == 1 or quant == "f32":
         return array.astype("float32", copy=False), gguf.GGMLQuantizationType.F32
     if quant == "q8_0" and tensor.shape[-1] % 32 == 0:  # the tensor is float32 already: no second copy
         return (gguf.quantize(array.astype("float32", copy=False), gguf.GGMLQuantizationType.Q8_0),
