@@ -40,7 +40,8 @@ SLOW = {
         "test_llama_cpp_runs_the_gguf_like_lorakit", "test_lora_gguf_on_the_base_gguf_runs_like_the_unmerged_adapter",
         "test_llama_cpp_splits_text_like_each_supported_pre_tokenizer", "test_mistral_exports_as_llama_and_runs_in_llama_cpp",
         "test_gguf_from_a_4_bit_base_holds_the_dequantized_merge", "test_llama_cpp_tokenizes_like_a_sentencepiece_tokenizer",
-        "test_k_quants_come_from_llama_cpps_quantizer_and_cost_what_their_bits_say"},
+        "test_k_quants_come_from_llama_cpps_quantizer_and_cost_what_their_bits_say",
+        "test_qwen3_exports_merged_and_as_a_gguf_lora_and_runs_in_llama_cpp"},
     "test_gguf_base.py": {"test_llama_cpp_runs_the_users_own_file_with_the_adapter_like_lorakit"},  # llama.cpp
     "train/test_speed.py": {  # torch.compile on CPU
         "test_compiled_loss_softmax_equals_the_eager_one",

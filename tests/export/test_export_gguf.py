@@ -476,3 +476,44 @@ def test_k_quants_come_from_llama_cpps_quantizer_and_cost_what_their_bits_say(tm
         assert np.corrcoef(logits.ravel(), expected.ravel())[0, 1] > min_correlation, quant
     assert errors["q6_k"] < errors["q5_k_m"] < errors["q4_k_m"], errors
     assert not list(tmp_path.glob(".*f32-*"))  # the f32 intermediate is gone
+
+
+def test_qwen3_exports_merged_and_as_a_gguf_lora_and_runs_in_llama_cpp(tmp_path):
+    """Qwen3 (per-head query/key RMSNorms, its own head_dim): the merged GGUF and the base GGUF plus the GGUF LoRA
+    give lorakit's adapted logits in llama.cpp, and token ids equal the tokenizer's."""
+    pytest.importorskip("llama_cpp")
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = _byte_level_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                         vocab_size=len(tokenizer), max_position_embeddings=128,
+                                         tie_word_embeddings=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:  # ones at init would hide a norm llama.cpp skipped
+                param += 0.2 * torch.randn_like(param)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    lora = lorakit.wrap(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_lora(lora, scale=0.2)
+    lora.save_adapter(tmp_path / "adapter")
+    ids = tokenizer("The quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    expected = _adapted_logits(tmp_path / "base", tmp_path / "adapter", ids).numpy()
+    common = ["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")]
+    assert main(["export", *common, "--format", "gguf", "--out", str(tmp_path / "merged.gguf")]) == 0
+    assert main(["export", *common, "--format", "lora-gguf", "--out", str(tmp_path / "adapter.gguf")]) == 0
+    write_gguf(tmp_path / "base", tmp_path / "base.gguf")
+    assert _fields(gguf.GGUFReader(tmp_path / "merged.gguf"))["general.architecture"] == "qwen3"
+    scale = np.abs(expected).max()
+    (tmp_path / "m").mkdir()
+    merged, tokens = _llama_cpp(tmp_path / "merged.gguf", ids, tmp_path / "m")
+    assert tokens == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    assert np.abs(merged - expected).max() / scale < 1e-2  # f16 weights
+    (tmp_path / "l").mkdir()
+    with_lora, _ = _llama_cpp(tmp_path / "base.gguf", ids, tmp_path / "l", lora=tmp_path / "adapter.gguf")
+    assert np.abs(with_lora - expected).max() / scale < 1e-2
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(plain - expected).max() / scale > 5e-2  # the adapter matters

@@ -7,6 +7,8 @@ quantizer makes q8_0 blocks. What lorakit decides is what llama.cpp expects of e
 - llama, mistral (llama.cpp's "llama"): llama.cpp rotates query/key pairs that are adjacent, transformers
   rotates the two halves of each head, so q_proj and k_proj rows are reordered per head to match.
 - qwen2 ("qwen2"): rotates halves like transformers; q, k, v carry biases.
+- qwen3 ("qwen3"): rotates halves; no biases, an RMSNorm on each head's query and key (attn_q_norm, attn_k_norm)
+  and a head size of its own (head_dim, not hidden / heads).
 - the tokenizer: byte-level BPE as "gpt2", with merges, special tokens and the chat template, for the
   pre-tokenizers of GPT-2, Llama 3 and Qwen2 (recognised by their exact split pattern); SentencePiece-style
   BPE (byte fallback, the ▁ word marker: Llama 2, Mistral) as "llama", scored by merge rank. Others are
@@ -28,7 +30,8 @@ from ..errors import ExportError
 from .outputs import check_out
 from .quantize import LLAMA_QUANTS, llama_quantize
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3"}
 ENCODED = ("f16", "q8_0", "f32")  # written here with the gguf package
 QUANTS = ("f16", "q8_0", *LLAMA_QUANTS)  # what --quant offers; the rest through llama.cpp's quantizer
 
@@ -143,7 +146,7 @@ def gguf_file(out: Path, arch_name: str, *, overwrite: bool = False):
 
 def model_arch(gguf, arch: str):
     """The gguf package's MODEL_ARCH for an ARCHITECTURES value."""
-    return gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2
+    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
 
 
 def _rope_theta(config: dict) -> float:
