@@ -43,6 +43,8 @@ SLOW = {
         "test_k_quants_come_from_llama_cpps_quantizer_and_cost_what_their_bits_say",
         "test_qwen3_exports_merged_and_as_a_gguf_lora_and_runs_in_llama_cpp"},
     "test_gguf_base.py": {"test_llama_cpp_runs_the_users_own_file_with_the_adapter_like_lorakit"},  # llama.cpp
+    "eval/test_verify.py": {"test_each_format_against_lorakit",  # llama.cpp runs
+                            "test_on_a_gguf_base_the_adapter_runs_on_the_users_own_file"},
     "train/test_speed.py": {  # torch.compile on CPU
         "test_compiled_loss_softmax_equals_the_eager_one",
         "test_compiled_layers_and_loss_give_the_plain_loss_and_grads_and_undo_restores_them"},

@@ -52,7 +52,7 @@ class GgufFile:
         types = ", ".join(f"{n} x {t}" for t, n in sorted(self.tensor_types.items(), key=lambda kv: -kv[1]))
         return (f"GGUF {self.path}: {self.name or 'unnamed'}, architecture {self.architecture}, "
                 f"{_count(self.parameters)} parameters in {sum(self.tensor_types.values())} tensors ({types}); "
-                f"{_bytes(self.path.stat().st_size)} on disk, sha256 {self.sha256[:16]}...")
+                f"{human_bytes(self.path.stat().st_size)} on disk, sha256 {self.sha256[:16]}...")
 
     def provenance(self) -> dict[str, Any]:
         """What BASE_FILE records: enough to recognise the file again."""
@@ -189,5 +189,5 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
-def _bytes(n: int) -> str:
+def human_bytes(n: int) -> str:
     return next(f"{n / 2**p:.1f} {u}" for p, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B")) if n >= 2**p or p == 0)

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .check import add_parser as add_check_parser
 
     add_check_parser(sub)  # lorakit check ADAPTER --for vllm|llama.cpp|ollama|peft (cli/check.py)
+    from .verify import add_parser as add_verify_parser
+
+    add_verify_parser(sub)  # lorakit verify: each export format against lorakit (cli/verify.py)
     from .plan import add_parser as add_plan_parser
 
     add_plan_parser(sub)  # lorakit plan run.yaml [--budget 8GB] [--json] (cli/plan.py)

@@ -37,6 +37,7 @@ class Answer:
     text: str
     finish_reason: str  # stop, length, cancelled
     tokens: int
+    token_ids: tuple[int, ...] = ()  # the generated ids, an end-of-sequence token that stopped it included
 
 
 def read_examples(source: Source, tokenizer: Any, options: DataOptions, *, positions: int, max_new_tokens: int,
@@ -120,8 +121,9 @@ def generate_answers(engine: Engine, examples: Sequence[EvalExample], adapters: 
               leave=False) as bar:
         for handle in handles:
             events = list(handle)
+            ids = tuple(t for e in events for t in e.token_ids)
             answers.append(Answer("".join(e.text for e in events), events[-1].finish_reason if events else "cancelled",
-                                  sum(len(e.token_ids) for e in events)))
+                                  len(ids), ids))
             bar.update(1)
     n = len(examples)
     return [answers[m * n:(m + 1) * n] for m in range(len(adapters))]

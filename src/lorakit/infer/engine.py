@@ -81,7 +81,7 @@ class Engine:
         params = inspect.signature(hf_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in params
-        self.eos_ids = _eos_ids(tokenizer, hf_model)
+        self.eos_ids = eos_ids(tokenizer, hf_model)
         self.pad_id = _pad_id(tokenizer)
         embeddings = hf_model.get_input_embeddings()
         self.vocab_size = getattr(embeddings, "num_embeddings", None)
@@ -399,7 +399,7 @@ class Engine:
             self._running = [self._running[i] for i in keep]
 
 
-def _eos_ids(tokenizer, hf_model) -> set[int]:
+def eos_ids(tokenizer, hf_model) -> set[int]:
     """EOS ids from the tokenizer and the model's generation config (chat models often add e.g. <|eot_id|>)."""
     ids: set[int] = set()
     for value in (getattr(tokenizer, "eos_token_id", None),
