@@ -11,8 +11,10 @@
 4. `lorakit export --format lora-gguf`, then llama.cpp (llama-cpp-python) runs the ORIGINAL Q4_1 file with that
    adapter on the same prompt tokens, greedy: its answers are compared with lorakit's (the same text, and
    json_fields against the references).
-Exits 1 unless the adapter beats the base by 0.5 in json_fields and llama.cpp gives lorakit's answer on at least
-80% of the prompts.
+5. `lorakit serve --model FILE.gguf --adapter json=ADAPTER` in a child process, asked the same prompts through
+   the official openai client (chat completions, temperature 0).
+Exits 1 unless the adapter beats the base by 0.5 in json_fields, llama.cpp gives lorakit's answer on at least
+80% of the prompts and the server on all of them.
 """
 
 from __future__ import annotations
@@ -146,6 +148,47 @@ def export_lora_gguf(gguf: Path, adapter: Path, out: Path) -> Path:
     return out
 
 
+def serve_answers(gguf: Path, adapter: Path, prompts: list[str], log_file: Path) -> list[str]:
+    """`lorakit serve --model GGUF --adapter json=ADAPTER` in a child process, asked each prompt as a chat message
+    through the official openai client (greedy); its answers."""
+    import socket
+
+    import httpx
+    import openai
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with open(log_file, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", str(gguf), "--adapter",
+                                   f"json={adapter}", "--dtype", "float32", "--port", str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"lorakit serve did not start; its log: {log_file.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        return [client.chat.completions.create(model="json", messages=[{"role": "user", "content": prompt}],
+                                               temperature=0, max_tokens=MAX_NEW_TOKENS).choices[0].message.content
+                for prompt in prompts]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def same_answers(result: dict, answers: list[str]) -> float:
+    """The share of `answers` equal (stripped) to lorakit eval's adapter answers."""
+    adapter_name = result["models"][1]["name"]
+    ours = [row["answers"][adapter_name] for row in result["answers"]]
+    return sum(a.strip() == b.strip() for a, b in zip(ours, answers)) / len(ours)
+
+
 def compare_with_llama_cpp(result: dict, answers: list[str]) -> dict:
     """Agreement of llama.cpp's answers with lorakit's adapter answers, and their json_fields score."""
     from lorakit.eval.metrics import scorers
@@ -188,11 +231,17 @@ def main() -> int:
           f"{llama['first_words']:.0%}")
     for ours, theirs in llama["differing"]:
         print(f"  differs: lorakit {ours!r}\n           llama.cpp {theirs!r}")
+    served = same_answers(result, serve_answers(gguf, run / "adapter", [row["prompt"] for row in result["answers"]],
+                                                args.out / "serve.log"))
+    print(f"lorakit serve (openai client, chat completions, temperature 0): lorakit eval's answer on {served:.0%} "
+          f"of {len(ids)} prompts")
     adapter_name = result["models"][1]["name"]
     problems = []
     if scores[adapter_name]["json_fields"] < scores["base"]["json_fields"] + MARGIN:
         problems.append(f"the adapter's json_fields {scores[adapter_name]['json_fields']:.2f} is not {MARGIN} above "
                         f"the base's {scores['base']['json_fields']:.2f}")
+    if served < 1.0:
+        problems.append(f"lorakit serve gave lorakit eval's answer on only {served:.0%} of the prompts")
     if llama["agreement"] < MIN_AGREEMENT:
         problems.append(f"llama.cpp agrees with lorakit on {llama['agreement']:.0%} of the prompts, under "
                         f"{MIN_AGREEMENT:.0%}")
