@@ -70,7 +70,7 @@ def test_dequantized_once_per_file_and_dtype_then_reused(files, cache):
     _load(files / "model.q8_0.gguf", log=lines.append)
     first = lines[0]
     assert "architecture llama" in first and "16 x Q8_0" in first and "44,192 parameters" in first
-    assert "dequantizing to float32" in lines[-1]
+    assert "dequantizing to float32 (172.6 KiB in memory and on disk)" in lines[-1]  # 44,192 x 4 bytes
     made = sorted(cache.iterdir())
     weights = next(made[0].glob("*.safetensors"))
     stamp = weights.stat().st_mtime_ns
@@ -96,6 +96,33 @@ def test_a_directory_plus_gguf_file_loads_the_same(files):
     a = _load(files / "model.f16.gguf")
     b = _load(files, gguf_file="model.f16.gguf")
     torch.testing.assert_close(_logits(a.model, a.tokenizer), _logits(b.model, b.tokenizer), rtol=0, atol=0)
+
+
+def test_a_hub_repo_plus_gguf_file_is_fetched_through_the_hub_cache(files, monkeypatch):
+    """model: {name_or_path: org/repo, gguf_file: F, revision: R} downloads F with huggingface_hub (its cache)
+    and loads it as the local file; a failed download is a config error naming repo and file."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo, filename, revision=None):
+        calls.append((repo, filename, revision))
+        return str(files / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    hub = _load("org/tiny-GGUF", gguf_file="model.f16.gguf", revision="v1")
+    local = _load(files / "model.f16.gguf")
+    assert calls and set(calls) == {("org/tiny-GGUF", "model.f16.gguf", "v1")}
+    torch.testing.assert_close(_logits(hub.model, hub.tokenizer), _logits(local.model, local.tokenizer), rtol=0, atol=0)
+
+    def offline(repo, filename, revision=None):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(ConfigError, match=r"cannot fetch 'model\.f16\.gguf' from 'org/tiny-GGUF': no network"):
+        _load("org/tiny-GGUF", gguf_file="model.f16.gguf")
+    with pytest.raises(ConfigError, match="must be the directory or hub repo that holds it"):
+        _load(files / "model.f16.gguf", gguf_file="model.f16.gguf")
 
 
 def _write_data(path, n):

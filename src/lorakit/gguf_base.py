@@ -125,10 +125,12 @@ def dequantized(source: GgufFile, dtype: torch.dtype, *, log=lambda _: None) -> 
 
     dtype_name = str(dtype).removeprefix("torch.")
     target = cache_root() / f"{source.sha256[:24]}-{dtype_name}"
+    size = human_bytes(source.parameters * torch.tensor([], dtype=dtype).element_size())
     if _complete(target, source.sha256):
-        log(f"{source.describe()}\n  dequantized weights ({dtype_name}) reused from {target}")
+        log(f"{source.describe()}\n  dequantized weights ({dtype_name}, {size} in memory) reused from {target}")
         return target
-    log(f"{source.describe()}\n  dequantizing to {dtype_name} into {target} (once per file and dtype)...")
+    log(f"{source.describe()}\n  dequantizing to {dtype_name} ({size} in memory and on disk) into {target} "
+        "(once per file and dtype)...")
     model, tokenizer = _load_dequantized(source.path, dtype)
     with atomic_directory(target) as staging:
         model.save_pretrained(staging)
