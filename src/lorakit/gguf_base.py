@@ -159,11 +159,6 @@ def _load_dequantized(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-def tokenizer_and_config_source(path: Path) -> tuple[str, dict[str, str]]:
-    """(directory, from_pretrained options) that read the tokenizer or config straight from the GGUF file."""
-    return str(path.parent), {"gguf_file": path.name}
-
-
 def _complete(target: Path, sha256: str) -> bool:
     try:
         recorded = json.loads((target / _SOURCE_FILE).read_text(encoding="utf-8"))
