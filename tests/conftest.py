@@ -41,7 +41,7 @@ SLOW = {
         "test_llama_cpp_splits_text_like_each_supported_pre_tokenizer", "test_mistral_exports_as_llama_and_runs_in_llama_cpp",
         "test_gguf_from_a_4_bit_base_holds_the_dequantized_merge", "test_llama_cpp_tokenizes_like_a_sentencepiece_tokenizer",
         "test_k_quants_come_from_llama_cpps_quantizer_and_cost_what_their_bits_say",
-        "test_qwen3_exports_merged_and_as_a_gguf_lora_and_runs_in_llama_cpp"},
+        "test_each_architecture_exports_merged_and_as_a_gguf_lora_and_runs_in_llama_cpp"},
     "test_gguf_base.py": {"test_llama_cpp_runs_the_users_own_file_with_the_adapter_like_lorakit"},  # llama.cpp
     "eval/test_verify.py": {"test_each_format_against_lorakit",  # llama.cpp runs
                             "test_on_a_gguf_base_the_adapter_runs_on_the_users_own_file"},

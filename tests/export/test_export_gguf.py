@@ -6,6 +6,7 @@ builds it portably (GGML_NATIVE=OFF: the native build crashes on q8_0 models on 
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -55,8 +56,8 @@ def base_and_adapter(tmp_path_factory):
     return root / "base", root / "adapter"
 
 
-def _adapted_logits(base, adapter, ids):
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+def _adapted_logits(base, adapter, ids, **options):
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **options).eval()
     with torch.no_grad():
         return lorakit.load_adapter(model, adapter)(torch.tensor([ids])).logits[0]
 
@@ -478,21 +479,71 @@ def test_k_quants_come_from_llama_cpps_quantizer_and_cost_what_their_bits_say(tm
     assert not list(tmp_path.glob(".*f32-*"))  # the f32 intermediate is gone
 
 
-def test_qwen3_exports_merged_and_as_a_gguf_lora_and_runs_in_llama_cpp(tmp_path):
-    """Qwen3 (per-head query/key RMSNorms, its own head_dim): the merged GGUF and the base GGUF plus the GGUF LoRA
-    give lorakit's adapted logits in llama.cpp, and token ids equal the tokenizer's."""
-    pytest.importorskip("llama_cpp")
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def _tiny(family: str, vocab: int):
+    """A tiny random model of `family` (its config and transformers class), shaped like the real ones in what
+    llama.cpp reads: an own head_dim, grouped-query attention, soft-caps, sliding windows, fused projections."""
+    import transformers
 
+    shared = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=vocab, max_position_embeddings=128)
+    if family == "qwen3":
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            **shared, num_hidden_layers=2, head_dim=32, tie_word_embeddings=False))
+    if family == "gemma2":  # query_pre_attn_scalar = head_dim, as llama.cpp assumes below 46 layers
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **shared, num_hidden_layers=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=64,
+            attn_logit_softcapping=5.0, final_logit_softcapping=3.0, attn_implementation="eager"))
+    if family == "gemma3":  # 7 layers: five sliding, one full, one sliding again
+        return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            **shared, num_hidden_layers=7, head_dim=32, query_pre_attn_scalar=32, sliding_window=4))
+    if family == "phi3":  # partial rotary: llama.cpp rotates the first half of each head only
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            **shared, num_hidden_layers=2, partial_rotary_factor=0.5, pad_token_id=0, tie_word_embeddings=False))
+    raise AssertionError(family)
+
+
+@pytest.mark.parametrize("family,change,named", [
+    ("gemma2", {"query_pre_attn_scalar": 16}, r"query_pre_attn_scalar 16 \(llama.cpp scales attention by 1/sqrt\(32\)"),
+    ("gemma2", {"final_logit_softcapping": None}, "no attention or final soft-capping"),
+    ("gemma2", {"tie_word_embeddings": False}, "an output head apart from the embeddings"),
+    ("gemma3", {"layer_types": ["full_attention"] * 7}, r"layer_types other than llama.cpp's \(one full-attention layer in 6\)"),
+    ("gemma3", {"final_logit_softcapping": 30.0}, r"soft-capping \(llama.cpp's gemma3 has none\)"),
+    ("gemma3", {"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 5e4},
+                                    "full_attention": {"rope_type": "default", "rope_theta": 1e6}}},
+     "a sliding-layer rope base of 50000"),
+    ("phi3", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8,
+                               "original_max_position_embeddings": 64}}, "rope scaling 'longrope' is not supported"),
+])
+def test_configs_llama_cpp_would_compute_differently_are_refused_by_name(tmp_path, family, change, named):
+    """What llama.cpp's graph fixes per architecture instead of reading it from the file (Gemma's attention scale
+    by layer count, its soft-caps, its sliding-window pattern and local rope base, Phi-3's long-context rope) is
+    checked against the config: a model that differs is refused with the difference named, nothing written."""
+    tokenizer = _byte_level_tokenizer()
+    model = _tiny(family, len(tokenizer))
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config.update(change)
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=named):
+        write_gguf(tmp_path / "base", tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "phi3"])
+def test_each_architecture_exports_merged_and_as_a_gguf_lora_and_runs_in_llama_cpp(tmp_path, family):
+    """Qwen3 (per-head query/key RMSNorms, its own head_dim), Gemma 2 (norms as 1 + weight, scaled embeddings,
+    soft-caps, sliding windows), Gemma 3 (query/key norms too, local and global rope bases, a window shorter
+    than the prompt) and Phi-3 (fused qkv and gate/up projections, adapted as they are; partial rotary): the
+    merged GGUF and the base GGUF plus the GGUF LoRA give lorakit's adapted logits in llama.cpp, and token ids
+    equal the tokenizer's."""
+    pytest.importorskip("llama_cpp")
     tokenizer = _byte_level_tokenizer()
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                         vocab_size=len(tokenizer), max_position_embeddings=128,
-                                         tie_word_embeddings=False))
+    model = _tiny(family, len(tokenizer))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:  # ones at init would hide a norm llama.cpp skipped
+            if "norm" in name:  # ones (zeros for Gemma) at init would hide a norm llama.cpp skipped or misread
                 param += 0.2 * torch.randn_like(param)
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
@@ -500,20 +551,23 @@ def test_qwen3_exports_merged_and_as_a_gguf_lora_and_runs_in_llama_cpp(tmp_path)
     randomize_lora(lora, scale=0.2)
     lora.save_adapter(tmp_path / "adapter")
     ids = tokenizer("The quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
-    expected = _adapted_logits(tmp_path / "base", tmp_path / "adapter", ids).numpy()
+    eager = {"attn_implementation": "eager"}  # Gemma 2's attention soft-cap exists in eager attention only
+    expected = _adapted_logits(tmp_path / "base", tmp_path / "adapter", ids, **eager).numpy()
     common = ["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")]
     assert main(["export", *common, "--format", "gguf", "--out", str(tmp_path / "merged.gguf")]) == 0
     assert main(["export", *common, "--format", "lora-gguf", "--out", str(tmp_path / "adapter.gguf")]) == 0
     write_gguf(tmp_path / "base", tmp_path / "base.gguf")
-    assert _fields(gguf.GGUFReader(tmp_path / "merged.gguf"))["general.architecture"] == "qwen3"
+    assert _fields(gguf.GGUFReader(tmp_path / "merged.gguf"))["general.architecture"] == family
     scale = np.abs(expected).max()
     (tmp_path / "m").mkdir()
     merged, tokens = _llama_cpp(tmp_path / "merged.gguf", ids, tmp_path / "m")
     assert tokens == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
-    assert np.abs(merged - expected).max() / scale < 1e-2  # f16 weights
+    # f16 weights and llama.cpp's f16 KV cache: ~1e-3 per layer (f32 weights alone leave 1e-3 after 7 layers)
+    tolerance = 1e-2 if family != "gemma3" else 2e-2  # gemma3 has 7 layers here
+    assert np.abs(merged - expected).max() / scale < tolerance
     (tmp_path / "l").mkdir()
     with_lora, _ = _llama_cpp(tmp_path / "base.gguf", ids, tmp_path / "l", lora=tmp_path / "adapter.gguf")
-    assert np.abs(with_lora - expected).max() / scale < 1e-2
+    assert np.abs(with_lora - expected).max() / scale < tolerance
     with torch.no_grad():
-        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(plain - expected).max() / scale > 5e-2  # the adapter matters
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base", **eager).eval()(torch.tensor([ids])).logits[0]
+    assert np.abs(plain.numpy() - expected).max() / scale > 5e-2  # the adapter matters

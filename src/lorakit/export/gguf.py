@@ -9,6 +9,14 @@ quantizer makes q8_0 blocks. What lorakit decides is what llama.cpp expects of e
 - qwen2 ("qwen2"): rotates halves like transformers; q, k, v carry biases.
 - qwen3 ("qwen3"): rotates halves; no biases, an RMSNorm on each head's query and key (attn_q_norm, attn_k_norm)
   and a head size of its own (head_dim, not hidden / heads).
+- gemma2 ("gemma2"), gemma3 text ("gemma3"): rotate halves; every RMSNorm multiplies by (1 + weight), and
+  llama.cpp's by weight, so 1 is added to each norm weight; llama.cpp scales the embeddings by sqrt(hidden)
+  itself, ties the output head to them and fixes some choices by architecture, which are checked against
+  the config rather than assumed: the attention scale (1/sqrt(head_dim), 1/sqrt(hidden/heads) at the 27B
+  layer counts), the sliding-window layer pattern (every other layer for gemma2, five in six for gemma3),
+  gemma3's local rope base (10000) and its lack of soft-capping; gemma2's soft-caps are written.
+- phi3 ("phi3"): rotates halves (over head_dim * partial_rotary_factor); q, k, v and gate, up are fused
+  tensors (attn_qkv, ffn_up) in both, so they and their LoRA pass through as they are.
 - the tokenizer: byte-level BPE as "gpt2", with merges, special tokens and the chat template, for the
   pre-tokenizers of GPT-2, Llama 3 and Qwen2 (recognised by their exact split pattern); SentencePiece-style
   BPE (byte fallback, the ▁ word marker: Llama 2, Mistral) as "llama", scored by merge rank. Others are
@@ -31,7 +39,13 @@ from .outputs import check_out
 from .quantize import LLAMA_QUANTS, llama_quantize
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3"}
+                 "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
+                 "Phi3ForCausalLM": "phi3"}
+# llama.cpp's model type by layer count where it changes the Gemma attention scale (src/llama-model.cpp:
+# f_attention_scale is 1/sqrt(hidden/heads) for LLM_TYPE_27B, else 1/sqrt(head_dim)).
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# llama.cpp's sliding-window layer pattern (set_swa_pattern(n): layer i slides unless i % n == n - 1).
+GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
 ENCODED = ("f16", "q8_0", "f32")  # written here with the gguf package
 QUANTS = ("f16", "q8_0", *LLAMA_QUANTS)  # what --quant offers; the rest through llama.cpp's quantizer
 
@@ -63,10 +77,11 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16
         raise ExportError(f"GGUF export supports {', '.join(sorted(ARCHITECTURES))}; {model_dir} is {architecture}. "
                           "Export with --format hf and convert it with llama.cpp's convert_hf_to_gguf.py")
     arch = ARCHITECTURES[architecture]
-    rope_scaling = config.get("rope_scaling")
-    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default", "linear"):
-        raise ExportError(f"rope_scaling {rope_scaling.get('rope_type', rope_scaling.get('type'))!r} is not supported "
-                          "by lorakit's GGUF export yet (default and linear are)")
+    rope_theta, rope_type, rope_factor = rope_settings(config)
+    if rope_type not in ("default", "linear"):
+        raise ExportError(f"rope scaling {rope_type!r} is not supported by lorakit's GGUF export yet (default and "
+                          "linear are)")
+    check_architecture(config, arch)
 
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
@@ -85,11 +100,16 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
         writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-        writer.add_rope_freq_base(_rope_theta(config))
-        writer.add_rope_dimension_count(head_dim)
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "linear":
+        writer.add_rope_freq_base(rope_theta)
+        writer.add_rope_dimension_count(int(head_dim * config.get("partial_rotary_factor", 1.0)))
+        if rope_type == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(rope_scaling["factor"])
+            writer.add_rope_scaling_factor(rope_factor)
+        if arch in ("gemma2", "gemma3", "phi3") and config.get("sliding_window"):
+            writer.add_sliding_window(config["sliding_window"])
+        if arch == "gemma2":
+            writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+            writer.add_final_logit_softcapping(config["final_logit_softcapping"])
         writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                               "f32": gguf.LlamaFileType.ALL_F32}[quant])
         _add_tokenizer(writer, model_dir, config.get("vocab_size"))
@@ -101,8 +121,8 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    if key.endswith("rotary_emb.inv_freq"):
-                        continue
+                    if key.endswith("rotary_emb.inv_freq") or (arch in GEMMA_27B_LAYERS and key == "lm_head.weight"):
+                        continue  # gemma: the head is the embedding (checked tied above)
                     target = names.get_name(key, try_suffixes=(".weight", ".bias"))
                     if target is None:
                         raise ExportError(f"{file.name}: tensor {key!r} has no GGUF name for {arch}; "
@@ -110,6 +130,8 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16
                     tensor = f.get_tensor(key).float()
                     if arch == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
                         tensor = interleave_rope(tensor, heads if "q_proj" in key else kv_heads)
+                    if arch in GEMMA_27B_LAYERS and key.endswith("norm.weight"):
+                        tensor = tensor + 1  # Gemma's RMSNorm scales by (1 + weight), llama.cpp's by weight
                     data, kind = _encode(tensor, quant, gguf)
                     writer.add_tensor(target, data, raw_dtype=kind)
                     seen.add(target)
@@ -146,12 +168,56 @@ def gguf_file(out: Path, arch_name: str, *, overwrite: bool = False):
 
 def model_arch(gguf, arch: str):
     """The gguf package's MODEL_ARCH for an ARCHITECTURES value."""
-    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
+    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+            "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3": gguf.MODEL_ARCH.GEMMA3, "phi3": gguf.MODEL_ARCH.PHI3}[arch]
 
 
-def _rope_theta(config: dict) -> float:
+def rope_settings(config: dict, layer_type: str = "full_attention") -> tuple[float, str, float]:
+    """(base frequency, scaling type, factor) of the rotary embedding, from transformers' rope_parameters (flat, or
+    one entry per layer type as Gemma 3 has it) or the older rope_theta + rope_scaling."""
     params = config.get("rope_parameters") or {}
-    return float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    if layer_type in params:
+        params = params[layer_type]
+    scaling = config.get("rope_scaling") or params
+    kind = scaling.get("rope_type", scaling.get("type")) or "default"
+    theta = config.get("rope_theta") or params.get("rope_theta") or 10000.0
+    return float(theta), kind, float(scaling.get("factor") or 1.0)
+
+
+def check_architecture(config: dict, arch: str) -> None:
+    """Refuse, by name, a config whose model llama.cpp would compute differently: the choices its graph for `arch`
+    fixes rather than reads from the file."""
+    problems = []
+    heads, hidden, layers = config["num_attention_heads"], config["hidden_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or hidden // heads
+    if arch in GEMMA_27B_LAYERS:
+        if not config.get("tie_word_embeddings", True):
+            problems.append("an output head apart from the embeddings (llama.cpp ties them for Gemma)")
+        scale_dim = hidden // heads if layers == GEMMA_27B_LAYERS[arch] else head_dim
+        if config.get("query_pre_attn_scalar", head_dim) != scale_dim:
+            problems.append(f"query_pre_attn_scalar {config.get('query_pre_attn_scalar')} (llama.cpp scales "
+                            f"attention by 1/sqrt({scale_dim}) for a {layers}-layer {arch})")
+        pattern = GEMMA_SWA_PATTERN[arch]
+        expected = ["sliding_attention" if i % pattern < pattern - 1 else "full_attention" for i in range(layers)]
+        if config.get("layer_types") not in (None, expected):
+            problems.append(f"layer_types other than llama.cpp's (one full-attention layer in {pattern})")
+        if config.get("hidden_activation", config.get("hidden_act")) not in ("gelu_pytorch_tanh", None):
+            problems.append(f"activation {config.get('hidden_activation', config.get('hidden_act'))!r} (llama.cpp: "
+                            "gelu_pytorch_tanh)")
+    if arch == "gemma2" and not (config.get("attn_logit_softcapping") and config.get("final_logit_softcapping")):
+        problems.append("no attention or final soft-capping (llama.cpp's gemma2 always caps)")
+    if arch == "gemma3":
+        if config.get("attn_logit_softcapping") or config.get("final_logit_softcapping"):
+            problems.append("soft-capping (llama.cpp's gemma3 has none)")
+        local_theta, local_type, _ = rope_settings(config, "sliding_attention")
+        local_theta = config.get("rope_local_base_freq", local_theta)
+        if local_theta != 10000.0 or local_type != "default":
+            problems.append(f"a sliding-layer rope base of {local_theta:g} ({local_type}; llama.cpp: 10000, unscaled)")
+    if arch == "phi3" and config.get("hidden_act", "silu") != "silu":
+        problems.append(f"activation {config.get('hidden_act')!r} (llama.cpp: silu)")
+    if problems:
+        raise ExportError(f"GGUF export of this {arch} model: llama.cpp would compute it differently: "
+                          f"{'; '.join(problems)}. Export with --format hf instead")
 
 
 def interleave_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
