@@ -258,3 +258,51 @@ def test_bad_gguf_inputs_are_refused_with_the_reason(files, tmp_path):
     writer.close()
     with pytest.raises(ConfigError, match=r"holds a 'rwkv6' model, which transformers cannot read from GGUF .*llama"):
         _load(tmp_path / "rwkv.gguf")
+
+
+def test_check_names_the_route_to_the_users_own_file_for_llama_cpp_and_ollama(files, tmp_path, capsys):
+    """`lorakit check` on an adapter trained on a GGUF file: llama.cpp and Ollama are told to run that very file
+    with the adapter (lora-gguf; FROM the file + ADAPTER), the file named; nothing is refused."""
+    base_file = (files / "model.q8_0.gguf").resolve()
+    _random_adapter(base_file, tmp_path / "adapter")
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "adapter"), "--for", "llama.cpp", "--for", "ollama", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["refused"] == [] and report["architecture"] == "LlamaForCausalLM"
+    notes = {f["target"]: f for f in report["findings"] if str(base_file) in f["problem"]}
+    assert f"llama-cli -m {base_file} --lora adapter.gguf" in notes["llama.cpp"]["fix"]
+    assert "FROM that file and ADAPTER adapter.gguf" in notes["ollama"]["problem"]
+
+
+def test_a_qwen3_gguf_base_gets_a_merged_ollama_export_since_ollamas_engine_refuses_adapters(tmp_path, capsys):
+    """Ollama runs qwen3 on its own engine, which refuses every ADAPTER when the model loads: for a qwen3 GGUF base
+    `export --format ollama` writes the merged model (FROM ./model.gguf, no adapter line) and says why, and
+    `lorakit check --for ollama` says the same before anyone tries."""
+    import lorakit
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from lorakit.export import write_gguf
+
+    save_chat_llama(tmp_path / "llama")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llama")
+    torch.manual_seed(0)
+    # head_dim 128 as in every Qwen3: transformers' GGUF reader takes Qwen3Config's default, not the file's
+    Qwen3ForCausalLM(Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=128, vocab_size=len(tokenizer),
+                                 max_position_embeddings=128)).save_pretrained(tmp_path / "qwen3")
+    tokenizer.save_pretrained(tmp_path / "qwen3")
+    base_file = write_gguf(tmp_path / "qwen3", tmp_path / "qwen3.gguf").resolve()
+    loaded = _load(base_file)
+    lorakit.wrap(loaded.model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_adapter(
+        tmp_path / "adapter")
+    capsys.readouterr()
+    assert main(["export", "--base", str(base_file), "--adapter", str(tmp_path / "adapter"), "--format", "ollama",
+                 "--out", str(tmp_path / "ollama")]) == 0
+    out = capsys.readouterr().out
+    assert "Ollama runs qwen3 models on its own engine" in out and "writing the merged model" in out
+    assert sorted(p.name for p in (tmp_path / "ollama").iterdir()) == ["Modelfile", "model.gguf"]
+    assert (tmp_path / "ollama" / "Modelfile").read_text().splitlines()[0] == "FROM ./model.gguf"
+    assert main(["check", str(tmp_path / "adapter"), "--for", "ollama", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (engine,) = [f for f in report["findings"] if "own engine" in f["problem"]]
+    assert "loras are not yet implemented" in engine["problem"] and str(base_file) in engine["problem"]
+    assert "merged" in engine["fix"]

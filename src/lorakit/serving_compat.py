@@ -45,6 +45,10 @@ VLLM_NO_LORA_ARCHS = ("GPT2LMHeadModel",)
 # ollama/ollama convert/convert.go ConvertAdapter: the base GGUF's general.architecture must be "llama" (Llama,
 # and Mistral, which llama.cpp converts as llama) or "gemma2", else "unsupported architecture".
 OLLAMA_ADAPTER_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Gemma2ForCausalLM")
+# ollama/ollama fs/ggml/ggml.go OllamaEngineRequired(): these GGUF architectures (among lorakit's exports) run on
+# Ollama's own engine, whose runner/ollamarunner/runner.go refuses any adapter when the model loads ("loras are not
+# yet implemented"), though `ollama create` accepts the ADAPTER line; the others run on llama.cpp, which applies it.
+OLLAMA_ENGINE_NO_LORA = {"Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3"}
 # ollama/ollama convert/convert_llama_adapter.go Replacements(): only these projections get llama.cpp names.
 OLLAMA_ADAPTER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EMBEDDINGS = ("embed_tokens", "lm_head")
@@ -56,6 +60,8 @@ SRC_LLAMACPP_SCALE = ("ggml-org/llama.cpp src/llama-adapter.h (get_scale: alpha 
 SRC_LORAKIT_GGUF = "lorakit src/lorakit/export/gguf.py (ARCHITECTURES), export/lora_gguf.py"
 SRC_OLLAMA_CONVERT = "ollama/ollama convert/convert.go (ConvertAdapter), convert/convert_llama_adapter.go"
 SRC_OLLAMA_LOAD = SRC_OLLAMA_CONVERT + "; ggml-org/llama.cpp src/llama-adapter.cpp (unexpected suffix / not in base)"
+SRC_OLLAMA_ENGINE = "ollama/ollama fs/ggml/ggml.go (OllamaEngineRequired), runner/ollamarunner/runner.go"
+SRC_LORAKIT_GGUF_BASE = "lorakit src/lorakit/gguf_base.py, export/ollama.py (write_ollama_adapter_directory)"
 
 
 @dataclass(frozen=True)
@@ -115,8 +121,9 @@ class AdapterFacts:
 class _Adapter:
     """The facts the rules read, from the config, the tensors (when given) and the base config (when given)."""
 
-    def __init__(self, config: LoraConfig, facts: AdapterFacts | None, base: dict[str, Any] | None):
-        self.config, self.facts = config, facts
+    def __init__(self, config: LoraConfig, facts: AdapterFacts | None, base: dict[str, Any] | None,
+                 base_gguf: str | None = None):
+        self.config, self.facts, self.base_gguf = config, facts, base_gguf
         archs = (base or {}).get("architectures") or []
         self.arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
         self.vocab = (base or {}).get("vocab_size")
@@ -151,8 +158,10 @@ class _Adapter:
 
 
 def check(config: LoraConfig, targets: tuple[str, ...] | list[str] = TARGETS, *, facts: AdapterFacts | None = None,
-          base_config: dict[str, Any] | None = None, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK) -> list[Finding]:
-    """Every finding for each of `targets` (see the module docstring for what each severity means)."""
+          base_config: dict[str, Any] | None = None, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK,
+          base_gguf: str | None = None) -> list[Finding]:
+    """Every finding for each of `targets` (see the module docstring for what each severity means); `base_gguf` is
+    the GGUF file the adapter was trained on, when it was (then llama.cpp and Ollama can run that very file)."""
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise ConfigError(f"unknown deployment target(s) {', '.join(map(repr, unknown))}; choose from "
@@ -160,7 +169,7 @@ def check(config: LoraConfig, targets: tuple[str, ...] | list[str] = TARGETS, *,
     if max_lora_rank not in VLLM_MAX_LORA_RANKS:
         raise ConfigError(f"vLLM accepts only {', '.join(map(str, VLLM_MAX_LORA_RANKS))} as --max-lora-rank, got "
                           f"{max_lora_rank}", where="--max-lora-rank")
-    adapter = _Adapter(config, facts, base_config)
+    adapter = _Adapter(config, facts, base_config, base_gguf)
     rules: dict[str, Callable[[_Adapter], list[Finding]]] = {
         "vllm": lambda a: _vllm(a, max_lora_rank), "llama.cpp": _llama_cpp, "ollama": _ollama, "peft": _peft}
     findings: list[Finding] = []
@@ -284,7 +293,7 @@ def _llama_cpp(a: _Adapter) -> list[Finding]:
         supported = ", ".join(sorted(_gguf_archs()))
         return [Finding(T, REFUSED, f"lorakit's GGUF exports (lora-gguf, gguf) support {supported}; the base is "
                         f"{a.arch} (llama.cpp's own converters were not checked for it)",
-                        "train on a Llama, Mistral or Qwen2 base, or export --format hf and convert with llama.cpp's "
+                        "train on a base of one of those architectures, or export --format hf and convert with llama.cpp's "
                         "convert_hf_to_gguf.py yourself", SRC_LORAKIT_GGUF)]
     out = [] if a.arch else [_unknown_arch(T, "GGUF support")]
     for what, fix in _no_gguf_lora_form(a):
@@ -300,6 +309,11 @@ def _llama_cpp(a: _Adapter) -> list[Finding]:
                            "(get_base_tensor_name: lora_embedding_A/B)"))
     out += _scale_findings(T, "llama.cpp's convert_lora_to_gguf.py", "lorakit export --format lora-gguf (it folds "
                            "each layer's exact scale into B)", a, SRC_LLAMACPP_SCALE)
+    if a.base_gguf:
+        out.append(Finding(T, NOTE, f"trained on the GGUF file {a.base_gguf}: llama.cpp can run the adapter on that "
+                           "very file, so it computes on the weights it was trained on (a merged export would "
+                           "quantize them again)", f"lorakit export --format lora-gguf --out adapter.gguf, then "
+                           f"llama-cli -m {a.base_gguf} --lora adapter.gguf (or llama-server)", SRC_LORAKIT_GGUF_BASE))
     return out
 
 
@@ -315,6 +329,19 @@ def _ollama(a: _Adapter) -> list[Finding]:
                         "train on a Llama or Mistral base (or Qwen2, through lorakit export --format ollama)",
                         f"{SRC_OLLAMA_CONVERT}; {SRC_LORAKIT_GGUF}")]
     out = [] if a.arch else [_unknown_arch(T, "Ollama's architecture rules")]
+    if a.arch in OLLAMA_ENGINE_NO_LORA:
+        out.append(Finding(T, NOTE, f"Ollama runs {OLLAMA_ENGINE_NO_LORA[a.arch]} models on its own engine, which "
+                           "refuses every ADAPTER when the model loads ('loras are not yet implemented', after "
+                           "`ollama create` accepted it): only a merged model runs there" +
+                           (f"; for this GGUF base ({a.base_gguf}) lorakit export --format ollama writes the merged "
+                            "model, quantized again from the dequantized weights" if a.base_gguf else ""),
+                           "use lorakit export --format ollama (merged); lorakit verify shows what the quantization "
+                           "costs", SRC_OLLAMA_ENGINE))
+    elif a.base_gguf and via_lorakit:
+        out.append(Finding(T, NOTE, f"trained on the GGUF file {a.base_gguf}: lorakit export --format ollama writes "
+                           "FROM that file and ADAPTER adapter.gguf, so Ollama runs the weights the adapter was trained "
+                           "on and nothing of the base is copied", "lorakit export --format ollama --out DIR, then "
+                           "ollama create NAME -f DIR/Modelfile", SRC_LORAKIT_GGUF_BASE))
     # Each problem below refuses `ADAPTER <adapter dir>`; it becomes a note when lorakit's export gets around it.
     problems: list[tuple[str, str]] = []
     if not direct:
@@ -399,11 +426,13 @@ def check_run_config(config: Any, log: Callable[[str], None]) -> list[Finding]:
     if not targets:
         return []
     base = base_config_of(config.model.name_or_path)
+    name = str(config.model.name_or_path)
+    base_gguf = name if name.lower().endswith(".gguf") else config.model.gguf_file  # trained on a GGUF file
     # tasks with their own lora section train several adapters
     sections = [("lora", config.lora)] + [(f"tasks {t.name!r} lora", t.lora) for t in config.tasks if t.lora is not None]
     findings, refused = [], []
     for where, lora in sections:
-        for finding in check(lora, targets, base_config=base):
+        for finding in check(lora, targets, base_config=base, base_gguf=base_gguf):
             findings.append(finding)
             if finding.severity == REFUSED:
                 refused.append(f"{finding.target} would refuse the adapter ({where}): {finding.problem}; fix: "

@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     keys = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))  # valid: read_adapter_config passed
     facts = AdapterFacts(shapes={key: entry.shape for key, entry in entries.items()}, config_keys=frozenset(keys))
     targets = tuple(dict.fromkeys(args.targets or TARGETS))
-    findings = check(config, targets, facts=facts, base_config=base, max_lora_rank=args.max_lora_rank)
+    findings = check(config, targets, facts=facts, base_config=base, max_lora_rank=args.max_lora_rank,
+                     base_gguf=trained_on_gguf(directory, config.base_model_name_or_path))
     refused = sorted({f.target for f in findings if f.severity == REFUSED}, key=targets.index)
     tensors = (f"loads as lorakit loads it onto {base_dir}" if base_dir else
                "names, dtypes and values valid; shapes not checked against a base (pass --base)")
@@ -79,6 +80,19 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {f.severity}: {f.problem}\n    fix: {f.fix}\n    source: {f.source}")
         print(f"refused by: {', '.join(refused)}" if refused else "no target refuses this adapter")
     return EXIT_REFUSED if refused else 0
+
+
+def trained_on_gguf(directory: Path, adapter_base: str | None) -> str | None:
+    """The GGUF file the adapter was trained on: its BASE_FILE record (lora/io.py), else a .gguf base path."""
+    from ..lora.io import BASE_FILE
+
+    try:
+        record = json.loads((directory / BASE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("path"), str):
+        return record["path"]
+    return adapter_base if adapter_base and adapter_base.lower().endswith(".gguf") else None
 
 
 def _status(target: str, findings: list[Finding]) -> str:

@@ -271,6 +271,7 @@ def _export(args: argparse.Namespace) -> int:
     from ..export import merge_to_directory, write_gguf, write_lora_gguf
 
     from ..export.outputs import check_out
+    from ..serving_compat import OLLAMA_ENGINE_NO_LORA
 
     out = Path(args.out)
     check_out(out, args.format if args.format == "ollama" else "gguf", overwrite=args.overwrite,
@@ -280,7 +281,11 @@ def _export(args: argparse.Namespace) -> int:
         print(f"GGUF LoRA adapter written to {out} (llama.cpp: llama-cli -m BASE.gguf --lora {out})")
         return 0
     base_gguf = gguf_file_of(model_config(args.model, "float32", None))
-    if args.format == "ollama" and base_gguf is not None:  # the user's own file stays the base: ADAPTER on it
+    if args.format == "ollama" and base_gguf is not None and base_gguf.architecture in OLLAMA_ENGINE_NO_LORA.values():
+        print(f"note: Ollama runs {base_gguf.architecture} models on its own engine, which refuses adapters when the "
+              "model loads ('loras are not yet implemented'): writing the merged model instead of FROM "
+              f"{base_gguf.path} + ADAPTER (lorakit verify shows what --quant {args.quant} costs)")
+    elif args.format == "ollama" and base_gguf is not None:  # the user's own file stays the base: ADAPTER on it
         from ..export.ollama import write_ollama_adapter_directory
 
         loaded = load(args.model, args.adapter, "float32")
