@@ -499,3 +499,23 @@ def test_merge_and_unload_matches_peft(case, input_ids, tmp_path):
         assert_same(ours_sd[key].float(), theirs_sd[key].float())
     assert_same(logits(ours, input_ids), logits(theirs, input_ids))
     assert_same(logits(ours, input_ids), unmerged)
+
+
+def test_a_distilbert_style_head_trains_its_random_pre_classifier_as_peft_does(tmp_path):
+    """DistilBERT's classification head has a randomly initialised pre_classifier before the classifier: with
+    task_type SEQ_CLS lorakit trains and saves both in full, the names PEFT adds (CLASSIFIER_MODULE_NAMES), and
+    PEFT's own file of such a model loads in lorakit without a word."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    def distilbert():
+        torch.manual_seed(0)
+        return DistilBertForSequenceClassification(DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2,
+                                                                    hidden_dim=64, max_position_embeddings=32))
+    lm = lorakit.wrap(distilbert(), lorakit.LoraConfig(r=4, target_modules=["q_lin", "v_lin"], task_type="SEQ_CLS"))
+    assert set(lm.adapter_configs["default"].modules_to_save) == {"pre_classifier", "classifier"}
+    pm = peft_lora(distilbert(), r=4, target_modules=["q_lin", "v_lin"], task_type="SEQ_CLS")
+    quiet_peft_save(pm, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = lorakit.load_adapter(distilbert(), tmp_path)
+    assert "pre_classifier" in loaded.adapter_configs["default"].modules_to_save

@@ -265,7 +265,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str, *, init: boo
 
 
 CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
-CLASSIFIER_HEADS = ("classifier", "score")
+# PEFT's CLASSIFIER_MODULE_NAMES (peft_model.py; pre_classifier since PEFT 0.22: DistilBERT's head starts random too)
+CLASSIFIER_HEADS = ("classifier", "score", "pre_classifier")
 
 
 def with_task_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:

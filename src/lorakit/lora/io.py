@@ -276,8 +276,9 @@ def check_file_values(source: Path, keys: Iterable[str]) -> None:
 
 def drop_absent_modules_to_save(model: nn.Module, config: LoraConfig, directory: Path) -> LoraConfig:
     """PEFT tolerates modules_to_save names that match nothing, and writes some itself: task_type SEQ_CLS adds
-    both "classifier" and "score" whatever the model has. A file is loaded as PEFT loads it, so such names are
-    dropped here (with a warning unless PEFT added them); a config built by hand still gets the strict check."""
+    "classifier", "score" and (since PEFT 0.22) "pre_classifier" whatever the model has. A file is loaded as PEFT
+    loads it, so such names are dropped here (with a warning unless PEFT added them: CLASSIFIER_HEADS); a config
+    built by hand still gets the strict check."""
     wanted = config.modules_to_save
     if not wanted:
         return config
