@@ -383,6 +383,24 @@ def test_llama_cpp_tokenizes_like_a_sentencepiece_tokenizer(tmp_path):
     texts = ["Héllo wörld 你好", "I'm here, you're there 123", "two  spaces\nand a newline", "The quick brown fox ☃"]
     _, tokens = _llama_cpp(model_file, [1, 2], tmp_path, texts=texts)
     assert tokens == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # ☃: byte fallback
+    assert tokenizer.convert_ids_to_tokens(tokens[0])[0].startswith("▁")  # Llama 2 style: ▁ before the text
+
+    # Gemma style: the same kind of model without the leading ▁ (add_dummy_prefix off, GemmaTokenizer's converter)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "gemma"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, add_dummy_prefix=False,
+                                   unk_id=3, bos_id=2, eos_id=1, pad_id=0, minloglevel=2)
+    gemma = tmp_path / "gemma-source"
+    gemma.mkdir()
+    shutil.copy(tmp_path / "gemma.model", gemma / "tokenizer.model")
+    (gemma / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer", "bos_token": "<s>",
+                                                            "eos_token": "</s>", "unk_token": "<unk>",
+                                                            "pad_token": "<pad>"}))
+    tokenizer = AutoTokenizer.from_pretrained(gemma)
+    (tmp_path / "g").mkdir()
+    model_file = _gguf_with_tokenizer(tokenizer, tmp_path / "g")
+    _, tokens = _llama_cpp(model_file, [1, 2], tmp_path / "g", texts=texts)
+    assert tokens == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert not tokenizer.convert_ids_to_tokens(tokens[0])[0].startswith("▁")
 
 
 LLAMA3_CHAT = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "

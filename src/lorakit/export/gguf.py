@@ -19,8 +19,9 @@ quantizer makes q8_0 blocks. What lorakit decides is what llama.cpp expects of e
   tensors (attn_qkv, ffn_up) in both, so they and their LoRA pass through as they are.
 - the tokenizer: byte-level BPE as "gpt2", with merges, special tokens and the chat template, for the
   pre-tokenizers of GPT-2, Llama 3 and Qwen2 (recognised by their exact split pattern); SentencePiece-style
-  BPE (byte fallback, the ▁ word marker: Llama 2, Mistral) as "llama", scored by merge rank. Others are
-  refused by name, not converted approximately.
+  BPE (byte fallback, the ▁ word marker: Llama 2, Mistral, Gemma) as "llama", scored by merge rank, with
+  whether the tokenizer puts ▁ before the text (Llama 2 does, Gemma does not). Others are refused by name,
+  not converted approximately.
 
 The file is written atomically (lorakit.atomic: a temporary file beside the target, fsynced, renamed).
 """
@@ -101,7 +102,8 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, quant: str = "f16
         writer.add_value_length(head_dim)
         writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
         writer.add_rope_freq_base(rope_theta)
-        writer.add_rope_dimension_count(int(head_dim * config.get("partial_rotary_factor", 1.0)))
+        partial = config.get("partial_rotary_factor") or (config.get("rope_parameters") or {}).get("partial_rotary_factor")
+        writer.add_rope_dimension_count(int(head_dim * (partial or 1.0)))  # Phi-3.5/4-mini rotate part of each head
         if rope_type == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(rope_factor)
@@ -293,6 +295,8 @@ def _add_tokenizer(writer, model_dir: Path, vocab_size: int | None) -> None:
             rank.setdefault(left + right, i)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
+        # Llama 2 / Mistral put ▁ before the text, Gemma does not; llama.cpp assumes it does unless told
+        writer.add_add_space_prefix(_prepends_word_marker(spec))
         writer.add_token_scores([-1e9 if kind == gguf.TokenType.UNUSED else -float(rank[piece]) if piece in rank
                                  else 0.0 for piece, kind in zip(tokens, types)])
     else:
@@ -301,6 +305,19 @@ def _add_tokenizer(writer, model_dir: Path, vocab_size: int | None) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(model_dir, load_merges=not sentencepiece, n_vocab=len(tokens)).add_to_gguf(writer)
+
+
+def _prepends_word_marker(spec: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts ▁ before the text: a Prepend normalizer (older converted
+    tokenizers) or a Metaspace pre-tokenizer that prepends (newer ones); Gemma's only replaces spaces."""
+    def steps(part: dict | None, key: str) -> list[dict]:
+        part = part or {}
+        return (part.get(key) or []) if part.get("type") == "Sequence" else [part]
+    normalizers = steps(spec.get("normalizer"), "normalizers")
+    pre_tokenizers = steps(spec.get("pre_tokenizer"), "pretokenizers")
+    return (any(n.get("type") == "Prepend" and n.get("prepend") == "▁" for n in normalizers)
+            or any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always" if p.get("add_prefix_space", True)
+                                                           else "never") != "never" for p in pre_tokenizers))
 
 
 def _vocabulary(tokenizer, size: int, *, sentencepiece: bool) -> tuple[list[str], list[int]]:
