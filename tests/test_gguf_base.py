@@ -306,3 +306,22 @@ def test_a_qwen3_gguf_base_gets_a_merged_ollama_export_since_ollamas_engine_refu
     (engine,) = [f for f in report["findings"] if "own engine" in f["problem"]]
     assert "loras are not yet implemented" in engine["problem"] and str(base_file) in engine["problem"]
     assert "merged" in engine["fix"]
+
+
+def test_a_files_sha256_is_computed_once_then_read_from_the_cache_index(files, cache, monkeypatch):
+    """Hashing a multi-GB file on every command would cost seconds each: the sha256 is indexed in the cache by
+    path, inode, size and times, read back while the file is unchanged, and computed again once it is touched."""
+    import os
+    from lorakit import gguf_base
+
+    calls = []
+    real = gguf_base._hash_contents
+    monkeypatch.setattr(gguf_base, "_hash_contents", lambda path: calls.append(path) or real(path))
+    path = files / "model.f16.gguf"
+    first = gguf_base.read_gguf(path).sha256
+    assert first == hashlib.sha256(path.read_bytes()).hexdigest() and len(calls) == 1
+    assert gguf_base.read_gguf(path).sha256 == first and len(calls) == 1  # from the index
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # touched: hashed again
+    assert gguf_base.read_gguf(path).sha256 == first and len(calls) == 2
+    assert len(json.loads((cache / "sha256-index.json").read_text())) == 1  # the older entry replaced

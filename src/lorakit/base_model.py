@@ -219,7 +219,9 @@ def meta_model(hf_config, dtype: torch.dtype = torch.float32, *, trust_remote_co
     where = hf_config if isinstance(hf_config, (str, Path)) else "the model config"
     try:
         if isinstance(hf_config, (str, Path)) and str(hf_config).lower().endswith(".gguf"):
-            hf_config = AutoConfig.from_pretrained(str(Path(hf_config).parent), gguf_file=Path(hf_config).name)
+            from .gguf_base import hf_config_of
+
+            hf_config = hf_config_of(hf_config)
         elif isinstance(hf_config, (str, Path)):
             hf_config = AutoConfig.from_pretrained(hf_config)
         with torch.device("meta"):

@@ -25,6 +25,7 @@ from .errors import ConfigError
 
 SUFFIX = ".gguf"
 _SOURCE_FILE = "gguf_source.json"  # in a dequantized directory: which file, which dtype; written last
+_HASH_INDEX = "sha256-index.json"  # in cache_root(): path|inode|size|mtime|ctime -> sha256
 
 
 def is_gguf(name_or_path: str, gguf_file: str | None = None) -> bool:
@@ -140,6 +141,19 @@ def dequantized(source: GgufFile, dtype: torch.dtype, *, log=lambda _: None) -> 
     return target
 
 
+def hf_config_of(path: str | Path):
+    """transformers' config of a GGUF file (read from its header), with `architectures` filled in as a
+    config.json has it (transformers' GGUF reader leaves it empty). Raises what transformers raises."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    if not getattr(config, "architectures", None) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return config
+
+
 def _load_dequantized(path: Path, dtype: torch.dtype):
     """transformers' reading of the file with every weight unpacked (GgufConfig(dequantize=True)); the model is
     then a plain one, and is saved as one."""
@@ -168,6 +182,34 @@ def _complete(target: Path, sha256: str) -> bool:
 
 
 def _sha256(path: Path) -> str:
+    """The file's sha256, read from the cache's index when the file is unchanged since it was hashed (same
+    inode, size, modification and change times: what a rewrite changes), else hashed and indexed; a multi-GB
+    file is then read once, not by every command."""
+    from .atomic import write_text_atomic
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+    index_file = cache_root() / _HASH_INDEX
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    if not isinstance(index, dict):
+        index = {}
+    if isinstance(index.get(key), str):
+        return index[key]
+    digest = _hash_contents(path)
+    index = {k: v for k, v in index.items() if not k.startswith(f"{path.resolve()}|")}  # older versions of it
+    index[key] = digest
+    try:
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(index_file, json.dumps(index, indent=1) + "\n")
+    except OSError:  # a read-only cache only costs the next command a second hashing
+        pass
+    return digest
+
+
+def _hash_contents(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):

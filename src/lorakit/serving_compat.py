@@ -404,16 +404,12 @@ def base_config_of(name_or_path: str | Path) -> dict[str, Any] | None:
 
 
 def _gguf_config(path: Path) -> dict[str, Any] | None:
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from .gguf_base import hf_config_of
 
     try:
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+        return hf_config_of(path).to_dict()
     except Exception:  # not readable as a model GGUF: the checks go on without the base's facts, as for a hub id
         return None
-    if not config.get("architectures") and config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]]  # as config.json has it
-    return config
 
 
 def check_run_config(config: Any, log: Callable[[str], None]) -> list[Finding]:
