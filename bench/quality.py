@@ -163,11 +163,14 @@ def lorakit_worker(args, opts: dict, out_dir: str) -> dict:
     lora = {"lora_dropout": 0.0}
     if "r" in opts:
         lora.update(r=opts["r"], lora_alpha=opts["alpha"], target_modules=opts["targets"])
-    train = {"max_steps": args.steps, "batch_size": args.batch, "seed": args.seed, "log_every": 10 ** 6}
+    train = {"max_steps": args.steps, "batch_size": opts.get("batch", args.batch), "seed": args.seed,
+             "log_every": 10 ** 6}
     if "lr" in opts:
         train.update(lr=opts["lr"], lr_schedule=opts["schedule"])
     cfg = {"model": {"name_or_path": args.model_dir, **({"dtype": opts["dtype"]} if "dtype" in opts else {})},
-           "lora": lora, "data": {"train": args.train}, "train": train,
+           "lora": lora, "data": {"train": args.train, **({"packing": True, "max_seq_len": opts["max_seq_len"]}
+                                                           if opts.get("packing") else {})},
+           "train": train,
            "speed": {"adapter_compute": opts.get("adapter_compute", "auto")}, "output_dir": out_dir}
     path = os.path.join(args.tmp, f"run-{args.config}-{args.seed}.yaml")
     with open(path, "w") as f:
@@ -191,8 +194,9 @@ def lorakit_worker(args, opts: dict, out_dir: str) -> dict:
             return _inner(model, train, *a, **kw)
     run_mod.fit = fit
     result = run_mod.run_training(load_run_config(path), log=lambda line: None)
+    shown = ("lora", "train", "speed", *(("data",) if opts.get("packing") else ()))
     return dict(adapter=str(result.adapter_dir), train_s=seen["train_s"], train_loss=statistics.mean(result.losses),
-                settings=f"yaml {json.dumps({k: cfg[k] for k in ('lora', 'train', 'speed')}, separators=(',', ':'))}; "
+                settings=f"yaml {json.dumps({k: cfg[k] for k in shown}, separators=(',', ':'))}; "
                          f"base {seen['dtype']}")
 
 
