@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ".gguf file (the file the adapter was trained on)")
     export.add_argument("--adapter", required=True, help="adapter directory")
     export.add_argument("--format", default="hf", choices=["hf", "gguf", "ollama", "lora-gguf"],
-                        help="hf: a transformers model directory; gguf: one .gguf file (llama, mistral, qwen2, qwen3); "
+                        help="hf: a transformers model directory; gguf: one .gguf file (llama, mistral, qwen2, qwen3, "
+                             "gemma2, gemma3, phi3); "
                              "ollama: a directory with the .gguf and a Modelfile for `ollama create` (for a "
                              ".gguf base: the adapter as a GGUF LoRA, FROM that file and ADAPTER); "
                              "lora-gguf: the adapter alone, for llama.cpp's --lora on a GGUF of the base")
