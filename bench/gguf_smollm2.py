@@ -22,7 +22,9 @@ Each side's fastest setting, on the same examples per step (--configs lk-packed,
                                Trainer has no packing without TRL)
 Columns: val loss (lorakit's evaluate on the held-out records, fp32), train tok/s (real input tokens, counted at
 the input embeddings as tokens != pad, over the training call; SmolLM2's pad is <|im_end|>, so end-of-turn tokens
-are not counted on either side), peak RSS at the end of training (model, data, optimizer, activations), cpu%.
+are not counted on either side), peak RSS at the end of training (model, data, optimizer, activations), cpu%
+(process CPU time / (wall x threads) over the training call, the interval tok/s is measured over: imports and
+loading run on one thread and would lower it without saying anything about contention).
 
 Inference (fresh process per side, after training): the lk-matched seed-0 adapter (PEFT format) on `--prompts`
 held-out prompts, greedy, `--max-new-tokens` each, 8 rows at a time, timed after one warm-up request: lorakit's engine (the adapter unmerged, the
@@ -241,13 +243,13 @@ def main():
                 r = run_worker(args, config, seed)
                 results[config].append(r)
                 print(f"{config:16} {seed:4d} {r['val_loss']:8.4f} {r['tok_s']:6.1f} {r['train_s']:7.1f} "
-                      f"{r['run_s']:6.1f} {r['rss_mib']:7.0f} {r['busy'] * 100:4.0f} {r['train_loss']:10.4f}", flush=True)
+                      f"{r['run_s']:6.1f} {r['rss_mib']:7.0f} {r['train_busy'] * 100:4.0f} {r['train_loss']:10.4f}", flush=True)
         print("\nsummary (means over seeds)")
         for config in configs:
             rs = results[config]
             print(f"  {config:16} val loss {quality._mean_std([r['val_loss'] for r in rs])}  tok/s "
                   f"{statistics.mean(r['tok_s'] for r in rs):6.1f}  rss {statistics.mean(r['rss_mib'] for r in rs):5.0f} "
-                  f"MiB  cpu% {statistics.mean(r['busy'] for r in rs) * 100:3.0f}")
+                  f"MiB  cpu% {statistics.mean(r['train_busy'] for r in rs) * 100:3.0f}")
         print("\nlorakit / PEFT")
         for label, k, p in PAIRS:
             if results.get(k) and results.get(p):

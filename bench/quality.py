@@ -182,7 +182,8 @@ def lorakit_worker(args, opts: dict, out_dir: str) -> dict:
         try:
             return real_fit(model, *a, **kw)
         finally:
-            seen.update(train_s=clock.stop()["wall"], dtype=str(next(model.model.parameters()).dtype))
+            timed = clock.stop()
+            seen.update(train_s=timed["wall"], train_busy=timed["busy"], dtype=str(next(model.model.parameters()).dtype))
 
     if opts.get("norm") == "constant":  # diagnostic: every batch's summed loss over the same number
         import lorakit.train.objectives.sft as sft_mod
@@ -195,7 +196,7 @@ def lorakit_worker(args, opts: dict, out_dir: str) -> dict:
     run_mod.fit = fit
     result = run_mod.run_training(load_run_config(path), log=lambda line: None)
     shown = ("lora", "train", "speed", *(("data",) if opts.get("packing") else ()))
-    return dict(adapter=str(result.adapter_dir), train_s=seen["train_s"], train_loss=statistics.mean(result.losses),
+    return dict(adapter=str(result.adapter_dir), train_s=seen["train_s"], train_busy=seen["train_busy"], train_loss=statistics.mean(result.losses),
                 settings=f"yaml {json.dumps({k: cfg[k] for k in shown}, separators=(',', ':'))}; "
                          f"base {seen['dtype']}")
 
@@ -230,14 +231,15 @@ def peft_worker(args, opts: dict, out_dir: str) -> dict:
     trainer = Trainer(model=model, args=targs, train_dataset=ds, data_collator=DataCollatorForSeq2Seq(tok, padding=True))
     train_clock = harness.CpuClock().start()
     output = trainer.train()
-    train_s = train_clock.stop()["wall"]
+    timed = train_clock.stop()
     adapter = os.path.join(out_dir, "adapter")
     model.save_pretrained(adapter)
     lora_dtype = next(p.dtype for n, p in model.named_parameters() if "lora_A" in n)
     settings = (f"LoraConfig({', '.join(f'{k}={v!r}' for k, v in lora.items())}); TrainingArguments("
                 f"{', '.join(f'{k}={v!r}' for k, v in kw.items())}); base {str(load).removeprefix('torch.')}, LoRA "
                 f"{str(lora_dtype).removeprefix('torch.')}; optim {targs.optim}")
-    return dict(adapter=adapter, train_s=train_s, train_loss=output.training_loss, settings=settings)
+    return dict(adapter=adapter, train_s=timed["wall"], train_busy=timed["busy"], train_loss=output.training_loss,
+                settings=settings)
 
 
 def score(model_dir: str, adapter: str | None, val: str, dtype: str) -> float:
