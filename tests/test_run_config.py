@@ -89,7 +89,7 @@ def test_the_data_section_is_the_data_packages_options(minimal):
         load_run_config(minimal, ["data.columns={instrution: q}", "data.max_seq_len=1", "train.lr=0"])
     assert caught.value.problems == [
         "data.columns: unknown key 'instrution' (did you mean 'instruction'?); mappable: instruction, input, output, "
-        "system, history, messages, conversations, text, role, content, from, value",
+        "system, history, messages, conversations, text, role, content, from, value, tools",
         "data.max_seq_len: expected an integer >= 2, got 1",
         "train.lr: must be a positive number, got 0.0"]
 

@@ -6,7 +6,7 @@ Imports torch and, lazily, pyarrow / datasets; never `lorakit.lora`.
 """
 
 from .collate import LengthGroupedBatchSampler, collate, collate_packed
-from .formats import FORMATS, Turn, detect_format, normalise
+from .formats import FORMATS, ToolCall, Turn, chat_tools, detect_format, normalise
 from .options import DataOptions
 from .packing import PackedRow, block_causal_mask, pack
 from .prepare import DataSummary, Example, PreparedData, iter_batches, packed_rows, prepare, split_validation
@@ -28,8 +28,10 @@ __all__ = [
     "PreparedData",
     "Record",
     "Tokenized",
+    "ToolCall",
     "Turn",
     "block_causal_mask",
+    "chat_tools",
     "collate",
     "collate_packed",
     "detect_format",

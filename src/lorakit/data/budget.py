@@ -12,6 +12,7 @@ byte-level and SentencePiece tokenizers); records within the budget are not touc
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from .formats import Normalised, Turn
 from .templates import Tokenized
@@ -54,13 +55,18 @@ def cut_to_budget(item: Normalised, budget: int, literals: tuple[str, ...] = ())
     """
     if isinstance(item, str):
         return item[:budget] if len(item) > budget else None
-    if sum(len(t.content) for t in item) <= budget:
+    if sum(len(t.reasoning) + len(t.content) for t in item) <= budget:
         return None
     kept: list[Turn] = []
     left = budget
-    for turn in item:
+    for turn in item:  # reasoning is rendered before the reply's text
+        if len(turn.reasoning) > left:
+            kept.append(replace(turn, reasoning=_cut_content(turn.reasoning, left, literals), content="",
+                                tool_calls=()))
+            break
+        left -= len(turn.reasoning)
         if len(turn.content) > left:
-            kept.append(Turn(turn.role, _cut_content(turn.content, left, literals)))
+            kept.append(replace(turn, content=_cut_content(turn.content, left, literals), tool_calls=()))
             break
         kept.append(turn)
         left -= len(turn.content)

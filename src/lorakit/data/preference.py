@@ -16,7 +16,7 @@ stop preparation with file:line, or are skipped and counted with data.skip_bad_r
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -158,7 +158,7 @@ def _prompt_tail(prompt: Conversation, budget: int) -> Conversation:
     out, left = [], budget
     for turn in reversed(prompt):
         keep = turn.content[len(turn.content) - left:] if left < len(turn.content) else turn.content
-        out.append(Turn(turn.role, keep if left > 0 else ""))
+        out.append(replace(turn, content=keep if left > 0 else ""))
         left = max(0, left - len(turn.content))
     return tuple(reversed(out))
 
@@ -180,6 +180,7 @@ def _pair_texts(record: Mapping[str, Any]) -> tuple[Conversation, str, str]:
             if len(turns) != shared + 1 or turns[-1].role != "assistant":
                 raise BadRecord("no_shared_prompt", f"without a 'prompt' key, {key!r} must be the shared conversation "
                                                     "plus one assistant reply")
+        refuse_tools((*whole[0], *whole[1]), "'chosen' or 'rejected'")
         prompt, chosen, rejected = whole[0][:shared], whole[0][-1].content, whole[1][-1].content
     for text in (chosen, rejected):
         check_conversation((*prompt, Turn("assistant", text)))  # role order, and no empty completion
@@ -194,10 +195,18 @@ def prompt_turns(value: Any) -> Conversation:
         return (Turn("user", value),)
     if isinstance(value, list):
         turns = turn_list({"prompt": value}, "prompt", column_names(None))
+        refuse_tools(turns, "'prompt'")
         if not turns or turns[-1].role != "user":
             raise BadRecord("bad_role_order", "'prompt' must end with a user turn (the completion answers it)")
         return turns
     raise BadRecord("bad_prompt", f"'prompt' is {type(value).__name__}; expected a string or a list of messages")
+
+
+def refuse_tools(turns: Sequence[Turn], what: str) -> None:
+    """Preference and RL data: tool use is not taken yet, and is refused rather than dropped."""
+    if any(t.tool_calls or t.reasoning or t.role == "tool" for t in turns):
+        raise BadRecord("tools_unsupported", f"{what} holds tool calls, tool results or reasoning: preference and RL "
+                                             "data do not take them yet (supervised data does)")
 
 
 def _completion(value: Any, key: str) -> str:
@@ -208,6 +217,7 @@ def _completion(value: Any, key: str) -> str:
         return value
     if isinstance(value, list):
         turns = turn_list({key: value}, key, column_names(None))
+        refuse_tools(turns, repr(key))
         if len(turns) != 1 or turns[0].role != "assistant":
             raise BadRecord("bad_completion", f"{key!r} must hold exactly one assistant message")
         return _completion(turns[0].content, key)

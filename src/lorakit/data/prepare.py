@@ -20,7 +20,7 @@ import torch
 from ..errors import DataError
 from .collate import LengthGroupedBatchSampler, PackedMask, collate, collate_packed
 from .budget import tokenize_within_budget
-from .formats import Normalised, describe_keys, detect_format, normalise
+from .formats import Normalised, Tools, chat_tools, describe_keys, detect_format, normalise
 from .options import DataOptions
 from .packing import PackedRow, pack
 from .records import BadRecord, Record, read_records, records_from_objects
@@ -108,7 +108,8 @@ def prepare(source: Source, tokenizer: Any, options: DataOptions | None = None, 
         if fmt != "text" and template is None:
             template = resolve_template(tokenizer, opts.template)  # DataError: stops at once, not per record
         item = normalise(record, fmt, opts.columns)
-        tok, cut = _tokenize(item, tokenizer, template, opts)
+        tools = () if isinstance(item, str) else chat_tools(record, item, opts.columns)
+        tok, cut = _tokenize(item, tools, tokenizer, template, opts)
         return _apply_length_policy(tok, location, opts, summary, chat=not isinstance(item, str), cut=cut)
 
     examples = each_record(source, opts, summary, example)
@@ -163,14 +164,14 @@ def pad_id(tokenizer: Any) -> int:
     return pad
 
 
-def _tokenize(item: Normalised, tokenizer: Any, template: ChatTemplate | None, opts: DataOptions) \
+def _tokenize(item: Normalised, tools: Tools, tokenizer: Any, template: ChatTemplate | None, opts: DataOptions) \
         -> tuple[Tokenized, bool]:
     """(the record tokenized, whether its text was cut to the budget first: see budget.py)."""
     if isinstance(item, str):
         return tokenize_within_budget(item, opts.max_seq_len, lambda text: tokenize_text(text, tokenizer))
     assert template is not None
     return tokenize_within_budget(
-        item, opts.max_seq_len, lambda turns: tokenize_conversation(turns, tokenizer, template,
+        item, opts.max_seq_len, lambda turns: tokenize_conversation(turns, tokenizer, template, tools=tools,
                                                                     train_on_prompt=opts.train_on_prompt),
         template.literal_strings)
 

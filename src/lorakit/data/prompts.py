@@ -16,7 +16,7 @@ from typing import Any
 
 from .formats import Conversation, column_names, detect_format, describe_keys, normalise, turn_list
 from .options import DataOptions
-from .preference import prompt_turns
+from .preference import prompt_turns, refuse_tools
 from .prepare import DataSummary, Source, each_record, pad_id, source_name
 from .records import BadRecord
 from .templates import ChatTemplate, resolve_template, tokenize_prompt
@@ -79,6 +79,7 @@ def prompt_of(record: Mapping[str, Any], columns: Mapping[str, str] | None = Non
         turns = turn_list(record, col["messages"] if fmt == "messages" else col["conversations"], col)
         if turns and turns[-1].role == "assistant":
             turns = turns[:-1]  # the reference answer: a reward may compare with it through the record
+        refuse_tools(turns, "the prompt")
     elif fmt == "alpaca":
         turns = normalise(record, fmt, columns)[:-1]
     elif fmt == "text":

@@ -20,18 +20,19 @@ such content is cut out of the rendered string (via a sentinel render) and encod
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DataError
-from .formats import Turn
+from .formats import Tools, Turn
 from .records import BadRecord
 
 IGNORE_INDEX = -100  # labels value meaning "no loss here" (torch.nn.CrossEntropyLoss default ignore_index)
 BUILTIN_TEMPLATES = ("chatml", "llama3", "alpaca", "plain")
-Messages = list[dict[str, str]]
-RenderFn = Callable[[Messages, bool], str]
+Messages = list[dict[str, Any]]
+RenderFn = Callable[[Messages, bool, Tools], str]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ChatTemplate:
     render: RenderFn
     end_of_turn_ids: frozenset[int]
     literal_strings: tuple[str, ...] = field(default=())  # special-token strings kept literal in content
+    tools: bool = False  # renders tool lists, tool calls, tool results and reasoning (the tokenizer's own)
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,9 @@ def resolve_template(tokenizer: Any, name: str = "auto") -> ChatTemplate:
             raise DataError("the tokenizer has no chat_template; set template to one of "
                             f"{', '.join(BUILTIN_TEMPLATES)} (plain for a base model)")
 
-        def render(messages: Messages, add_generation_prompt: bool) -> str:
-            out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        def render(messages: Messages, add_generation_prompt: bool, tools: Tools = ()) -> str:
+            out = tokenizer.apply_chat_template(messages, tools=list(tools) or None, tokenize=False,
+                                                add_generation_prompt=add_generation_prompt)
             if not isinstance(out, str):
                 raise DataError(f"apply_chat_template returned {type(out).__name__}, expected a string")
             return out
@@ -73,7 +76,7 @@ def resolve_template(tokenizer: Any, name: str = "auto") -> ChatTemplate:
         eot = {tid for tid, tok in tokenizer.added_tokens_decoder.items() if tok.special}
         if tokenizer.eos_token_id is not None:
             eot.add(tokenizer.eos_token_id)
-        return ChatTemplate("tokenizer", render, frozenset(eot), literals)
+        return ChatTemplate("tokenizer", render, frozenset(eot), literals, tools=True)
     if name not in BUILTIN_TEMPLATES:
         raise DataError(f"unknown template {name!r}; expected auto or one of {', '.join(BUILTIN_TEMPLATES)}")
     bos = _bos(tokenizer)
@@ -91,26 +94,31 @@ def resolve_template(tokenizer: Any, name: str = "auto") -> ChatTemplate:
     return ChatTemplate(name, render, frozenset({tokenizer.eos_token_id}), literals)
 
 
-def tokenize_conversation(turns: Sequence[Turn], tokenizer: Any, template: ChatTemplate, *,
+def tokenize_conversation(turns: Sequence[Turn], tokenizer: Any, template: ChatTemplate, *, tools: Tools = (),
                           train_on_prompt: bool = False) -> Tokenized:
-    """Token ids and labels for one conversation; labels supervise each assistant turn and its end-of-turn
-    token (or everything with `train_on_prompt`). Raises BadRecord when the template does not round-trip."""
-    messages = [{"role": t.role, "content": t.content} for t in turns]
-    ids = _encode_rendered(tokenizer, template, messages, False)
+    """Token ids and labels for one conversation; labels supervise each assistant turn (its text, reasoning and
+    tool calls) and its end-of-turn token, never tool results or the tool list (or everything with
+    `train_on_prompt`). Raises BadRecord when the template does not round-trip, or drops tools or reasoning."""
+    messages = as_messages(turns)
+    check_renders_tools(turns, tools, template)
+    ids = _encode_rendered(tokenizer, template, messages, False, tools)
     labels = [IGNORE_INDEX] * len(ids)
     ends = []
     for i, t in enumerate(turns):
         if t.role != "assistant":
             continue
-        prompt = _encode_rendered(tokenizer, template, messages[:i], True)
-        upto = _encode_rendered(tokenizer, template, messages[:i + 1], False)
+        prompt = _encode_rendered(tokenizer, template, messages[:i], True, tools)
+        upto = _encode_rendered(tokenizer, template, messages[:i + 1], False, tools)
         for part, what in ((prompt, "prompt before"), (upto, "conversation up to")):
             if ids[:len(part)] != part:
                 at = next((k for k, (a, b) in enumerate(zip(ids, part)) if a != b), min(len(ids), len(part)))
+                hint = ("; this template renders a turn differently once later turns follow (Qwen3's drops the "
+                        "reasoning of turns before the last user message): give each user turn its own record"
+                        if any(turn.reasoning for turn in turns) else "")
                 raise BadRecord("template_roundtrip",
                                 f"template {template.name!r} does not round-trip: the tokens of the {what} "
                                 f"assistant turn {i + 1} rendered alone differ from the full conversation at "
-                                f"token {at}, so the loss mask would not match inference")
+                                f"token {at}, so the loss mask would not match inference{hint}")
         last = max((k for k in range(len(prompt), len(upto)) if ids[k] in template.end_of_turn_ids), default=None)
         if last is None:
             raise BadRecord("no_end_of_turn", f"template {template.name!r} put no end-of-turn token after assistant "
@@ -123,10 +131,70 @@ def tokenize_conversation(turns: Sequence[Turn], tokenizer: Any, template: ChatT
     return Tokenized(ids, labels, tuple(ends))
 
 
+def as_messages(turns: Sequence[Turn]) -> Messages:
+    """The turns as chat-template messages (OpenAI's shape, as transformers' templates expect). Keys a turn does
+    not use are left out, not set empty: Llama 3.1's template tests `'tool_calls' in message`."""
+    messages: Messages = []
+    for t in turns:
+        m: dict[str, Any] = {"role": t.role, "content": t.content}
+        if t.tool_calls:
+            m["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": dict(c.arguments)},
+                                **({"id": c.id} if c.id else {})} for c in t.tool_calls]
+        if t.reasoning:
+            m["reasoning_content"] = t.reasoning
+        if t.name:
+            m["name"] = t.name
+        if t.tool_call_id:
+            m["tool_call_id"] = t.tool_call_id
+        messages.append(m)
+    return messages
+
+
+def check_renders_tools(turns: Sequence[Turn], tools: Tools, template: ChatTemplate) -> None:
+    """Tool data needs a template with tool syntax, and one that shows what it was given: a template that ignores
+    `tools` or `tool_calls` (many do) would train the model on replies to a prompt that never listed the tools,
+    or on empty replies instead of calls. Checked by rendering: every tool's and call's name, and the reasoning
+    text, must appear in the render."""
+    uses = bool(tools) or any(t.tool_calls or t.reasoning or t.role == "tool" for t in turns)
+    if not uses:
+        return
+    if not template.tools:
+        raise BadRecord("template_no_tools", f"the built-in template {template.name!r} has no syntax for tools, tool "
+                                             "calls or reasoning; use the tokenizer's own chat template (template: "
+                                             "auto) of a model that was trained on them")
+    try:
+        rendered = template.render(as_messages(turns), False, tools)
+    except Exception as e:  # noqa: BLE001 - a Jinja template may raise anything (raise_exception, TypeError)
+        raise BadRecord("template_error", f"template {template.name!r} failed to render: {e}") from None
+    missing = [f"tool {spec['function']['name']!r}" for spec in tools if spec["function"]["name"] not in rendered]
+    missing += [f"the call to {c.name!r} in turn {n}" for n, t in enumerate(turns, 1) for c in t.tool_calls
+                if f'"{c.name}"' not in rendered and c.name not in rendered]
+    missing += [f"the result in turn {n}" for n, t in enumerate(turns, 1) if t.role == "tool" and not any(
+        shown in rendered for shown in (t.content.strip(), json.dumps(t.content, ensure_ascii=False)))]  # Llama 3.1
+    # writes a string result as a JSON string
+    missing += [f"the reasoning of turn {n}" for n, t in enumerate(turns, 1) if t.reasoning
+                and t.reasoning.strip() not in rendered]
+    if missing:
+        raise BadRecord("template_drops_tools", f"the tokenizer's chat template leaves out {', '.join(missing[:3])}, so "
+                                                "the model would train on text that does not show it: use the chat "
+                                                "template of a tool-calling model (a template that keeps reasoning "
+                                                "only after the last user message, as Qwen3's, needs one record per "
+                                                "user turn)")
+    controls = [s for s in template.literal_strings if s in json.dumps([tools, _outside_content(turns)], ensure_ascii=False)]
+    if controls:
+        raise BadRecord("special_token_in_tools", f"a tool spec, tool call or reasoning text holds {controls[0]!r}, "
+                                                  "which the tokenizer reads as a control token there; remove it")
+
+
+def _outside_content(turns: Sequence[Turn]) -> list[Any]:
+    """What of the turns is rendered outside their content: reasoning and tool-call arguments."""
+    return [[t.reasoning, [[c.name, dict(c.arguments)] for c in t.tool_calls]] for t in turns]
+
+
 def tokenize_prompt(prompt: Sequence[Turn], tokenizer: Any, template: ChatTemplate) -> list[int]:
     """The ids a model continues to answer `prompt`: its render with the generation prompt (as tokenize_reply's
     prompt ids); what RL rollouts start from."""
-    return _encode_rendered(tokenizer, template, [{"role": t.role, "content": t.content} for t in prompt], True)
+    return _encode_rendered(tokenizer, template, as_messages(prompt), True)
 
 
 def tokenize_reply(prompt: Sequence[Turn], reply: str, tokenizer: Any, template: ChatTemplate) \
@@ -135,7 +203,7 @@ def tokenize_reply(prompt: Sequence[Turn], reply: str, tokenizer: Any, template:
     would split and supervise it: the prompt is the render with the generation prompt, the reply runs from there
     to its end-of-turn token inclusive (what the template adds after that token belongs to neither). Preference
     data tokenizes each completion of a prompt this way. Raises BadRecord when the template does not round-trip."""
-    messages = [{"role": t.role, "content": t.content} for t in prompt]
+    messages = as_messages(prompt)
     prompt_ids = _encode_rendered(tokenizer, template, messages, True)
     full = _encode_rendered(tokenizer, template, [*messages, {"role": "assistant", "content": reply}], False)
     if full[:len(prompt_ids)] != prompt_ids:
@@ -172,17 +240,17 @@ def _mask_first(labels: list[int]) -> None:
         labels[0] = IGNORE_INDEX
 
 
-def _encode_rendered(tokenizer: Any, template: ChatTemplate, messages: Messages, add_generation_prompt: bool) \
-        -> list[int]:
+def _encode_rendered(tokenizer: Any, template: ChatTemplate, messages: Messages, add_generation_prompt: bool,
+                     tools: Tools = ()) -> list[int]:
     """Render and tokenize, keeping special-token strings inside message content literal."""
     ids: list[int] = []
-    for text, literal in _render_segments(template, messages, add_generation_prompt):
+    for text, literal in _render_segments(template, messages, add_generation_prompt, tools):
         if text:
             ids += tokenizer(text, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
     return ids
 
 
-def _render_segments(template: ChatTemplate, messages: Messages, add_generation_prompt: bool) \
+def _render_segments(template: ChatTemplate, messages: Messages, add_generation_prompt: bool, tools: Tools = ()) \
         -> list[tuple[str, bool]]:
     """The rendered string cut into (text, is_literal_content) pieces.
 
@@ -192,13 +260,13 @@ def _render_segments(template: ChatTemplate, messages: Messages, add_generation_
     would not reassemble to the real render and we refuse rather than guess.
     """
     try:
-        real = template.render(messages, add_generation_prompt)
+        real = template.render(messages, add_generation_prompt, tools)
         protect = [i for i, m in enumerate(messages) if any(s in m["content"] for s in template.literal_strings)]
         if not protect:
             return [(real, False)]
         sentinel = {i: f"\ue000lorakit{i}\ue001" for i in protect}
         masked = [dict(m, content=sentinel[i]) if i in sentinel else m for i, m in enumerate(messages)]
-        rendered = template.render(masked, add_generation_prompt)
+        rendered = template.render(masked, add_generation_prompt, tools)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - a Jinja template may raise anything (raise_exception, TypeError)
@@ -249,13 +317,13 @@ def _bos(tokenizer: Any) -> str:
     return bos if bos and bos != tokenizer.eos_token else ""
 
 
-def _chatml(messages: Messages, add_generation_prompt: bool) -> str:
+def _chatml(messages: Messages, add_generation_prompt: bool, tools: Tools = ()) -> str:
     """<|im_start|>role\\ncontent<|im_end|>\\n per message (Qwen / OpenAI ChatML); no BOS."""
     out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def _llama3(messages: Messages, add_generation_prompt: bool) -> str:
+def _llama3(messages: Messages, add_generation_prompt: bool, tools: Tools = ()) -> str:
     """Llama 3 headers; content is not trimmed (Meta's template trims) so text is kept byte for byte."""
     out = "<|begin_of_text|>" + "".join(
         f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in messages)
@@ -269,7 +337,7 @@ def _block_renderer(bos: str, eos: str, *, user: str, reply: str, generation_pro
     in it are kept as they are).
     """
 
-    def render(messages: Messages, add_generation_prompt: bool) -> str:
+    def render(messages: Messages, add_generation_prompt: bool, tools: Tools = ()) -> str:
         out = [bos]
         for m in messages:
             if m["role"] == "system":
