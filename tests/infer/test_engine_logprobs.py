@@ -94,3 +94,28 @@ def test_after_an_optimizer_step_the_next_rollout_is_the_updated_models():
     after_on_first = training_logprobs(lora, p, [t for t, _ in first], "a", 1.0)
     assert max_gap([lp for _, lp in second], fresh) < 1e-4  # the engine saw the step
     assert max_gap([lp for _, lp in first], after_on_first) > 1e-2  # and the step changed the log-probs
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.3])
+def test_model_logprobs_and_top_alternatives_are_the_models_own_log_softmax(temperature):
+    """SamplingParams.logprobs = k (OpenAI's logprobs / top_logprobs): each chosen token's log-softmax at temperature
+    1, whatever the sampling temperature, and the k most likely tokens, from a plain forward over prompt + completion."""
+    lora, tok = build_lora(), build_tok()
+    p = prompts(3, seed=7)
+    params = SamplingParams(max_tokens=6, temperature=temperature, seed=3, logprobs=4)
+    with Engine(lora, tok) as engine:
+        runs = [list(engine.submit(q, "b", params)) for q in p]
+    for prompt, events in zip(p, runs):
+        tokens = [t for e in events for t in e.token_ids]
+        with torch.no_grad():
+            logits = lora(input_ids=torch.tensor([prompt + tokens]), adapter_names=["b"]).logits[0].float()
+        logp = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)  # the distribution each token was chosen from
+        own = torch.tensor([x for e in events for x in e.model_logprobs])
+        torch.testing.assert_close(own, logp[torch.arange(len(tokens)), torch.tensor(tokens)], atol=1e-5, rtol=0)
+        top = [alts for e in events for alts in e.top_logprobs]
+        values, ids = torch.topk(logp, 4)
+        assert [[t for t, _ in alts] for alts in top] == ids.tolist()
+        torch.testing.assert_close(torch.tensor([[v for _, v in alts] for alts in top]), values, atol=1e-5, rtol=0)
+    with Engine(lora, tok) as engine:
+        without = list(engine.submit(p[0], "b", SamplingParams(max_tokens=2)))
+    assert without[0].model_logprobs == [] and without[0].top_logprobs == []  # computed only when asked for

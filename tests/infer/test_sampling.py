@@ -56,3 +56,35 @@ def test_same_seed_same_draws():
     params = SamplingParams(temperature=1.0)
     assert [choose_token(LOGITS, params, a)[0] for _ in range(50)] == [choose_token(LOGITS, params, b)[0] for _ in range(50)]
     assert not math.isnan(choose_token(LOGITS, params, a)[1])
+
+
+def test_repetition_penalty_matches_transformers_processor():
+    """The oracle: transformers' RepetitionPenaltyLogitsProcessor over the same prompt + completion ids."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from lorakit.infer.sampling import apply_penalties
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 0.0, -3.0, 1.5])
+    prompt, completion = [0, 1, 1], [4, 0]
+    for penalty in (1.3, 0.7):
+        ours = apply_penalties(logits, prompt, completion, SamplingParams(repetition_penalty=penalty))
+        theirs = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([prompt + completion]), logits[None].clone())[0]
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula():
+    """logit - frequency_penalty * count - presence_penalty * (count > 0), counted over the completion only."""
+    from lorakit.infer.sampling import apply_penalties
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 0.0])
+    got = apply_penalties(logits, [3, 3, 3], [0, 2, 0], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
+    torch.testing.assert_close(got, torch.tensor([2.0 - 0.5 - 0.5, -1.0, 0.5 - 0.25 - 0.5, 0.0]))
+    assert torch.equal(logits, torch.tensor([2.0, -1.0, 0.5, 0.0]))  # the engine's row is not changed in place
+    assert not SamplingParams().penalised() and SamplingParams(frequency_penalty=-0.1).penalised()
+
+
+@pytest.mark.parametrize("field, value", [("presence_penalty", 2.5), ("frequency_penalty", float("nan")),
+                                          ("repetition_penalty", 0.0), ("logprobs", 21), ("logprobs", True)])
+def test_bad_penalties_and_logprobs_are_named(field, value):
+    problems = SamplingParams(**{field: value}).problems()
+    assert len(problems) == 1 and problems[0].startswith(field)

@@ -96,7 +96,10 @@ BAD_FIELDS = {
     "max_tokens_zero": ({"max_tokens": 0}, "max_tokens"),
     "temperature_negative": ({"temperature": -1}, "temperature"),
     "top_p_zero": ({"top_p": 0}, "top_p"),
-    "n_two": ({"n": 2}, "n"),
+    "n_zero": ({"n": 0}, "n"),
+    "n_too_many": ({"n": 17}, "n"),
+    "penalty_out_of_range": ({"presence_penalty": 2.5}, "presence_penalty"),
+    "logprobs_too_many": ({"logprobs": 6}, "logprobs"),
     "five_stops": ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     "unknown_field": ({"logit_bias": {"1": 5}}, "logit_bias"),
     "prompt_list": ({"prompt": ["a", "b"]}, "prompt"),
@@ -116,7 +119,7 @@ def test_missing_and_bad_chat_fields(served):
     bad_role = {"model": "tiny-llama", "messages": [{"role": "wizard", "content": "hi"}]}
     assert _error(httpx.post(served.url + "/v1/chat/completions", json=bad_role), 400)["param"] == "messages.0.role"
     with served.client() as client, pytest.raises(openai.BadRequestError):  # closed: see above
-        client.completions.create(model="tiny-llama", prompt="hi", n=3)
+        client.completions.create(model="tiny-llama", prompt="hi", n=99)
 
 
 # Raw JSON bodies holding the escape \ud800 (a lone UTF-16 surrogate): json.loads accepts it, a tokenizer or

@@ -103,3 +103,72 @@ def test_health_and_metrics(served):
     for key in ("requests_total", "tokens_generated", "queue_length", "per_adapter", "server", "http_status"):
         assert key in m
     assert m["http_status"].get("200", 0) > 0
+
+
+def _engine_run(served, prompt: str, adapter, **params):
+    """The engine's own output for a chat prompt submitted alone with these SamplingParams: (text, events)."""
+    from lorakit.infer import SamplingParams
+
+    text = served.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=False)
+    ids = served.tokenizer(text, add_special_tokens=False)["input_ids"]
+    events = list(served.engine.submit(list(ids), adapter, SamplingParams(**params)))
+    return "".join(e.text for e in events), events
+
+
+def test_chat_logprobs_are_the_models_own_log_softmax(served):
+    """logprobs / top_logprobs: each generated token's log-softmax and the k most likely tokens, as the engine's
+    model computes them (the engine's own test compares those with a plain forward)."""
+    out = served.client().chat.completions.create(model="alpha", messages=[{"role": "user", "content": PROMPTS[1]}],
+                                                  max_tokens=8, logprobs=True, top_logprobs=3)
+    text, events = _engine_run(served, PROMPTS[1], "alpha", max_tokens=8, logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert out.choices[0].message.content == text
+    assert [c.logprob for c in content] == pytest.approx([x for e in events for x in e.model_logprobs], abs=1e-6)
+    assert [c.token for c in content] == [served.tokenizer.decode([t]) for e in events for t in e.token_ids]
+    for c, alts in zip(content, [a for e in events for a in e.top_logprobs]):
+        assert [t.token for t in c.top_logprobs] == [served.tokenizer.decode([t]) for t, _ in alts]
+        assert c.top_logprobs[0].logprob >= c.logprob - 1e-6 and bytes(c.bytes) == c.token.encode()
+    plain = served.client().chat.completions.create(model="alpha", max_tokens=4,
+                                                    messages=[{"role": "user", "content": PROMPTS[1]}])
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_legacy_shape(served):
+    out = served.client().completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=6, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert "".join(lp.tokens) == out.choices[0].text and len(lp.token_logprobs) == len(lp.tokens) == 6
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    assert all(len(alts) <= 2 and max(alts.values()) >= x - 1e-6 for alts, x in zip(lp.top_logprobs, lp.token_logprobs))
+
+
+def test_n_choices_each_as_its_own_seeded_request(served):
+    """n=3 with a seed: choice i is what one request with seed + i gives; streamed, the chunks carry each choice's
+    index and add up to the same texts."""
+    client = served.client()
+    kw = dict(model="alpha", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=8, temperature=1.0,
+              seed=11)
+    out = client.chat.completions.create(n=3, **kw)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    runs = [_engine_run(served, PROMPTS[0], "alpha", max_tokens=8, temperature=1.0, seed=11 + i) for i in range(3)]
+    alone = [text for text, _ in runs]
+    assert [c.message.content for c in out.choices] == alone and len(set(alone)) > 1
+    assert out.usage.completion_tokens == sum(len(e.token_ids) for _, events in runs for e in events)
+    texts = {0: "", 1: "", 2: ""}
+    finished = set()
+    for chunk in client.chat.completions.create(n=3, stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finished.add(c.index)
+    assert list(texts.values()) == alone and finished == {0, 1, 2}
+
+
+def test_penalties_reach_the_engine(served):
+    """Greedy with penalties gives the engine's own output under the same penalties, and they change it."""
+    kw = dict(max_tokens=12, presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3)
+    out = served.client().chat.completions.create(model="alpha", messages=[{"role": "user", "content": PROMPTS[3]}],
+                                                  extra_body={"repetition_penalty": 1.3},
+                                                  **{k: v for k, v in kw.items() if k != "repetition_penalty"})
+    assert out.choices[0].message.content == _engine_run(served, PROMPTS[3], "alpha", **kw)[0]
+    assert _engine_run(served, PROMPTS[3], "alpha", **kw)[0] != _engine_run(served, PROMPTS[3], "alpha", max_tokens=12)[0]

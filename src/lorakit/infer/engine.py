@@ -30,7 +30,8 @@ from ..lora.model import LoraModel
 from ..lora.routing import BASE
 from .handle import Event, RequestHandle, Usage
 from .kv import KVBatch, select_rows, zero_padding
-from .sampling import LimitExceeded, RequestLimits, SamplingParams, choose_token, make_generator
+from .sampling import (LimitExceeded, RequestLimits, SamplingParams, apply_penalties, choose_token, make_generator,
+                       model_logprobs)
 from .text import TextStream
 
 __all__ = ["Engine", "EngineClosed", "Event", "InvalidRequest", "QueueFull", "RequestHandle", "Usage"]
@@ -359,22 +360,28 @@ class Engine:
 
     def _sample(self, req: _Request, logits: torch.Tensor) -> bool:
         """Choose req's next token from logits (vocab,), emit its event; True when req is finished."""
-        token, logprob = choose_token(logits, req.params, req.generator)
+        params = req.params
+        scored = apply_penalties(logits, req.prompt, req.completion, params) if params.penalised() else logits
+        token, logprob = choose_token(scored, params, req.generator)
+        scores = {}
+        if params.logprobs is not None:
+            own, top = model_logprobs(logits, token, params.logprobs)
+            scores = dict(model_logprobs=[own], top_logprobs=[top])
         req.completion.append(token)
         req.pending = token
         with self._cond:
             self._stats["tokens_generated"] += 1
         if token in self.eos_ids:
-            self._finish(req, Event(req.stream.flush(), [token], "stop", [logprob]))
+            self._finish(req, Event(req.stream.flush(), [token], "stop", [logprob], **scores))
             return True
         text, stopped = req.stream.add(req.completion)
         if stopped:
-            self._finish(req, Event(text, [token], "stop", [logprob]))
+            self._finish(req, Event(text, [token], "stop", [logprob], **scores))
             return True
-        if len(req.completion) >= req.params.max_tokens:
-            self._finish(req, Event(text + req.stream.flush(), [token], "length", [logprob]))
+        if len(req.completion) >= params.max_tokens:
+            self._finish(req, Event(text + req.stream.flush(), [token], "length", [logprob], **scores))
             return True
-        req.handle._push(Event(text, [token], None, [logprob]))
+        req.handle._push(Event(text, [token], None, [logprob], **scores))
         return False
 
     def _finish(self, req: _Request, event: Event) -> None:

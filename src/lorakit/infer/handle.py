@@ -19,6 +19,11 @@ class Event:
     logprobs: list[float] = field(default_factory=list)
     """Log-probability of each of token_ids under the distribution it was sampled at: log_softmax(logits / T),
     T the request's temperature (1 for greedy), before top_p (the importance ratio of RL needs exactly this)."""
+    model_logprobs: list[float] = field(default_factory=list)
+    """With SamplingParams.logprobs set: the model's own log-softmax of each of token_ids (temperature 1, before
+    penalties), as OpenAI's `logprobs` report it."""
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    """With SamplingParams.logprobs = k: for each of token_ids, the k most likely (token, log-probability)."""
 
 
 @dataclass

@@ -54,6 +54,9 @@ class RequestLimits:
         return problems
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's cap on top_logprobs
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -66,6 +69,16 @@ class SamplingParams:
     """Stop strings: generation ends at the first one, which is not included in the output text."""
     seed: int | None = None
     """Seeds the request's own torch.Generator, so a seeded sampled request is reproducible in any batch."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted once from the logit of every token already generated in this completion (-2 to 2)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time it was generated in this completion (-2 to 2)."""
+    repetition_penalty: float = 1.0
+    """transformers' and vLLM's: the logit of a token seen in the prompt or the completion is divided by it when
+    positive, multiplied by it when negative (> 1 discourages repeats)."""
+    logprobs: int | None = None
+    """When set, each event also carries the model's own log-softmax (temperature 1, before penalties) of each
+    chosen token and of the `logprobs` most likely tokens at that step (0 to MAX_TOP_LOGPROBS)."""
 
     def problems(self) -> list[str]:
         """Every invalid field, each named with what is allowed (empty when the params are usable); how many
@@ -81,7 +94,47 @@ class SamplingParams:
             out.append(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             out.append(f"seed must be an integer or None, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not -2.0 <= value <= 2.0:
+                out.append(f"{name} must be a number from -2 to 2, got {value!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0.0 < self.repetition_penalty < float("inf"):
+            out.append(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            out.append(f"logprobs must be None or an integer from 0 to {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
         return out
+
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+def apply_penalties(logits: torch.Tensor, prompt: list[int], completion: list[int], params: SamplingParams) \
+        -> torch.Tensor:
+    """One row of logits (vocab,) with the request's penalties applied: repetition over prompt and completion
+    (transformers' RepetitionPenaltyLogitsProcessor's rule), presence and frequency over the completion (OpenAI's
+    rule: logit - presence * [count > 0] - frequency * count)."""
+    out = logits.clone()
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(completion)), dtype=torch.long, device=logits.device)
+        if seen.numel():
+            picked = out[seen]
+            out[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if completion and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(completion, device=logits.device), minlength=logits.shape[-1])
+        counts = counts[:logits.shape[-1]].to(out.dtype)
+        out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(out.dtype)
+    return out
+
+
+def model_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's own log-probability of `token` (log-softmax of the raw row (vocab,)) and the `top` most likely
+    (token, log-probability) pairs, most likely first."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if top == 0:
+        return float(logp[token]), []
+    values, ids = torch.topk(logp, min(top, logp.shape[-1]))
+    return float(logp[token]), [(int(i), float(v)) for i, v in zip(ids, values)]
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -12,9 +12,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 from fastapi import FastAPI, Request
@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import AdapterError, ConfigError, LorakitError
 from ..infer.engine import EngineClosed, InvalidRequest, QueueFull
 from ..infer.sampling import RequestLimits, SamplingParams
+from . import tools
 from .adapters import check_name, resolve_adapter, scrub
 from .errors import APIError, install_error_handlers, limit_error, log, model_not_found
 from .guard import BodyTooLarge, GuardMiddleware
@@ -62,17 +63,32 @@ class _State:
             return model
         raise model_not_found(model)
 
+    def token_text(self, token: int) -> str:
+        """One token as text, for log-probs (special tokens shown; a piece of a UTF-8 character shows as U+FFFD)."""
+        with self.tokenizer_lock:
+            return self.tokenizer.decode([token])
+
     def encode_prompt(self, text: str) -> list[int]:
         with self.tokenizer_lock:
             return list(self.tokenizer(text)["input_ids"])
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def tool_syntax(self) -> str:
+        """How this model writes tool calls (serve/tools.py); a 400 when its chat template has no tool syntax."""
+        syntax = tools.syntax_of(getattr(self.tokenizer, "chat_template", None))
+        if syntax is None:
+            raise APIError(400, f"The model `{self.base_name}`'s chat template has no tool-call syntax this server "
+                                "reads (Hermes <tool_call> or Llama 3.1 JSON); send the request without tools.",
+                           param="tools", code="tools_unsupported")
+        return syntax
+
+    def encode_chat(self, messages: list[dict], tool_specs: list[dict] | None = None) -> list[int]:
         with self.tokenizer_lock:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise APIError(400, f"The model `{self.base_name}` has no chat template in its tokenizer; use "
                                     "/v1/completions with a plain prompt.", param="messages", code="no_chat_template")
             try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                text = self.tokenizer.apply_chat_template(messages, tools=tool_specs or None, add_generation_prompt=True,
+                                                          tokenize=False)
             except Exception as err:  # a template may raise on role orders it does not support
                 raise APIError(400, f"messages: the chat template refused them: {err}", param="messages") from None
             # the template already wrote any BOS it wants
@@ -122,10 +138,11 @@ def create_app(engine, tokenizer, *, base_name: str, adapter_dir: str | Path | N
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = parse_body(await read_body(request, limits.max_body_bytes), ChatCompletionRequest)
         adapter = state.adapter_for(req.model)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        ids = await run_in_threadpool(state.encode_chat, messages)
+        offered = [t.model_dump(exclude_none=True) for t in req.tools or []] if req.tool_choice != "none" else []
+        reads = (state.tool_syntax(), [t["function"]["name"] for t in offered]) if offered else None
+        ids = await run_in_threadpool(state.encode_chat, [m.for_template() for m in req.messages], offered)
         state.counts["chat_completions"] += 1
-        return await _generate(state, request, req, ids, adapter, chat=True)
+        return await _generate(state, request, req, ids, adapter, chat=True, tool_calls=reads)
 
     @app.post("/v1/adapters")
     async def load_adapter(request: Request):
@@ -163,7 +180,9 @@ def create_app(engine, tokenizer, *, base_name: str, adapter_dir: str | Path | N
 
 
 # ---- generation -----------------------------------------------------------------------------------------
-async def _generate(state: _State, request: Request, req, prompt_ids: list[int], adapter: str | None, *, chat: bool):
+async def _generate(state: _State, request: Request, req, prompt_ids: list[int], adapter: str | None, *, chat: bool,
+                    tool_calls: tuple[str, list[str]] | None = None):
+    """`tool_calls`: (the model's tool-call syntax, the offered tools' names) when the reply may call them."""
     limits = state.limits
     max_tokens = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
     fields = dict(prompt_param="messages" if chat else "prompt",
@@ -173,9 +192,18 @@ async def _generate(state: _State, request: Request, req, prompt_ids: list[int],
     exceeded = limits.check(len(prompt_ids), max_tokens)
     if exceeded:
         raise limit_error(exceeded[0], **fields)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0 if req.temperature is None else req.temperature,
-                            top_p=1.0 if req.top_p is None else req.top_p, stop=req.stop_list(), seed=req.seed)
-    handle = _submit(state, prompt_ids, adapter, params, fields)
+    n = req.n or 1
+
+    def params(i: int) -> SamplingParams:  # choice i of n: seeded requests get seed + i, so the n differ
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0 if req.temperature is None else req.temperature,
+                              top_p=1.0 if req.top_p is None else req.top_p, stop=req.stop_list(),
+                              seed=None if req.seed is None else req.seed + i,
+                              presence_penalty=req.presence_penalty or 0.0,
+                              frequency_penalty=req.frequency_penalty or 0.0,
+                              repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                              logprobs=req.top_logprob_count())
+
+    handles = _submit(state, [(prompt_ids, adapter, params(i)) for i in range(n)], fields)
     state.counts["in_flight"] += 1
     released = False
 
@@ -184,72 +212,134 @@ async def _generate(state: _State, request: Request, req, prompt_ids: list[int],
         if not released:
             released = True
             state.counts["in_flight"] -= 1
-            handle.cancel()  # a no-op for a finished request; frees the slot of an abandoned one
+            for handle in handles:
+                handle.cancel()  # a no-op for a finished request; frees the slot of an abandoned one
 
-    reply = _Reply(chat=chat, model=req.model)
+    reply = _Reply(chat=chat, model=req.model, tool_calls=tool_calls,
+                   token_text=state.token_text if req.top_logprob_count() is not None else None)
     if req.stream:
         state.counts["streams"] += 1
-        return EventStreamResponse(_stream(state, handle, reply, len(prompt_ids), req.include_usage()), release)
+        return EventStreamResponse(_stream(handles, reply, len(prompt_ids), req.include_usage()), release)
     try:
-        text, finish, completion_tokens, disconnected = await _collect(handle, request)
+        choices, disconnected = await _collect(handles, request)
     finally:
         release()
     if disconnected:
         state.counts["disconnects"] += 1
         raise APIError(499, "client closed the request")  # nobody reads it; keeps the status count honest
-    return JSONResponse(reply.full(text, finish, _usage(len(prompt_ids), completion_tokens)))
+    completion_tokens = sum(len(c.token_ids) for c in choices)
+    return JSONResponse(reply.full(choices, _usage(len(prompt_ids), completion_tokens)))
 
 
-def _submit(state: _State, prompt_ids: list[int], adapter: str | None, params, fields: dict[str, str]):
-    """engine.submit, its refusals as HTTP errors; `fields` name the request fields limit_error reports."""
+def _submit(state: _State, requests: list, fields: dict[str, str]) -> list:
+    """engine.submit_many (the n choices of one prompt share its prefill), its refusals as HTTP errors; `fields`
+    name the request fields limit_error reports."""
     try:
-        return state.engine.submit(prompt_ids, adapter, params)
+        return state.engine.submit_many(requests)
     except QueueFull:
         raise APIError(429, "The server is busy (its request queue is full); retry shortly.",
                        type="rate_limit_exceeded", code="queue_full", headers={"Retry-After": "1"}) from None
     except EngineClosed:
         raise APIError(503, "The server is shutting down.", code="engine_closed") from None
     except AdapterError:
-        raise model_not_found(adapter or state.base_name) from None  # unloaded between lookup and submit
+        raise model_not_found(requests[0][1] or state.base_name) from None  # unloaded between lookup and submit
     except (ConfigError, ValueError) as err:
         if isinstance(err, InvalidRequest) and err.exceeded:  # the engine's limits are tighter than this app's
             raise limit_error(err.exceeded[0], **fields) from None
         raise APIError(400, str(err), code="invalid_value") from None
 
 
-async def _collect(handle, request: Request) -> tuple[str, str | None, int, bool]:
-    """Run a non-streaming request to its end, or cancel it if the client disconnects first."""
-    pieces: list[str] = []
-    finish, tokens, disconnected = None, 0, False
+@dataclass
+class _Choice:
+    """One choice's whole output."""
+
+    text: str = ""
+    finish: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    def add(self, event) -> None:
+        self.text += event.text
+        self.finish = event.finish_reason or self.finish
+        self.token_ids += event.token_ids
+        self.logprobs += event.model_logprobs
+        self.top_logprobs += event.top_logprobs
+
+
+async def _collect(handles: list, request: Request) -> tuple[list[_Choice], bool]:
+    """Run a non-streaming request's choices to their end, or cancel them if the client disconnects first."""
+    choices = [_Choice() for _ in handles]
+    disconnected = False
     async with anyio.create_task_group() as group:
         async def watch() -> None:
             nonlocal disconnected
             while (await request.receive())["type"] != "http.disconnect":
                 pass
             disconnected = True
-            handle.cancel()
+            for handle in handles:
+                handle.cancel()
             group.cancel_scope.cancel()
 
         group.start_soon(watch)
-        async for event in handle.aiter():
-            pieces.append(event.text)
-            tokens += len(event.token_ids)
-            finish = event.finish_reason or finish
+        for choice, handle in zip(choices, handles):  # the engine runs them together; events are kept
+            async for event in handle.aiter():
+                choice.add(event)
         group.cancel_scope.cancel()
-    return "".join(pieces), finish, tokens, disconnected
+    return choices, disconnected
 
 
-async def _stream(state: _State, handle, reply: "_Reply", prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+async def _events(handles: list) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, event) from every handle, as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, handle) -> None:
+        try:
+            async for event in handle.aiter():
+                await queue.put((index, event, None))
+        except Exception as err:  # noqa: BLE001 - handed to the reader, which answers it in the stream
+            await queue.put((index, None, err))
+        await queue.put((index, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        running = len(tasks)
+        while running:
+            index, event, error = await queue.get()
+            if error is not None:
+                raise error
+            if event is None:
+                running -= 1
+                continue
+            yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _stream(handles: list, reply: "_Reply", prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
     tokens = 0
     try:
         if reply.chat:
-            yield sse(reply.chunk(delta={"role": "assistant", "content": ""}))
-        async for event in handle.aiter():
+            for i in range(len(handles)):
+                yield sse(reply.chunk(i, delta={"role": "assistant", "content": ""}))
+        calls = [tools.ToolStream(*reply.tool_calls) for _ in handles] if reply.tool_calls else None
+        async for i, event in _events(handles):
             tokens += len(event.token_ids)
-            if event.text:
-                yield sse(reply.chunk(text=event.text))
+            text = calls[i].feed(event.text) if calls else event.text
+            scores = reply.logprobs(event.token_ids, event.model_logprobs, event.top_logprobs, chunk=True)
+            if text or scores:
+                yield sse(reply.chunk(i, text=text, logprobs=scores))
             if event.finish_reason:
-                yield sse(reply.chunk(finish=event.finish_reason))
+                finish = event.finish_reason
+                if calls:
+                    rest, made = calls[i].finish()
+                    if rest:
+                        yield sse(reply.chunk(i, text=rest))
+                    if made:  # each call whole, in one delta: index, id, type, name and all of its arguments
+                        yield sse(reply.chunk(i, delta={"tool_calls": [{"index": k, **c} for k, c in enumerate(made)]}))
+                        finish = "tool_calls" if finish == "stop" else finish
+                yield sse(reply.chunk(i, finish=finish))
         if include_usage:
             yield sse(reply.usage_chunk(_usage(prompt_tokens, tokens)))
     except LorakitError as err:
@@ -264,9 +354,12 @@ async def _stream(state: _State, handle, reply: "_Reply", prompt_tokens: int, in
 class _Reply:
     """OpenAI's response and chunk shapes for one request."""
 
-    def __init__(self, *, chat: bool, model: str):
+    def __init__(self, *, chat: bool, model: str, tool_calls: tuple[str, list[str]] | None = None,
+                 token_text: Callable[[int], str] | None = None):
         self.chat = chat
         self.model = model
+        self.tool_calls = tool_calls
+        self.token_text = token_text  # set when the request asked for log-probs
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -274,25 +367,53 @@ class _Reply:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish: str | None, usage: dict) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**self._head(self.object), "choices": [choice], "usage": usage}
+    def full(self, choices: list[_Choice], usage: dict) -> dict:
+        out = []
+        for index, c in enumerate(choices):
+            scores = self.logprobs(c.token_ids, c.logprobs, c.top_logprobs)
+            if not self.chat:
+                out.append({"index": index, "text": c.text, "logprobs": scores, "finish_reason": c.finish})
+                continue
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            finish = c.finish
+            parsed = tools.parse(c.text, *self.tool_calls) if self.tool_calls else None
+            if parsed and parsed.tool_calls:
+                message = {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}
+                finish = "tool_calls" if finish == "stop" else finish
+            out.append({"index": index, "message": message, "logprobs": scores, "finish_reason": finish})
+        return {**self._head(self.object), "choices": out, "usage": usage}
 
-    def chunk(self, *, text: str | None = None, delta: dict | None = None, finish: str | None = None) -> dict:
+    def chunk(self, index: int, *, text: str | None = None, delta: dict | None = None, finish: str | None = None,
+              logprobs: dict | None = None) -> dict:
         if self.chat:
             delta = delta if delta is not None else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return {**self._head("text_completion"), "choices": [choice]}
 
     def usage_chunk(self, usage: dict) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(obj), "choices": [], "usage": usage}
+
+    def logprobs(self, token_ids: list[int], logprobs: list[float], top: list[list[tuple[int, float]]], *,
+                 chunk: bool = False) -> dict | None:
+        """OpenAI's `logprobs` of these tokens: chat's {"content": [{token, logprob, bytes, top_logprobs}]}, or
+        the completions API's {tokens, token_logprobs, top_logprobs, text_offset}; None when not asked for."""
+        if self.token_text is None or (chunk and not logprobs):
+            return None
+        texts = [self.token_text(t) for t in token_ids]
+        if self.chat:
+            def entry(text: str, logprob: float) -> dict:
+                return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            return {"content": [{**entry(text, lp), "top_logprobs": [entry(self.token_text(t), v) for t, v in alts]}
+                                for text, lp, alts in zip(texts, logprobs, top)]}
+        offsets, at = [], 0
+        for text in texts:
+            offsets.append(at)
+            at += len(text)
+        return {"tokens": texts, "token_logprobs": logprobs, "text_offset": offsets,
+                "top_logprobs": [{self.token_text(t): v for t, v in alts} for alts in top]}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

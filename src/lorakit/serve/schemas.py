@@ -9,13 +9,15 @@ import json
 import re
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import APIError
 
 MAX_STOP = 4  # OpenAI's own cap
 MAX_STOP_CHARS = 64
 MAX_MESSAGES = 1024
+MAX_TOOLS = 128  # OpenAI's own cap on tools per request
+MAX_N = 16  # choices per request
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 # JSON's "\ud800" escape decodes to a lone surrogate: not Unicode text, so a tokenizer (or the UTF-8 encoder of
 # an error message that quotes it) fails on it. json.loads joins valid pairs, so any surrogate left is lone.
@@ -43,28 +45,19 @@ class _Sampling(_Request):
     stop: Union[str, list[str], None] = None
     """Up to 4 strings; generation ends before the first that appears."""
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    n: int | None = None
-    """Completions per request; only 1 is supported."""
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    """Choices per request (sampled independently; all the same when greedy). With a seed, choice i uses seed + i."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
     """Accepted for compatibility, ignored."""
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n):
-        if n is not None and n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value):
-        if value not in (None, 0, 0.0):
-            raise ValueError("penalties are not supported; leave it out or set 0")
-        return value
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    """Subtracted once from the logit of each token already in the completion."""
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    """Subtracted from a token's logit once per time it is already in the completion."""
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, allow_inf_nan=False)
+    """vLLM's extension (transformers' rule): logits of tokens in the prompt or completion divided by it when
+    positive, multiplied when negative; 1 is off."""
 
     @field_validator("stop")
     @classmethod
@@ -86,8 +79,12 @@ class _Sampling(_Request):
 class CompletionRequest(_Sampling):
     prompt: str
     echo: Literal[False] = False
-    logprobs: None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    """Log-probabilities of the chosen tokens and of this many most likely ones at each step (OpenAI's cap, 5)."""
     suffix: None = None
+
+    def top_logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(_Request):
@@ -95,20 +92,114 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str
+    """A JSON object, as a string (OpenAI's shape)."""
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments):
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object")
+        return arguments
+
+
+class ToolCall(_Request):
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    """Required but on an assistant message that calls tools."""
     name: str | None = Field(default=None, max_length=64)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
+    """An assistant message's calls, sent back with their results in the next request."""
+    tool_call_id: str | None = Field(default=None, max_length=128)
+    """A tool message: the call it answers."""
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only on an assistant message with tool_calls)")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it: arguments as objects (Qwen's writes them with tojson)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name:
+            out["name"] = self.name
+        return out
+
+
+class FunctionSpec(_Request):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = Field(default=None, max_length=4096)
+    parameters: dict[str, Any] | None = None
+    """A JSON Schema of the arguments object."""
+    strict: bool | None = None
+
+
+class ToolSpec(_Request):
+    type: Literal["function"]
+    function: FunctionSpec
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     """The newer name of max_tokens; max_tokens wins when both are given."""
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    """Return the model's log-probability of each generated token."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """With logprobs: also this many most likely tokens at each step."""
+    tools: list[ToolSpec] | None = Field(default=None, max_length=MAX_TOOLS)
+    """Functions the model may call; rendered into the prompt by the model's chat template."""
+    tool_choice: Union[Literal["none", "auto"], None] = None
+    """auto (the default with tools): the model decides; none: no tools this time. required and a named function
+    need constrained decoding, which this server does not do yet."""
+    parallel_tool_calls: bool | None = None
+    """Accepted; the model's template decides how many calls a reply may hold."""
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _choice(cls, choice):
+        if choice == "required" or isinstance(choice, dict):
+            raise ValueError("'required' and a named function need constrained decoding, which this server does not "
+                             "do yet; use 'auto' (or leave it out)")
+        return choice
+
+    def top_logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        names = [t.function.name for t in self.tools or []]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"tools: the function name {repeated[0]!r} is given twice")
+        return self
 
 
 class AdapterLoadRequest(_Request):
