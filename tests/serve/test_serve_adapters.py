@@ -29,8 +29,12 @@ def test_hot_load_use_and_unload(served):
         assert _post(served, {"name": "beta"}).status_code == 409  # already served
     finally:
         assert httpx.delete(served.url + "/v1/adapters/beta").status_code == 200
-    assert "beta" not in [m.id for m in served.client().models.list().data]
-    gone = httpx.post(served.url + "/v1/completions", json={"model": "beta", "prompt": "hi"})
+    # unloaded, it is listed as servable, not loaded, and the next request naming it loads it again
+    assert [m.loaded for m in served.client().models.list().data if m.id == "beta"] == [False]
+    again = httpx.post(served.url + "/v1/completions", json={"model": "beta", "prompt": "hi"})
+    assert again.status_code == 200 and "beta" in served.engine.adapters()
+    assert httpx.delete(served.url + "/v1/adapters/beta").status_code == 200
+    gone = httpx.post(served.url + "/v1/completions", json={"model": "gamma", "prompt": "hi"})  # not in the dir
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
 
 

@@ -37,7 +37,8 @@ def test_serve_builds_the_app_from_flags(tiny_dirs, monkeypatch):
                  "--max-tokens", "8"])
     assert code == 0
     assert seen["config"].host == "127.0.0.1"
-    assert [m["id"] for m in seen["models"]["data"]] == ["tiny-llama", "alpha"]
+    assert [(m["id"], m.get("loaded")) for m in seen["models"]["data"]] == [("tiny-llama", None), ("alpha", True),
+                                                                         ("beta", False)]  # beta: on first use
     assert seen["unauth"] == 401
 
 
@@ -45,6 +46,18 @@ def test_bad_adapter_flag_is_a_cli_error(tiny_dirs, capsys):
     base, _, _ = tiny_dirs
     assert main(["serve", "--model", str(base), "--adapter", "no-equals-sign"]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--max-loras", "2"], "--max-loras must be at least 1, and needs --adapter-dir"),
+    (["--max-loras", "1", "--adapter-dir", "ROOT", "--adapter", "alpha=ROOT/alpha"],
+     "--max-loras 1: must be more than the 1 adapters loaded at startup"),
+])
+def test_bad_max_loras_is_a_cli_error(tiny_dirs, capsys, flags, says):
+    base, root, _ = tiny_dirs
+    flags = [f.replace("ROOT", str(root)) for f in flags]
+    assert main(["serve", "--model", str(base), "--dtype", "float32", "--device", "cpu", *flags]) == 2
+    assert says in capsys.readouterr().err
 
 
 def test_missing_server_dependencies_say_what_to_install(monkeypatch, capsys):

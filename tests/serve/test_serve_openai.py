@@ -15,9 +15,12 @@ def _model(served, adapter):
 
 
 def test_models_list_shows_base_and_adapters(served):
-    ids = [m.id for m in served.client().models.list().data]
-    assert ids == ["tiny-llama", "alpha"]
+    """The base, the resident adapters, then those in --adapter-dir that a request would load on first use."""
+    models = served.client().models.list().data
+    assert [m.id for m in models][:2] == ["tiny-llama", "alpha"] and models[1].loaded
+    assert [(m.id, m.loaded, m.parent) for m in models if m.id == "beta"] == [("beta", False, "tiny-llama")]
     assert served.client().models.retrieve("alpha").id == "alpha"
+    assert served.client().models.retrieve("beta").loaded is False
 
 
 @pytest.mark.parametrize("adapter", MODELS, ids=["base", "alpha"])

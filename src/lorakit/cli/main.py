@@ -169,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", required=True, help="base model directory or hub id")
     serve.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME=PATH",
                        help="load an adapter at startup, served as model NAME (repeatable)")
-    serve.add_argument("--adapter-dir", default=None, help="allow POST /v1/adapters to load adapters from inside "
-                       "this directory (and DELETE to unload them); off without it")
+    serve.add_argument("--adapter-dir", default=None, help="serve the adapters inside this directory: a request "
+                       "naming one loads it on first use; POST /v1/adapters loads and DELETE unloads; off without it")
+    serve.add_argument("--max-loras", type=int, default=None, help="adapters resident at most: loading one more "
+                       "evicts the least recently used one loaded on first use that no request is using")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health "
@@ -393,10 +395,14 @@ def _serve(args: argparse.Namespace) -> int:
     for flag in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1", where="lorakit serve")
+    if args.max_loras is not None and (args.max_loras < 1 or not args.adapter_dir):
+        raise ConfigError("--max-loras must be at least 1, and needs --adapter-dir (the adapters it loads and evicts)",
+                          where="lorakit serve")
     options = ServeOptions(model=args.model, adapters=parse_adapter_args(args.adapters), adapter_dir=args.adapter_dir,
                            host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LORAKIT_API_KEY"),
                            dtype=args.dtype, device=args.device, served_model_name=args.served_model_name,
                            max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                           max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens)
+                           max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                           max_loras=args.max_loras)
     run(options, log_fn=print)
     return 0

@@ -25,13 +25,14 @@ from ..errors import AdapterError, ConfigError, LorakitError
 from ..infer.engine import EngineClosed, InvalidRequest, QueueFull
 from ..infer.sampling import RequestLimits, SamplingParams
 from . import tools
-from .adapters import check_name, resolve_adapter, scrub
+from .adapters import CONFIG_FILE, NAME, WEIGHTS_FILE, check_name, resolve_adapter, scrub
 from .errors import APIError, install_error_handlers, limit_error, log, model_not_found
 from .guard import BodyTooLarge, GuardMiddleware
 from .schemas import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, parse_body
 from .sse import DONE, EventStreamResponse, sse
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_LISTED_ADAPTERS = 1000  # entries of --adapter-dir that GET /v1/models looks at
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class ServeLimits(RequestLimits):
 
     max_body_bytes: int = 1 << 20
     """Request bodies above this get 413 before they are read."""
+    max_loras: int | None = None
+    """Adapters resident at most (None: no limit). Loading one more evicts the least recently used adapter that was
+    loaded on first use and has no request running or waiting; when every candidate is busy the request gets 429."""
 
 
 class _State:
@@ -53,15 +57,101 @@ class _State:
         self.tokenizer_lock = threading.Lock()  # fast tokenizers raise "Already borrowed" under concurrent calls
         self.adapter_lock: asyncio.Lock | None = None
         self.status_counts: Counter = Counter()
-        self.counts: Counter = Counter()  # completions, chat_completions, streams, disconnects, in_flight
+        self.counts: Counter = Counter()  # completions, chat_completions, streams, disconnects, in_flight, ...
         self.created = int(time.time())
+        self.last_used: dict[str, float] = {}  # adapter -> time.monotonic() of its last request
+        self.on_demand: set[str] = set()  # adapters loaded on first use: the only ones evicted
+        self.pinned: Counter = Counter()  # adapters between lookup and submit: never evicted then
+        self.evicting: set[str] = set()
 
     def adapter_for(self, model: str) -> str | None:
+        """The resident adapter `model` names (None for the base), or 404."""
         if model == self.base_name:
             return None
         if model in self.engine.adapters():
             return model
         raise model_not_found(model)
+
+    async def acquire(self, model: str) -> str | None:
+        """The adapter a request names, loaded on first use when it is a directory inside --adapter-dir; pinned
+        (never evicted) until release(), by when the engine holds the request and guards the adapter itself."""
+        if model == self.base_name:
+            return None
+        if model not in self.engine.adapters() or model in self.evicting:
+            if self.adapter_dir is None or not NAME.match(model):
+                raise model_not_found(model)
+            async with _adapter_lock(self):
+                if model not in self.engine.adapters():
+                    await self.load_on_first_use(model)
+        self.pinned[model] += 1
+        self.last_used[model] = time.monotonic()
+        return model
+
+    def release(self, adapter: str | None) -> None:
+        if adapter is not None:
+            self.pinned[adapter] -= 1
+            if self.pinned[adapter] <= 0:
+                del self.pinned[adapter]
+
+    async def load_on_first_use(self, name: str) -> None:
+        """Load adapter `name` from --adapter-dir (under the adapter lock), evicting to stay within max_loras."""
+        assert self.adapter_dir is not None
+        try:
+            resolved = await run_in_threadpool(resolve_adapter, self.adapter_dir, name, None)
+        except APIError as err:
+            if err.status == 404:
+                raise model_not_found(name) from None
+            raise
+        await self.make_room()
+        try:
+            await run_in_threadpool(self.engine.load_adapter, resolved.name, str(resolved.directory))
+        except (AdapterError, ConfigError, ValueError) as err:
+            raise APIError(400, f"adapter {resolved.relative!r} could not be loaded: "
+                                f"{scrub(str(err), resolved.directory, self.adapter_dir, resolved.relative)}",
+                           param="model", code="invalid_adapter") from None
+        self.on_demand.add(name)
+        self.counts["adapters_loaded_on_first_use"] += 1
+        log.info("loaded adapter %s on first use", name)
+
+    async def make_room(self) -> None:
+        """Evict least recently used first-use adapters until one more fits in max_loras (under the adapter lock);
+        429 when every one that could go has requests running or waiting."""
+        limit = self.limits.max_loras
+        while limit is not None and len(self.engine.adapters()) >= limit:
+            resident = set(self.engine.adapters())
+            candidates = sorted((a for a in self.on_demand if a in resident and not self.pinned[a]),
+                                key=lambda a: self.last_used.get(a, 0.0))
+            for name in candidates:
+                self.evicting.add(name)
+                try:
+                    await run_in_threadpool(self.engine.unload_adapter, name)
+                except AdapterError:  # requests are running or waiting with it
+                    continue
+                finally:
+                    self.evicting.discard(name)
+                self.forget(name)
+                self.counts["adapters_evicted"] += 1
+                log.info("evicted adapter %s (least recently used)", name)
+                break
+            else:
+                raise APIError(429, f"All {len(resident)} resident adapters are in use (--max-loras {limit}); retry "
+                                    "shortly.", type="rate_limit_exceeded", code="adapters_busy",
+                               headers={"Retry-After": "1"})
+
+    def forget(self, name: str) -> None:
+        self.on_demand.discard(name)
+        self.last_used.pop(name, None)
+
+    def available_adapters(self) -> list[str]:
+        """Adapter directories directly inside --adapter-dir that requests may name (loaded on first use)."""
+        if self.adapter_dir is None:
+            return []
+        try:
+            entries = sorted(self.adapter_dir.iterdir())[:MAX_LISTED_ADAPTERS]
+        except OSError:
+            return []
+        return [e.name for e in entries if NAME.match(e.name) and (e / WEIGHTS_FILE).is_file()
+                and (e / CONFIG_FILE).is_file()]
 
     def token_text(self, token: int) -> str:
         """One token as text, for log-probs (special tokens shown; a piece of a UTF-8 character shows as U+FFFD)."""
@@ -102,6 +192,10 @@ def create_app(engine, tokenizer, *, base_name: str, adapter_dir: str | Path | N
     root = Path(adapter_dir).resolve() if adapter_dir is not None else None
     if root is not None and not root.is_dir():
         raise ConfigError(f"--adapter-dir {adapter_dir}: not a directory", where="lorakit serve")
+    if limits.max_loras is not None and (limits.max_loras < 1 or len(engine.adapters()) >= limits.max_loras):
+        raise ConfigError(f"--max-loras {limits.max_loras}: must be more than the {len(engine.adapters())} adapters "
+                          "loaded at startup (they stay resident), so that one more can be loaded on first use",
+                          where="lorakit serve")
     state = _State(engine, tokenizer, base_name, root, limits)
     app = FastAPI(title="lorakit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lorakit = state
@@ -120,29 +214,40 @@ def create_app(engine, tokenizer, *, base_name: str, adapter_dir: str | Path | N
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [_model_card(state, None)] + [_model_card(state, a) for a in engine.adapters()]}
+        resident = engine.adapters()
+        waiting = [a for a in state.available_adapters() if a not in resident and a != base_name]
+        return {"object": "list", "data": [_model_card(state, None)] + [_model_card(state, a) for a in resident]
+                + [_model_card(state, a, loaded=False) for a in waiting]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
+        if model_id not in engine.adapters() and model_id != base_name and model_id in state.available_adapters():
+            return _model_card(state, model_id, loaded=False)
         return _model_card(state, state.adapter_for(model_id))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = parse_body(await read_body(request, limits.max_body_bytes), CompletionRequest)
-        adapter = state.adapter_for(req.model)
-        ids = await run_in_threadpool(state.encode_prompt, req.prompt)
-        state.counts["completions"] += 1
-        return await _generate(state, request, req, ids, adapter, chat=False)
+        adapter = await state.acquire(req.model)
+        try:
+            ids = await run_in_threadpool(state.encode_prompt, req.prompt)
+            state.counts["completions"] += 1
+            return await _generate(state, request, req, ids, adapter, chat=False)
+        finally:
+            state.release(adapter)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = parse_body(await read_body(request, limits.max_body_bytes), ChatCompletionRequest)
-        adapter = state.adapter_for(req.model)
         offered = [t.model_dump(exclude_none=True) for t in req.tools or []] if req.tool_choice != "none" else []
         reads = (state.tool_syntax(), [t["function"]["name"] for t in offered]) if offered else None
-        ids = await run_in_threadpool(state.encode_chat, [m.for_template() for m in req.messages], offered)
-        state.counts["chat_completions"] += 1
-        return await _generate(state, request, req, ids, adapter, chat=True, tool_calls=reads)
+        adapter = await state.acquire(req.model)
+        try:
+            ids = await run_in_threadpool(state.encode_chat, [m.for_template() for m in req.messages], offered)
+            state.counts["chat_completions"] += 1
+            return await _generate(state, request, req, ids, adapter, chat=True, tool_calls=reads)
+        finally:
+            state.release(adapter)
 
     @app.post("/v1/adapters")
     async def load_adapter(request: Request):
@@ -153,6 +258,7 @@ def create_app(engine, tokenizer, *, base_name: str, adapter_dir: str | Path | N
                 raise APIError(409, f"A model named `{req.name}` is already served; DELETE /v1/adapters/{req.name} "
                                     "first to replace it.", param="name", code="adapter_exists")
             resolved = await run_in_threadpool(resolve_adapter, root, req.name, req.path)
+            await state.make_room()
             try:
                 await run_in_threadpool(engine.load_adapter, resolved.name, str(resolved.directory))
             except (AdapterError, ConfigError, ValueError) as err:
@@ -169,10 +275,14 @@ def create_app(engine, tokenizer, *, base_name: str, adapter_dir: str | Path | N
         async with _adapter_lock(state):
             if name not in engine.adapters():
                 raise model_not_found(name)
+            if state.pinned[name]:
+                raise APIError(409, f"adapter {name!r} is in use by a request being admitted; unload it when it "
+                                    "finishes", param="name", code="adapter_in_use")
             try:
                 await run_in_threadpool(engine.unload_adapter, name)
             except AdapterError as err:  # still in use by running or waiting requests
                 raise APIError(409, str(err), param="name", code="adapter_in_use") from None
+            state.forget(name)
         log.info("unloaded adapter %s", name)
         return {"id": name, "object": "model", "deleted": True}
 
@@ -433,10 +543,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _model_card(state: _State, adapter: str | None) -> dict[str, Any]:
-    card = {"id": adapter or state.base_name, "object": "model", "created": state.created, "owned_by": "lorakit"}
+def _model_card(state: _State, adapter: str | None, *, loaded: bool = True) -> dict[str, Any]:
+    """OpenAI's model object; an adapter's names its base as `parent`, and `loaded` says whether it is resident
+    (one in --adapter-dir that is not is loaded by the first request naming it)."""
+    card: dict[str, Any] = {"id": adapter or state.base_name, "object": "model", "created": state.created,
+                            "owned_by": "lorakit"}
     if adapter:
-        card["parent"] = state.base_name
+        card.update(parent=state.base_name, loaded=loaded)
     return card
 
 

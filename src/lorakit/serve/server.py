@@ -28,6 +28,7 @@ class ServeOptions:
     max_queue: int = 64
     max_prompt_tokens: int = 2048
     max_tokens: int = 512
+    max_loras: int | None = None
 
 
 def parse_adapter_args(values: list[str]) -> dict[str, str]:
@@ -73,7 +74,8 @@ def build(options: ServeOptions, *, log_fn=print):
         log_fn(f"adapter {first} loaded")
     elif options.adapter_dir is not None:
         model = empty_lora_model(model)
-    limits = ServeLimits(max_prompt_tokens=options.max_prompt_tokens, max_tokens=options.max_tokens)
+    limits = ServeLimits(max_prompt_tokens=options.max_prompt_tokens, max_tokens=options.max_tokens,
+                         max_loras=options.max_loras)
     engine = Engine(model, loaded.tokenizer, max_batch_size=options.max_batch_size, max_queue=options.max_queue,
                     max_prompt_tokens=limits.max_prompt_tokens, max_new_tokens=limits.max_tokens)
     engine.start()
