@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jsonschema
 import openai
 import pytest
 import torch
@@ -166,8 +167,10 @@ def test_tool_choice_none_leaves_the_tools_out(tool_server):
 
 
 @pytest.mark.parametrize("extra, says", [
-    ({"tool_choice": "required"}, "'required' and a named function need constrained decoding"),
-    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "need constrained decoding"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "'get_time' is not in tools"),
+    ({"tool_choice": "required", "tools": None}, "'required' or a named function needs tools"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "not both"),
+    ({"response_format": {"type": "json_schema"}}, "json_schema is required with type json_schema"),
     ({"tools": [WEATHER, WEATHER]}, "the function name 'get_weather' is given twice"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
     ({"messages": [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [
@@ -177,11 +180,81 @@ def test_tool_choice_none_leaves_the_tools_out(tool_server):
 ])
 def test_bad_tool_requests_are_400_naming_the_field(tool_server, extra, says):
     client = tool_server
+    body = {"model": _model(client), "messages": QUESTION, "tools": [WEATHER], **extra}
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(**{"model": _model(client), "messages": QUESTION, "tools": [WEATHER], **extra})
+        client.chat.completions.create(**{k: v for k, v in body.items() if v is not None})
     assert says in str(e.value), str(e.value)
 
 
 def test_tools_on_a_model_without_tool_syntax_are_refused(served):
     with pytest.raises(openai.BadRequestError, match="has no tool-call syntax"):
         served.client().chat.completions.create(model="tiny-llama", messages=QUESTION, tools=[WEATHER])
+
+
+# ---- constrained decoding: forced calls and structured output ------------------------------------------------
+STRICT_WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo", "Lima"]}}, "required": ["city"],
+    "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["required", "named"])
+def test_a_forced_tool_choice_makes_a_valid_call_where_the_model_would_answer(tool_server, choice):
+    """After the tool's result the trained model answers in text; tool_choice required (or naming the function)
+    holds it to a call whose arguments validate against the function's schema."""
+    client = tool_server
+    messages = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": RESULT}]
+    free = client.chat.completions.create(model=_model(client), messages=messages, tools=[WEATHER])
+    assert free.choices[0].message.content == ANSWER and not free.choices[0].message.tool_calls
+    # forced, with a stricter schema for the arguments (an enum of cities)
+    forced = client.chat.completions.create(model=_model(client), messages=messages, tools=[STRICT_WEATHER],
+                                            tool_choice=choice)
+    assert forced.choices[0].finish_reason == "tool_calls"
+    (call,) = forced.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), STRICT_WEATHER["function"]["parameters"])
+
+
+RECORD = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "tag": {"enum": ["a", "b"]}},
+          "required": ["n", "tag"], "additionalProperties": False}  # at most 18 characters: within max_tokens 32
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_structured_output_always_parses_and_validates(served, stream):
+    """A random tiny model writes no JSON by itself; with response_format json_schema every reply validates."""
+    client = served.client()
+    prompts = ["hello world, how are you", "What is two plus two?", "say hi"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "record", "schema": RECORD, "strict": True}}
+    for i, prompt in enumerate(prompts):
+        kw = dict(model="alpha", messages=[{"role": "user", "content": prompt}], max_tokens=32, temperature=1.0,
+                  seed=i)
+        free = client.chat.completions.create(**kw).choices[0].message.content
+        with pytest.raises(ValueError):
+            json.loads(free)
+        if stream:
+            chunks = list(client.chat.completions.create(response_format=fmt, stream=True, **kw))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            out = client.chat.completions.create(response_format=fmt, **kw)
+            text, finish = out.choices[0].message.content, out.choices[0].finish_reason
+        jsonschema.validate(json.loads(text), RECORD)
+        assert finish == "stop"
+    # any JSON object: a random model may still be inside one when max_tokens ends it ("length")
+    for seed in range(4):
+        obj = client.chat.completions.create(response_format={"type": "json_object"}, max_tokens=32, seed=seed,
+                                             temperature=1.0, model="alpha",
+                                             messages=[{"role": "user", "content": prompts[0]}]).choices[0]
+        assert obj.message.content.startswith("{")
+        if obj.finish_reason == "stop":
+            assert isinstance(json.loads(obj.message.content), dict)
+
+
+def test_an_invalid_schema_is_400(served):
+    fmt = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "objec"}}}
+    with pytest.raises(openai.BadRequestError, match="objec"):
+        served.client().chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}],
+                                                response_format=fmt)

@@ -30,6 +30,7 @@ from ..lora.model import LoraModel
 from ..lora.routing import BASE
 from .handle import Event, RequestHandle, Usage
 from .kv import KVBatch, select_rows, zero_padding
+from .constraints import Constraint, GrammarError, GrammarTokenizer
 from .sampling import (LimitExceeded, RequestLimits, SamplingParams, apply_penalties, choose_token, make_generator,
                        model_logprobs)
 from .text import TextStream
@@ -64,6 +65,7 @@ class _Request:
     stream: TextStream
     completion: list[int]  # sampled tokens so far (EOS included)
     pending: int = -1  # the last sampled token: not yet in the cache, the next step's input
+    constraint: Constraint | None = None  # the grammar its output follows
 
 
 class Engine:
@@ -86,6 +88,7 @@ class Engine:
         self.pad_id = _pad_id(tokenizer)
         embeddings = hf_model.get_input_embeddings()
         self.vocab_size = getattr(embeddings, "num_embeddings", None)
+        self._grammar_tokenizer = GrammarTokenizer(tokenizer, max(self.vocab_size or 0, len(tokenizer)))
 
         self._cond = threading.Condition()  # guards everything below; the engine thread waits on it
         self._waiting: deque[_Request] = deque()
@@ -148,6 +151,8 @@ class Engine:
         them are prefilled once (n samples of one prompt: GRPO's groups)."""
         checked = [(self._checked(list(prompt_ids), params), BASE if adapter is None else adapter, params)
                    for prompt_ids, adapter, params in requests]
+        constraints = [Constraint(self._grammar_tokenizer, params.grammar) if params.grammar else None
+                       for _, _, params in checked]
         handles = []
         with self._cond:
             if self._closed:
@@ -159,10 +164,11 @@ class Engine:
                 more = f" and these {len(checked)} do not fit" if len(checked) > 1 else ""
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting{more} (max_queue={self.max_queue}); "
                                 "retry later")
-            for prompt, name, params in checked:
+            for (prompt, name, params), constraint in zip(checked, constraints):
                 handle = RequestHandle(f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", len(prompt))
                 self._waiting.append(_Request(handle, prompt, name, params, make_generator(params, self.device),
-                                              TextStream(self.tokenizer, list(params.stop)), []))
+                                              TextStream(self.tokenizer, list(params.stop)), [],
+                                              constraint=constraint))
                 self._stats["requests_total"] += 1
                 self._per_adapter[name] += 1
                 handles.append(handle)
@@ -172,6 +178,13 @@ class Engine:
     def _checked(self, prompt: list[int], params: SamplingParams) -> list[int]:
         exceeded = self.limits.check(len(prompt), params.max_tokens)
         problems = [str(e) for e in exceeded] + params.problems()
+        if isinstance(params.grammar, str) and params.grammar:
+            try:
+                why = self._grammar_tokenizer.check(params.grammar)
+            except GrammarError as err:
+                why = str(err)
+            if why:
+                problems.append(f"grammar: {why}")
         if prompt and len(prompt) <= self.limits.max_prompt_tokens and not all(
                 isinstance(t, int) and 0 <= t < (self.vocab_size or float("inf")) for t in prompt):
             problems.insert(0, f"prompt_ids must be integers in [0, {self.vocab_size}) (the model's vocabulary)")
@@ -362,7 +375,11 @@ class Engine:
         """Choose req's next token from logits (vocab,), emit its event; True when req is finished."""
         params = req.params
         scored = apply_penalties(logits, req.prompt, req.completion, params) if params.penalised() else logits
+        if req.constraint is not None:
+            scored = req.constraint.mask(scored)
         token, logprob = choose_token(scored, params, req.generator)
+        if req.constraint is not None:
+            req.constraint.advance(token)
         scores = {}
         if params.logprobs is not None:
             own, top = model_logprobs(logits, token, params.logprobs)
@@ -375,8 +392,9 @@ class Engine:
             self._finish(req, Event(req.stream.flush(), [token], "stop", [logprob], **scores))
             return True
         text, stopped = req.stream.add(req.completion)
-        if stopped:
-            self._finish(req, Event(text, [token], "stop", [logprob], **scores))
+        if stopped or (req.constraint is not None and req.constraint.complete):
+            self._finish(req, Event(text + ("" if stopped else req.stream.flush()), [token], "stop", [logprob],
+                                    **scores))
             return True
         if len(req.completion) >= params.max_tokens:
             self._finish(req, Event(text + req.stream.flush(), [token], "length", [logprob], **scores))

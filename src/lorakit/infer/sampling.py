@@ -76,6 +76,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     """transformers' and vLLM's: the logit of a token seen in the prompt or the completion is divided by it when
     positive, multiplied by it when negative (> 1 discourages repeats)."""
+    grammar: str | None = None
+    """An llguidance grammar the output must follow (infer.constraints: json_schema_grammar, lark_grammar); the
+    request ends ("stop") when the grammar is complete."""
     logprobs: int | None = None
     """When set, each event also carries the model's own log-softmax (temperature 1, before penalties) of each
     chosen token and of the `logprobs` most likely tokens at that step (0 to MAX_TOP_LOGPROBS)."""
@@ -100,6 +103,8 @@ class SamplingParams:
                 out.append(f"{name} must be a number from -2 to 2, got {value!r}")
         if not isinstance(self.repetition_penalty, (int, float)) or not 0.0 < self.repetition_penalty < float("inf"):
             out.append(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            out.append(f"grammar must be a grammar string or None, got {type(self.grammar).__name__}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
             out.append(f"logprobs must be None or an integer from 0 to {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")

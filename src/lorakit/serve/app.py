@@ -22,13 +22,14 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import AdapterError, ConfigError, LorakitError
+from ..infer.constraints import GrammarError, json_schema_grammar, lark_grammar
 from ..infer.engine import EngineClosed, InvalidRequest, QueueFull
 from ..infer.sampling import RequestLimits, SamplingParams
 from . import tools
 from .adapters import CONFIG_FILE, NAME, WEIGHTS_FILE, check_name, resolve_adapter, scrub
 from .errors import APIError, install_error_handlers, limit_error, log, model_not_found
 from .guard import BodyTooLarge, GuardMiddleware
-from .schemas import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, parse_body
+from .schemas import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, NamedToolChoice, parse_body
 from .sse import DONE, EventStreamResponse, sse
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -241,11 +242,12 @@ def create_app(engine, tokenizer, *, base_name: str, adapter_dir: str | Path | N
         req: ChatCompletionRequest = parse_body(await read_body(request, limits.max_body_bytes), ChatCompletionRequest)
         offered = [t.model_dump(exclude_none=True) for t in req.tools or []] if req.tool_choice != "none" else []
         reads = (state.tool_syntax(), [t["function"]["name"] for t in offered]) if offered else None
+        grammar = _grammar(req, reads, offered)
         adapter = await state.acquire(req.model)
         try:
             ids = await run_in_threadpool(state.encode_chat, [m.for_template() for m in req.messages], offered)
             state.counts["chat_completions"] += 1
-            return await _generate(state, request, req, ids, adapter, chat=True, tool_calls=reads)
+            return await _generate(state, request, req, ids, adapter, chat=True, tool_calls=reads, grammar=grammar)
         finally:
             state.release(adapter)
 
@@ -290,9 +292,25 @@ def create_app(engine, tokenizer, *, base_name: str, adapter_dir: str | Path | N
 
 
 # ---- generation -----------------------------------------------------------------------------------------
+def _grammar(req: ChatCompletionRequest, reads: tuple[str, list[str]] | None, offered: list[dict]) -> str | None:
+    """The grammar a chat reply is held to (constrained decoding): a response_format's JSON schema, or the calls
+    of a forced tool_choice in the model's tool-call syntax; None when the reply is free."""
+    forced = reads is not None and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice))
+    field = "tool_choice" if forced else "response_format"
+    try:
+        if forced:
+            only = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
+            return lark_grammar(tools.call_grammar(reads[0], offered, only))
+        schema = req.response_format.required_schema() if req.response_format is not None else None
+        return json_schema_grammar(schema) if schema is not None else None
+    except (GrammarError, ValueError) as err:  # the engine checks the grammar itself when the request is submitted
+        raise APIError(400, f"{field}: {err}", param=field, code="invalid_value") from None
+
+
 async def _generate(state: _State, request: Request, req, prompt_ids: list[int], adapter: str | None, *, chat: bool,
-                    tool_calls: tuple[str, list[str]] | None = None):
-    """`tool_calls`: (the model's tool-call syntax, the offered tools' names) when the reply may call them."""
+                    tool_calls: tuple[str, list[str]] | None = None, grammar: str | None = None):
+    """`tool_calls`: (the model's tool-call syntax, the offered tools' names) when the reply may call them;
+    `grammar`: what the reply is held to (_grammar)."""
     limits = state.limits
     max_tokens = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
     fields = dict(prompt_param="messages" if chat else "prompt",
@@ -311,7 +329,7 @@ async def _generate(state: _State, request: Request, req, prompt_ids: list[int],
                               presence_penalty=req.presence_penalty or 0.0,
                               frequency_penalty=req.frequency_penalty or 0.0,
                               repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-                              logprobs=req.top_logprob_count())
+                              logprobs=req.top_logprob_count(), grammar=grammar)
 
     handles = _submit(state, [(prompt_ids, adapter, params(i)) for i in range(n)], fields)
     state.counts["in_flight"] += 1

@@ -164,6 +164,41 @@ class ToolSpec(_Request):
     function: FunctionSpec
 
 
+class NamedFunction(_Request):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Request):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = Field(default=None, max_length=4096)
+    json_schema: dict[str, Any] = Field(alias="schema")
+    """The JSON Schema the reply must validate against."""
+    strict: bool | None = None
+    """Accepted: the schema is always enforced."""
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        return self
+
+    def required_schema(self) -> dict[str, Any] | None:
+        """The schema the reply must follow; None for plain text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        return self.json_schema.json_schema if self.json_schema is not None else None
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -174,19 +209,15 @@ class ChatCompletionRequest(_Sampling):
     """With logprobs: also this many most likely tokens at each step."""
     tools: list[ToolSpec] | None = Field(default=None, max_length=MAX_TOOLS)
     """Functions the model may call; rendered into the prompt by the model's chat template."""
-    tool_choice: Union[Literal["none", "auto"], None] = None
-    """auto (the default with tools): the model decides; none: no tools this time. required and a named function
-    need constrained decoding, which this server does not do yet."""
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    """auto (the default with tools): the model decides; none: no tools this time; required: the reply is one or
+    more calls; a named function: the reply is one call of it. required and named are enforced by constrained
+    decoding, the arguments valid against the function's parameters schema."""
     parallel_tool_calls: bool | None = None
     """Accepted; the model's template decides how many calls a reply may hold."""
-
-    @field_validator("tool_choice", mode="before")
-    @classmethod
-    def _choice(cls, choice):
-        if choice == "required" or isinstance(choice, dict):
-            raise ValueError("'required' and a named function need constrained decoding, which this server does not "
-                             "do yet; use 'auto' (or leave it out)")
-        return choice
+    response_format: ResponseFormat | None = None
+    """json_object: the reply is a JSON object; json_schema: a JSON value valid against the schema. Enforced by
+    constrained decoding, so the reply always parses."""
 
     def top_logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -195,6 +226,14 @@ class ChatCompletionRequest(_Sampling):
     def _consistent(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        forced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        if forced and not self.tools:
+            raise ValueError("tool_choice: 'required' or a named function needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
+                t.function.name for t in self.tools or []}:
+            raise ValueError(f"tool_choice: the function {self.tool_choice.function.name!r} is not in tools")
+        if forced and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: give either a forced tool_choice or a response format, not both")
         names = [t.function.name for t in self.tools or []]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:

@@ -7,6 +7,8 @@ A model writes a call in the syntax its chat template taught it; the template sa
 What parses is returned as OpenAI `tool_calls` (arguments as a JSON string) with finish_reason `tool_calls`; what
 does not (broken JSON, a tool the request did not offer) stays text, as the model wrote it, so nothing is lost.
 `ToolStream` does the same on a stream: text before a call is sent as it comes, the call itself once it is whole.
+`call_grammar` is the grammar of a reply that is only calls (tool_choice required, or a named function), in the
+same syntax, for constrained decoding: the arguments valid against each function's parameters schema.
 """
 
 from __future__ import annotations
@@ -30,6 +32,27 @@ def syntax_of(chat_template: str | None) -> str | None:
     if '"parameters": ' in chat_template and "ipython" in chat_template:
         return "llama3_json"
     return None
+
+
+# The separators of json.dumps, which templates' tojson writes: the calls a model was trained on look like this.
+JSON_STYLE = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+
+
+def call_grammar(syntax: str, tool_specs: list[dict], only: str | None = None) -> str:
+    """A Lark grammar (llguidance's, `%json` inline) of a reply made of calls of the offered tools (`only`: one call
+    of that one), each `{"name": ..., "arguments" | "parameters": ...}` with arguments valid against its schema."""
+    key = "parameters" if syntax == "llama3_json" else "arguments"
+    calls = [{"type": "object", "properties": {"name": {"const": spec["function"]["name"]},
+                                               key: spec["function"].get("parameters") or {"type": "object"}},
+              "required": ["name", key], "additionalProperties": False}
+             for spec in tool_specs if only is None or spec["function"]["name"] == only]
+    schema = json.dumps({"anyOf": calls, "x-guidance": JSON_STYLE} if len(calls) > 1 else
+                        {**calls[0], "x-guidance": JSON_STYLE})
+    if syntax == "llama3_json":
+        return f"start: %json {schema}\n"
+    repeat = "" if only else ' ("\\n" block)*'
+    return (f'start: block{repeat}\nblock: "{HERMES_OPEN}\\n" call "\\n{HERMES_CLOSE}"\n'
+            f"call: %json {schema}\n")
 
 
 @dataclass(frozen=True)
