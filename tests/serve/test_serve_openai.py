@@ -175,3 +175,44 @@ def test_penalties_reach_the_engine(served):
                                                   **{k: v for k, v in kw.items() if k != "repetition_penalty"})
     assert out.choices[0].message.content == _engine_run(served, PROMPTS[3], "alpha", **kw)[0]
     assert _engine_run(served, PROMPTS[3], "alpha", **kw)[0] != _engine_run(served, PROMPTS[3], "alpha", max_tokens=12)[0]
+
+
+def _scrape(served) -> dict:
+    """The Prometheus exposition, as {(sample name, labels as a sorted tuple): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(served.url + "/metrics", headers={"accept": "text/plain;version=0.0.4"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def test_prometheus_metrics_count_requests_tokens_and_latencies_per_model(served):
+    """A scraper (Accept: text/plain) gets the Prometheus format; others keep the JSON summary. Three
+    requests on alpha (one streamed, one with n=2) move alpha's counters and histograms by exactly their counts."""
+    before = _scrape(served)
+    client = served.client()
+    outs = [client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=5),
+            client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": PROMPTS[1]}],
+                                           max_tokens=4, n=2)]
+    streamed = list(client.completions.create(model="alpha", prompt=PROMPTS[2], max_tokens=3, stream=True,
+                                              stream_options={"include_usage": True}))
+    tokens = outs[0].usage.completion_tokens + outs[1].usage.completion_tokens + streamed[-1].usage.completion_tokens
+    prompts = outs[0].usage.prompt_tokens + outs[1].usage.prompt_tokens + streamed[-1].usage.prompt_tokens
+    after = _scrape(served)
+    alpha = (("model", "alpha"),)
+
+    def grew(name, labels=alpha):
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    assert grew("lorakit_generation_tokens_total") == tokens
+    assert grew("lorakit_prompt_tokens_total") == prompts  # the n=2 prompt counted once, as usage does
+    choices = 4
+    assert sum(after[k] - before.get(k, 0) for k in after if k[0] == "lorakit_requests_total"
+               and ("model", "alpha") in k[1]) == choices
+    assert grew("lorakit_time_to_first_token_seconds_count") == choices
+    assert grew("lorakit_request_seconds_count") == choices
+    assert grew("lorakit_time_per_output_token_seconds_count") == tokens - choices
+    assert grew("lorakit_time_to_first_token_seconds_sum") > 0
+    assert ("lorakit_queue_length", ()) in after and ("lorakit_requests_running", ()) in after
+    assert "requests_total" in httpx.get(served.url + "/metrics").json()  # the JSON summary stays the default

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
@@ -24,6 +25,8 @@ class Event:
     penalties), as OpenAI's `logprobs` report it."""
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     """With SamplingParams.logprobs = k: for each of token_ids, the k most likely (token, log-probability)."""
+    time: float = field(default_factory=time.monotonic, compare=False)
+    """time.monotonic() when the engine made the event (its token was sampled); not part of equality."""
 
 
 @dataclass
@@ -41,6 +44,7 @@ class RequestHandle:
 
     def __init__(self, request_id: str, prompt_tokens: int):
         self.id = request_id
+        self.submitted = time.monotonic()
         self.usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=0)
         self._events: list[Event] = []
         self._error: BaseException | None = None

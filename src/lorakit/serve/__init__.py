@@ -18,7 +18,7 @@ class MissingDependencyError(LorakitError):
 
 
 def require_server_dependencies() -> None:
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingDependencyError(f"lorakit serve needs {' and '.join(missing)}, which "
                                      f"{'is' if len(missing) == 1 else 'are'} not installed; "

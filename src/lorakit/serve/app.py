@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Callable
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import AdapterError, ConfigError, LorakitError
@@ -30,6 +30,7 @@ from .adapters import CONFIG_FILE, NAME, WEIGHTS_FILE, check_name, resolve_adapt
 from .errors import APIError, install_error_handlers, limit_error, log, model_not_found
 from .guard import BodyTooLarge, GuardMiddleware
 from .schemas import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, NamedToolChoice, parse_body
+from .metrics import ServerMetrics, wants_prometheus
 from .sse import DONE, EventStreamResponse, sse
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -64,6 +65,7 @@ class _State:
         self.on_demand: set[str] = set()  # adapters loaded on first use: the only ones evicted
         self.pinned: Counter = Counter()  # adapters between lookup and submit: never evicted then
         self.evicting: set[str] = set()
+        self.metrics = ServerMetrics()
 
     def adapter_for(self, model: str) -> str | None:
         """The resident adapter `model` names (None for the base), or 404."""
@@ -209,7 +211,10 @@ def create_app(engine, tokenizer, *, base_name: str, adapter_dir: str | Path | N
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        if wants_prometheus(request.headers.get("accept", "")):
+            body, content_type = state.metrics.exposition(_engine_metrics(engine))
+            return Response(body, media_type=content_type)
         return {**_engine_metrics(engine), "server": dict(state.counts),
                 "http_status": dict(sorted(state.status_counts.items()))}
 
@@ -345,9 +350,14 @@ async def _generate(state: _State, request: Request, req, prompt_ids: list[int],
 
     reply = _Reply(chat=chat, model=req.model, tool_calls=tool_calls,
                    token_text=state.token_text if req.top_logprob_count() is not None else None)
+
+    def observe(index: int, choice: _Choice) -> None:  # the prompt is counted once, with the first choice
+        state.metrics.finished(req.model, handles[index].submitted, choice.times, choice.finish,
+                               len(prompt_ids) if index == 0 else 0)
+
     if req.stream:
         state.counts["streams"] += 1
-        return EventStreamResponse(_stream(handles, reply, len(prompt_ids), req.include_usage()), release)
+        return EventStreamResponse(_stream(handles, reply, len(prompt_ids), req.include_usage(), observe), release)
     try:
         choices, disconnected = await _collect(handles, request)
     finally:
@@ -355,6 +365,8 @@ async def _generate(state: _State, request: Request, req, prompt_ids: list[int],
     if disconnected:
         state.counts["disconnects"] += 1
         raise APIError(499, "client closed the request")  # nobody reads it; keeps the status count honest
+    for index, choice in enumerate(choices):
+        observe(index, choice)
     completion_tokens = sum(len(c.token_ids) for c in choices)
     return JSONResponse(reply.full(choices, _usage(len(prompt_ids), completion_tokens)))
 
@@ -386,8 +398,10 @@ class _Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # when each token was sampled
 
     def add(self, event) -> None:
+        self.times += [event.time] * len(event.token_ids)
         self.text += event.text
         self.finish = event.finish_reason or self.finish
         self.token_ids += event.token_ids
@@ -445,8 +459,10 @@ async def _events(handles: list) -> AsyncIterator[tuple[int, Any]]:
             task.cancel()
 
 
-async def _stream(handles: list, reply: "_Reply", prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(handles: list, reply: "_Reply", prompt_tokens: int, include_usage: bool,
+                  observe: Callable[[int, "_Choice"], None]) -> AsyncIterator[bytes]:
     tokens = 0
+    seen = [_Choice() for _ in handles]  # for the metrics
     try:
         if reply.chat:
             for i in range(len(handles)):
@@ -454,6 +470,7 @@ async def _stream(handles: list, reply: "_Reply", prompt_tokens: int, include_us
         calls = [tools.ToolStream(*reply.tool_calls) for _ in handles] if reply.tool_calls else None
         async for i, event in _events(handles):
             tokens += len(event.token_ids)
+            seen[i].times += [event.time] * len(event.token_ids)
             text = calls[i].feed(event.text) if calls else event.text
             scores = reply.logprobs(event.token_ids, event.model_logprobs, event.top_logprobs, chunk=True)
             if text or scores:
@@ -468,6 +485,8 @@ async def _stream(handles: list, reply: "_Reply", prompt_tokens: int, include_us
                         yield sse(reply.chunk(i, delta={"tool_calls": [{"index": k, **c} for k, c in enumerate(made)]}))
                         finish = "tool_calls" if finish == "stop" else finish
                 yield sse(reply.chunk(i, finish=finish))
+                seen[i].finish = finish
+                observe(i, seen[i])
         if include_usage:
             yield sse(reply.usage_chunk(_usage(prompt_tokens, tokens)))
     except LorakitError as err:
