@@ -161,7 +161,8 @@ def test_adapter_names_while_merged_raise():
 
 
 def test_grouped_one_lora_matmul_per_distinct_adapter_not_per_row(monkeypatch):
-    """For a layer, the number of down-projections equals the number of distinct adapters present (base excluded)."""
+    """Where autograd records (training a mixed batch), a layer runs one down-projection per distinct adapter present
+    (base excluded), on that adapter's rows only. (Inference takes _mixed_together, tested below.)"""
     lora = _build("llama")
     calls: dict[str, list[tuple[str, int]]] = {}
 
@@ -176,7 +177,7 @@ def test_grouped_one_lora_matmul_per_distinct_adapter_not_per_row(monkeypatch):
     for cls in (LoraLinear, LoraEmbedding):
         monkeypatch.setattr(cls, "_delta", counting(cls._delta))
     rows = ["a", "b", "a", BASE, "a", "b", "c", "a"]
-    _logits(lora, _ids(len(rows)), adapter_names=rows)
+    lora(_ids(len(rows)), adapter_names=rows)  # grad enabled
     assert calls, "no adapter computation observed"
     for path, layer in lora.lora_layers():
         present = [n for n in dict.fromkeys(rows) if n != BASE and n in layer.lora_A]
@@ -222,3 +223,20 @@ def test_mixed_batch_gradients_equal_each_rows_own_adapter_gradients(setup):
     for name in mixed:
         torch.testing.assert_close(mixed[name], alone[name], atol=1e-5, rtol=1e-4, msg=name)
 
+
+
+def test_inference_computes_every_adapter_of_a_mixed_batch_together(monkeypatch):
+    """Without autograd, a linear LoRA layer takes all the plain-LoRA adapters present in two matmuls
+    (_mixed_together), never the per-adapter loop, and every row still equals that row run alone with its adapter
+    (or none). (DoRA, whose update reads the base output, keeps the loop: the tests above mix it in.)"""
+    lora = _build("llama")
+    loops = []
+    for cls in (LoraLinear,):
+        original = cls._delta
+        monkeypatch.setattr(cls, "_delta", lambda self, *a, _o=original: loops.append(1) or _o(self, *a))
+    rows = ["a", "c", "a", BASE, "c", "a"]  # plain LoRA only ("b" is DoRA)
+    ids = _ids(len(rows))
+    mixed = _logits(lora, ids, adapter_names=rows)
+    assert not loops
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], _row_alone(lora, ids[i:i + 1], name)[0], atol=1e-5, rtol=1e-5)

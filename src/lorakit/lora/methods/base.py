@@ -42,6 +42,12 @@ class Adapter:
         self.name = name
 
     # ---- tensors ------------------------------------------------------------------------------------
+    def low_rank_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A (r, in), B (out, r), scaling) when this adapter's update is exactly scaling * x A^T B^T for inputs of
+        `dtype` (no dropout running, no use of the base output), so a mixed batch may compute it together with
+        other adapters' (LoraLayer._mixed_together); None otherwise."""
+        return None
+
     def tensor(self, role: str) -> nn.Parameter:
         return self.layer.store(self.stores[role])[self.name]
 

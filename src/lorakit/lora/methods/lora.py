@@ -83,6 +83,12 @@ class Lora(Adapter):
         down = self.layer.down(x, A) * self.scaling  # (..., r): scale the small tensor, not the output
         return F.linear(down, B)  # (..., out)
 
+    def low_rank_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if self.uses_base_out or (self.name in self.layer.lora_dropout and self.layer.training):
+            return None
+        factors = self._cast_factors(dtype)
+        return None if factors is None else (*factors, self.scaling)
+
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         factors = self._cast_factors(base_out.dtype)
         A, B = factors if factors is not None else (self.A, self.B)
