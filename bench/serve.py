@@ -13,11 +13,23 @@ K adapters in turn. Three ways to run the same requests:
   peft     reference, no server: PEFT's generate with adapter_names on the same model, adapters and prompts,
            as static batches of N rows (left padding), in a fresh process
 
-Reported: requests/s, generated tokens/s, latency p50/p90/p99 per request, and mixed/single and
-mixed/switch throughput ratios (target: with 4 adapters mixed, at least 0.8x the single-adapter throughput).
+Reported: requests/s, generated tokens/s, latency p50/p90/p99 per request, 429 retries, the server process's
+share of the machine's CPUs over the measurement (cpu%: the client threads take the rest), and mixed/single and
+mixed/switch throughput ratios (target: with 4 adapters mixed, at least 0.9x the single-adapter throughput).
+Each comparison runs --rounds times, its modes interleaved, so a drift in the machine's speed hits all alike.
 
-    python bench/serve.py                     # K = 1, 4, 16; N = 8 clients; ~5 min on 2 cores
-    python bench/serve.py --quick             # tiny model, K = 1, 4: a smoke test
+Two more measurements (issue 21), each against its baseline in the same run, interleaved:
+  lru      --lru-adapters (32) adapters in --adapter-dir served through --max-loras (8): each request names one
+           of the 32 at random (seeded), so adapters are loaded on first use and the least recently used evicted;
+           against 8 adapters loaded at startup under the same kind of random mix. Requests that find every slot
+           busy get 429 and retry after 50 ms (counted).
+  json     constrained decoding on a real model and tokenizer (SmolLM2-135M-Instruct from its GGUF, 49152-token
+           vocabulary): chat completions with response_format json_schema against the same requests without it;
+           generated tokens/s of each (target: constrained within 10% of unconstrained).
+
+    python bench/serve.py                     # K = 1, 4, 16; lru; json; N = 8 clients; ~15 min on 2 cores
+    python bench/serve.py --quick             # tiny model, K = 1, 4, fewer requests: a smoke test
+    python bench/serve.py --only lru,json     # some of the measurements (mixed, lru, json)
 """
 import argparse, json, os, socket, statistics, subprocess, sys, tempfile, threading, time, zlib
 from pathlib import Path
@@ -73,11 +85,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(base: Path, adapters, args) -> tuple[subprocess.Popen, str]:
+def start_server(base: Path, adapters, args, *extra: str) -> tuple[subprocess.Popen, str]:
     import httpx
     port = free_port()
     cmd = [sys.executable, "-m", "lorakit", "serve", "--model", str(base), "--port", str(port), "--dtype", args.dtype,
-           "--max-batch-size", str(args.clients), "--max-tokens", str(args.max_tokens)]
+           "--max-batch-size", str(args.clients), "--max-tokens", str(args.max_tokens), "--max-queue", "256", *extra]
     for name, path in adapters:
         cmd += ["--adapter", f"{name}={path}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -95,10 +107,12 @@ def start_server(base: Path, adapters, args) -> tuple[subprocess.Popen, str]:
     sys.exit("server did not come up in 120 s")
 
 
-def run_clients(url: str, jobs: list[tuple[str, str]], clients: int, max_tokens: int) -> dict:
-    """Send `jobs` (model, prompt) from `clients` threads; -> wall time, latencies, tokens."""
+def run_clients(url: str, jobs: list[tuple[str, str]], clients: int, max_tokens: int, *, chat: dict | None = None) \
+        -> dict:
+    """Send `jobs` (model, prompt) from `clients` threads, greedy; -> wall time, latencies, tokens, 429 retries.
+    `chat`: send chat completions (the prompt as the user message) with these extra fields."""
     import httpx
-    lock, latencies, tokens, errors = threading.Lock(), [], [0], []
+    lock, latencies, tokens, errors, retries = threading.Lock(), [], [0], [], [0]
     queue = list(reversed(jobs))
 
     def client():
@@ -108,9 +122,20 @@ def run_clients(url: str, jobs: list[tuple[str, str]], clients: int, max_tokens:
                     if not queue:
                         return
                     model, prompt = queue.pop()
+                body = {"model": model, "max_tokens": max_tokens, "temperature": 0}
+                if chat is None:
+                    route, body["prompt"] = "/v1/completions", prompt
+                else:
+                    route, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
+                    body.update(chat)
                 t0 = time.perf_counter()
-                r = http.post(url + "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                                             "temperature": 0})
+                while True:
+                    r = http.post(url + route, json=body)
+                    if r.status_code != 429:
+                        break
+                    with lock:
+                        retries[0] += 1
+                    time.sleep(0.05)
                 dt = time.perf_counter() - t0
                 with lock:
                     if r.status_code != 200:
@@ -128,14 +153,116 @@ def run_clients(url: str, jobs: list[tuple[str, str]], clients: int, max_tokens:
     wall = time.perf_counter() - t0
     if errors:
         sys.exit(f"{len(errors)} requests failed, e.g. {errors[0]}")
-    return {"wall": wall, "latencies": latencies, "tokens": tokens[0], "requests": len(latencies)}
+    return {"wall": wall, "latencies": latencies, "tokens": tokens[0], "requests": len(latencies), "retries": retries[0]}
 
 
 def summary(r: dict) -> dict:
     lat = sorted(r["latencies"])
     pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
     return {"req_s": r["requests"] / r["wall"], "tok_s": r["tokens"] / r["wall"], "p50": pct(0.5), "p90": pct(0.9),
-            "p99": pct(0.99), "requests": r["requests"], "tokens": r["tokens"]}
+            "p99": pct(0.99), "requests": r["requests"], "tokens": r["tokens"], "retries": r.get("retries", 0),
+            "cpu": r.get("cpu")}
+
+
+def cpu_share(pid: int):
+    """A clock of one process's CPU time (the server's, from /proc): busy = its CPU seconds / (wall x cores)."""
+    def read() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    start, t0 = read(), time.perf_counter()
+    return lambda: (read() - start) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+
+
+def measured(proc, url, jobs, args, **kw) -> dict:
+    """run_clients, with the server process's share of the machine's CPUs over the run."""
+    share = cpu_share(proc.pid)
+    r = run_clients(url, jobs, args.clients, args.max_tokens, **kw)
+    r["cpu"] = share()
+    return r
+
+
+def server_counts(url: str) -> dict:
+    import httpx
+    return httpx.get(url + "/metrics").json()["server"]
+
+
+def run_lru(root: Path, base: Path, adapters, args, results: dict) -> None:
+    """--lru-adapters adapters through --max-loras slots, against that many fixed adapters; interleaved rounds."""
+    import random
+    texts = prompts(args.lru_requests, args.prompt_len, SHAPES[args.shape]["vocab"])
+    rng = random.Random(1)
+    fixed_jobs = [(f"a{rng.randrange(args.max_loras)}", t) for t in texts]
+    lru_jobs = [(f"adapter{rng.randrange(args.lru_adapters)}", t) for t in texts]
+    rounds: dict[str, list] = {"fixed": [], "lru": []}
+    for _ in range(args.rounds):
+        proc, url = start_server(base, adapters[:args.max_loras], args)
+        try:
+            run_clients(url, fixed_jobs[:args.clients], args.clients, args.max_tokens)  # warm-up
+            rounds["fixed"].append(measured(proc, url, fixed_jobs, args))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        proc, url = start_server(base, [], args, "--adapter-dir", str(root), "--max-loras", str(args.max_loras))
+        try:
+            run_clients(url, [("adapter0", t) for t in texts[:args.clients]], args.clients, args.max_tokens)
+            before = server_counts(url)
+            r = measured(proc, url, lru_jobs, args)
+            after = server_counts(url)
+            r["evictions"] = after.get("adapters_evicted", 0) - before.get("adapters_evicted", 0)
+            rounds["lru"].append(r)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    for key, label in (("fixed", f"fixed {args.max_loras} adapters"),
+                       ("lru", f"lru {args.lru_adapters} via {args.max_loras}")):
+        results[label] = merge(rounds[key])
+    print(f"lru: {statistics.mean(r['evictions'] for r in rounds['lru']):.0f} evictions per round of "
+          f"{args.lru_requests} requests", flush=True)
+
+
+def run_json(args, results: dict) -> None:
+    """Constrained decoding on SmolLM2-135M-Instruct: response_format json_schema against no format."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from check_gguf_task import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    people = ["a baker in Lyon", "a pilot from Oslo", "a student in Lima", "a nurse in Osaka", "a chef from Rome",
+              "a farmer in Kenya", "a painter in Prague", "a teacher in Quito"]
+    texts = [f"Describe {p} as a JSON object with a name, an age and a city." for p in people]
+    texts = (texts * (args.json_requests // len(texts) + 1))[:args.json_requests]
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                               "city": {"type": "string", "maxLength": 40}},
+              "required": ["name", "age", "city"], "additionalProperties": False}
+    fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}}
+    model = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    rounds: dict[str, list] = {"free": [], "json": []}
+    proc, url = start_server(gguf, [], args, "--served-model-name", model)
+    try:
+        jobs = [(model, t) for t in texts]
+        run_clients(url, jobs[:args.clients], args.clients, args.max_tokens, chat={})  # warm-up
+        run_clients(url, jobs[:args.clients], args.clients, args.max_tokens, chat=fmt)
+        for _ in range(args.rounds):
+            rounds["free"].append(measured(proc, url, jobs, args, chat={}))
+            rounds["json"].append(measured(proc, url, jobs, args, chat=fmt))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    results["SmolLM2 unconstrained"] = merge(rounds["free"])
+    results["SmolLM2 json_schema"] = merge(rounds["json"])
+
+
+def merge(parts: list[dict], *, raw: bool = False) -> dict:
+    """Several runs as one: summed walls and tokens, the CPU share averaged; summarised, or `raw` (to merge again)."""
+    out = {"wall": sum(p["wall"] for p in parts), "latencies": [x for p in parts for x in p["latencies"]],
+           "tokens": sum(p["tokens"] for p in parts), "requests": sum(p["requests"] for p in parts),
+           "retries": sum(p.get("retries", 0) for p in parts),
+           "cpu": statistics.mean(p["cpu"] for p in parts) if all(p.get("cpu") is not None for p in parts) else None}
+    if raw:
+        return out
+    cpu = out.pop("cpu")
+    return {**summary(out), "cpu": cpu}
 
 
 def peft_worker(args) -> None:
@@ -181,6 +308,13 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dir", help="where the model and adapters are written (default: a temp dir)")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--only", default="mixed,lru,json", help="which measurements: mixed, lru, json")
+    ap.add_argument("--lru-adapters", type=int, default=32)
+    ap.add_argument("--max-loras", type=int, default=8)
+    ap.add_argument("--lru-requests", type=int, default=64)
+    ap.add_argument("--json-requests", type=int, default=16)
+    ap.add_argument("--json-max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of each comparison")
     ap.add_argument("--peft-worker", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--base", "--adapter-names", "--adapter-paths"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
@@ -189,9 +323,11 @@ def main():
         return peft_worker(args)
     if args.quick:
         args.shape, args.adapters, args.requests, args.max_tokens = "tiny", "1,4", 16, 8
+        args.lru_adapters, args.max_loras, args.lru_requests, args.json_requests, args.rounds = 8, 2, 16, 8, 1
+    only = set(args.only.split(","))
     ks = [int(k) for k in args.adapters.split(",")]
     root = Path(args.dir or tempfile.mkdtemp(prefix="lorakit-serve-bench-"))
-    base, adapters = build(root, SHAPES[args.shape], max(ks))
+    base, adapters = build(root, SHAPES[args.shape], max(ks + ([args.lru_adapters] if "lru" in only else [])))
     import torch, transformers
     print(f"torch {torch.__version__}  transformers {transformers.__version__}  cpus {os.cpu_count()}  "
           f"loadavg {os.getloadavg()[0]:.2f}")
@@ -200,23 +336,28 @@ def main():
           f"(server --max-batch-size {args.clients})")
     texts = prompts(args.requests, args.prompt_len, SHAPES[args.shape]["vocab"])
     results = {}
-    proc, url = start_server(base, adapters, args)
-    try:
-        run_clients(url, [("a0", t) for t in texts[: args.clients]], args.clients, args.max_tokens)  # warm-up
-        for k in ks:
-            jobs = [(f"a{i % k}", t) for i, t in enumerate(texts)]
-            label = "single" if k == 1 else f"mixed K={k}"
-            results[label] = summary(run_clients(url, jobs, args.clients, args.max_tokens))
-            if k > 1:  # one adapter at a time: all of a0's requests, then a1's, ...
-                parts = [run_clients(url, [j for j in jobs if j[0] == f"a{i}"], args.clients, args.max_tokens)
-                         for i in range(k)]
-                merged = {"wall": sum(p["wall"] for p in parts), "latencies": [x for p in parts for x in p["latencies"]],
-                          "tokens": sum(p["tokens"] for p in parts), "requests": sum(p["requests"] for p in parts)}
-                results[f"switch K={k}"] = summary(merged)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    if not args.skip_peft:
+    if "mixed" in only:
+        proc, url = start_server(base, adapters[:max(ks)], args)
+        try:
+            run_clients(url, [("a0", t) for t in texts[: args.clients]], args.clients, args.max_tokens)  # warm-up
+            runs: dict[str, list] = {}
+            for _ in range(args.rounds):  # interleaved, so a drift of the machine's speed hits every mode alike
+                for k in ks:
+                    jobs = [(f"a{i % k}", t) for i, t in enumerate(texts)]
+                    runs.setdefault("single" if k == 1 else f"mixed K={k}", []).append(measured(proc, url, jobs, args))
+                    if k > 1:  # one adapter at a time: all of a0's requests, then a1's, ...
+                        runs.setdefault(f"switch K={k}", []).append(merge(
+                            [measured(proc, url, [j for j in jobs if j[0] == f"a{i}"], args) for i in range(k)],
+                            raw=True))
+            results.update({label: merge(parts) for label, parts in runs.items()})
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    if "lru" in only:
+        run_lru(root, base, adapters, args, results)
+    if "json" in only:
+        run_json(argparse.Namespace(**{**vars(args), "max_tokens": args.json_max_tokens}), results)
+    if not args.skip_peft and "mixed" in only:
         for k in [k for k in ks if k > 1][:1] or ks[:1]:
             cmd = [sys.executable, __file__, "--peft-worker", "--base", str(base), "--shape", args.shape,
                    "--adapter-names", ",".join(n for n, _ in adapters[:k]),
@@ -228,9 +369,12 @@ def main():
             if done.returncode or not line:
                 sys.exit(f"peft worker failed:\n{done.stderr[-3000:]}")
             results[f"peft K={k} (static batches)"] = summary(json.loads(line[-1][7:]))
-    print(f"\n{'mode':28} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'tokens':>7}")
+    print(f"\n{'mode':28} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'tokens':>7} {'429s':>5} "
+          f"{'cpu%':>5}")
     for label, r in results.items():
-        print(f"{label:28} {r['req_s']:7.2f} {r['tok_s']:8.1f} {r['p50']:7.2f} {r['p90']:7.2f} {r['p99']:7.2f} {r['tokens']:7d}")
+        cpu = f"{r['cpu'] * 100:5.0f}" if r.get("cpu") is not None else "    -"
+        print(f"{label:28} {r['req_s']:7.2f} {r['tok_s']:8.1f} {r['p50']:7.2f} {r['p90']:7.2f} {r['p99']:7.2f} "
+              f"{r['tokens']:7d} {r['retries']:5d} {cpu}")
     single = results.get("single")
     for k in ks:
         mixed = results.get(f"mixed K={k}")
@@ -245,8 +389,17 @@ def main():
     k4 = results.get("mixed K=4")
     if single and k4:
         ratio = k4["tok_s"] / single["tok_s"]
-        print(f"target: 4 adapters mixed at >= 0.8x single-adapter throughput: {ratio:.2f}x "
-              f"{'MET' if ratio >= 0.8 else 'NOT MET'}")
+        print(f"target: 4 adapters mixed at >= 0.9x single-adapter throughput: {ratio:.2f}x "
+              f"{'MET' if ratio >= 0.9 else 'NOT MET'}")
+    fixed, lru = results.get(f"fixed {args.max_loras} adapters"), results.get(f"lru {args.lru_adapters} via {args.max_loras}")
+    if fixed and lru:
+        print(f"lru: {args.lru_adapters} adapters through {args.max_loras} slots / {args.max_loras} fixed adapters: "
+              f"{lru['tok_s'] / fixed['tok_s']:.2f}x tokens/s, p50 latency {lru['p50'] / fixed['p50']:.2f}x")
+    free, held = results.get("SmolLM2 unconstrained"), results.get("SmolLM2 json_schema")
+    if free and held:
+        ratio = held["tok_s"] / free["tok_s"]
+        print(f"target: constrained decoding within 10% of unconstrained tokens/s: {ratio:.2f}x "
+              f"{'MET' if ratio >= 0.9 else 'NOT MET'}")
 
 
 if __name__ == "__main__":
