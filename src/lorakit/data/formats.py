@@ -54,6 +54,12 @@ class Turn:
     name: str | None = None
     tool_call_id: str | None = None
 
+    @property
+    def uses_tools(self) -> bool:
+        """Whether the turn calls tools, is a tool's result, or carries reasoning: what only tool-aware templates
+        render."""
+        return bool(self.tool_calls or self.reasoning or self.role == "tool")
+
 
 Conversation = tuple[Turn, ...]
 Normalised = Union[Conversation, str]

@@ -204,7 +204,7 @@ def prompt_turns(value: Any) -> Conversation:
 
 def refuse_tools(turns: Sequence[Turn], what: str) -> None:
     """Preference and RL data: tool use is not taken yet, and is refused rather than dropped."""
-    if any(t.tool_calls or t.reasoning or t.role == "tool" for t in turns):
+    if any(t.uses_tools for t in turns):
         raise BadRecord("tools_unsupported", f"{what} holds tool calls, tool results or reasoning: preference and RL "
                                              "data do not take them yet (supervised data does)")
 

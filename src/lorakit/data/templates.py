@@ -155,7 +155,7 @@ def check_renders_tools(turns: Sequence[Turn], tools: Tools, template: ChatTempl
     `tools` or `tool_calls` (many do) would train the model on replies to a prompt that never listed the tools,
     or on empty replies instead of calls. Checked by rendering: every tool's and call's name, and the reasoning
     text, must appear in the render."""
-    uses = bool(tools) or any(t.tool_calls or t.reasoning or t.role == "tool" for t in turns)
+    uses = bool(tools) or any(t.uses_tools for t in turns)
     if not uses:
         return
     if not template.tools:

@@ -59,10 +59,6 @@ class GrammarTokenizer:
                     raise GrammarError(f"constrained decoding cannot use this tokenizer: {err}") from None
             return self._ll
 
-    def check(self, grammar: str) -> str:
-        """"" when `grammar` is valid for this tokenizer, else why not."""
-        return _llguidance().LLMatcher.validate_grammar(grammar, self.get())
-
 
 class Constraint:
     """One request's place in its grammar."""

@@ -149,22 +149,20 @@ class Engine:
         """Queue several (prompt_ids, adapter, params) requests at once, all or none. Queued together, they are
         admitted together as far as the batch has room, and requests with the same prompt and adapter among
         them are prefilled once (n samples of one prompt: GRPO's groups)."""
-        checked = [(self._checked(list(prompt_ids), params), BASE if adapter is None else adapter, params)
+        checked = [(*self._checked(list(prompt_ids), params), BASE if adapter is None else adapter, params)
                    for prompt_ids, adapter, params in requests]
-        constraints = [Constraint(self._grammar_tokenizer, params.grammar) if params.grammar else None
-                       for _, _, params in checked]
         handles = []
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is closed; no new requests")
-            for name in {name for _, name, _ in checked}:
+            for name in {name for _, _, name, _ in checked}:
                 if name != BASE and name not in self.adapters():
                     raise AdapterError(f"unknown adapter {name!r}; loaded adapters: {', '.join(self.adapters()) or '(none)'}")
             if len(self._waiting) + len(checked) > self.max_queue:
                 more = f" and these {len(checked)} do not fit" if len(checked) > 1 else ""
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting{more} (max_queue={self.max_queue}); "
                                 "retry later")
-            for (prompt, name, params), constraint in zip(checked, constraints):
+            for prompt, constraint, name, params in checked:
                 handle = RequestHandle(f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", len(prompt))
                 self._waiting.append(_Request(handle, prompt, name, params, make_generator(params, self.device),
                                               TextStream(self.tokenizer, list(params.stop)), [],
@@ -175,22 +173,22 @@ class Engine:
             self._cond.notify_all()
         return handles
 
-    def _checked(self, prompt: list[int], params: SamplingParams) -> list[int]:
+    def _checked(self, prompt: list[int], params: SamplingParams) -> tuple[list[int], Constraint | None]:
+        """(the prompt, the grammar's matcher when the request has one), or InvalidRequest listing every problem."""
         exceeded = self.limits.check(len(prompt), params.max_tokens)
         problems = [str(e) for e in exceeded] + params.problems()
+        constraint = None
         if isinstance(params.grammar, str) and params.grammar:
-            try:
-                why = self._grammar_tokenizer.check(params.grammar)
+            try:  # the matcher compiles the grammar: built once, here, and kept for the request
+                constraint = Constraint(self._grammar_tokenizer, params.grammar)
             except GrammarError as err:
-                why = str(err)
-            if why:
-                problems.append(f"grammar: {why}")
+                problems.append(f"grammar: {err}")
         if prompt and len(prompt) <= self.limits.max_prompt_tokens and not all(
                 isinstance(t, int) and 0 <= t < (self.vocab_size or float("inf")) for t in prompt):
             problems.insert(0, f"prompt_ids must be integers in [0, {self.vocab_size}) (the model's vocabulary)")
         if problems:
             raise InvalidRequest("invalid request: " + "; ".join(problems), exceeded)
-        return prompt
+        return prompt, constraint
 
     # ---- adapters ------------------------------------------------------------------------------------
     def adapters(self) -> list[str]:

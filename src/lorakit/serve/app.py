@@ -26,7 +26,7 @@ from ..infer.constraints import GrammarError, json_schema_grammar, lark_grammar
 from ..infer.engine import EngineClosed, InvalidRequest, QueueFull
 from ..infer.sampling import RequestLimits, SamplingParams
 from . import tools
-from .adapters import CONFIG_FILE, NAME, WEIGHTS_FILE, check_name, resolve_adapter, scrub
+from .adapters import CONFIG_FILE, NAME, WEIGHTS_FILE, ResolvedAdapter, check_name, resolve_adapter, scrub
 from .errors import APIError, install_error_handlers, limit_error, log, model_not_found
 from .guard import BodyTooLarge, GuardMiddleware
 from .schemas import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, NamedToolChoice, parse_body
@@ -105,16 +105,22 @@ class _State:
             if err.status == 404:
                 raise model_not_found(name) from None
             raise
+        await self.load(resolved, param="model")
+        self.on_demand.add(name)
+        self.counts["adapters_loaded_on_first_use"] += 1
+        log.info("loaded adapter %s on first use", name)
+
+    async def load(self, resolved: ResolvedAdapter, *, param: str) -> None:
+        """Load a resolved adapter into the engine (under the adapter lock), making room within max_loras first; a
+        load error is a 400 naming the request field `param`, with no server path in it."""
+        assert self.adapter_dir is not None
         await self.make_room()
         try:
             await run_in_threadpool(self.engine.load_adapter, resolved.name, str(resolved.directory))
         except (AdapterError, ConfigError, ValueError) as err:
             raise APIError(400, f"adapter {resolved.relative!r} could not be loaded: "
                                 f"{scrub(str(err), resolved.directory, self.adapter_dir, resolved.relative)}",
-                           param="model", code="invalid_adapter") from None
-        self.on_demand.add(name)
-        self.counts["adapters_loaded_on_first_use"] += 1
-        log.info("loaded adapter %s on first use", name)
+                           param=param, code="invalid_adapter") from None
 
     async def make_room(self) -> None:
         """Evict least recently used first-use adapters until one more fits in max_loras (under the adapter lock);
@@ -265,13 +271,7 @@ def create_app(engine, tokenizer, *, base_name: str, adapter_dir: str | Path | N
                 raise APIError(409, f"A model named `{req.name}` is already served; DELETE /v1/adapters/{req.name} "
                                     "first to replace it.", param="name", code="adapter_exists")
             resolved = await run_in_threadpool(resolve_adapter, root, req.name, req.path)
-            await state.make_room()
-            try:
-                await run_in_threadpool(engine.load_adapter, resolved.name, str(resolved.directory))
-            except (AdapterError, ConfigError, ValueError) as err:
-                raise APIError(400, f"adapter {resolved.relative!r} could not be loaded: "
-                                    f"{scrub(str(err), resolved.directory, root, resolved.relative)}",
-                               param="path", code="invalid_adapter") from None
+            await state.load(resolved, param="path")
         log.info("loaded adapter %s from %s", resolved.name, resolved.relative)
         return _model_card(state, resolved.name)
 
@@ -470,7 +470,7 @@ async def _stream(handles: list, reply: "_Reply", prompt_tokens: int, include_us
         calls = [tools.ToolStream(*reply.tool_calls) for _ in handles] if reply.tool_calls else None
         async for i, event in _events(handles):
             tokens += len(event.token_ids)
-            seen[i].times += [event.time] * len(event.token_ids)
+            seen[i].add(event)
             text = calls[i].feed(event.text) if calls else event.text
             scores = reply.logprobs(event.token_ids, event.model_logprobs, event.top_logprobs, chunk=True)
             if text or scores:
