@@ -51,6 +51,29 @@ def holds_lock(out_dir: str | os.PathLike) -> bool:
     return held is not None and held[0] == os.getpid()
 
 
+def lock_holder(out_dir: str | os.PathLike) -> int | None:
+    """The PID of the run that holds `out_dir`'s lock, or None, read without touching the lock (taking it even
+    for a moment would make a run starting then fail). On Linux the kernel's table of locks (/proc/locks) says
+    whether the PID in the file still holds its flock; elsewhere a living PID is taken as the holder."""
+    path = Path(out_dir) / LOCK_FILE
+    try:
+        text, inode = path.read_text(encoding="ascii", errors="replace").strip(), path.stat().st_ino
+    except OSError:
+        return None
+    pid = int(text) if text.isdigit() else None
+    if pid is None or not _alive(pid):
+        return None  # a released lock is emptied; a killed run's PID is dead
+    try:
+        table = Path("/proc/locks").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return pid
+    for line in table.splitlines():  # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:123456 0 EOF"
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4] == str(pid) and fields[5].endswith(f":{inode}"):
+            return pid
+    return None
+
+
 def acquire_lock(out_dir: str | os.PathLike) -> None:
     """Lock `out_dir` for this process, or raise CheckpointError naming the PID of the run that holds it."""
     out_dir = Path(out_dir)

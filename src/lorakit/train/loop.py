@@ -170,7 +170,7 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
         _call(hooks, "eval", {**info, "tokens": result.tokens})
 
     try:
-        with checkpoints.locked(), sigterm_as_interrupt():
+        with checkpoints.locked(), sigterm_as_interrupt(), checkpoints.outcome_recorded():
             resume = str(config.resume if resume is None else resume)
             checkpoints.start(state, resume=resume, overwrite=overwrite, allow_change=allow_change,
                               batches_per_epoch=n_batches)

@@ -197,3 +197,23 @@ def write_run_file(path: str | os.PathLike, settings: dict) -> None:
     record = {"lorakit_version": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "settings": settings}
     write_text_atomic(Path(path) / RUN_FILE, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def read_run_file(path: str | os.PathLike) -> dict | None:
+    """The run file's record (None when there is none or it is unreadable)."""
+    try:
+        record = json.loads((Path(path) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def record_outcome(path: str | os.PathLike, status: str, detail: str | None = None) -> None:
+    """Add how the run ended to its run file: "finished", "interrupted" (Ctrl-C, SIGTERM: a checkpoint was saved)
+    or "failed" (`detail`: the error), so a dashboard reads a run's state from the run's own files. A run killed
+    outright (kill -9, out of memory) records nothing: its state is its last record, or none."""
+    record = read_run_file(path)
+    if record is None:
+        return
+    record["ended"] = {"status": status, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "detail": detail}
+    write_text_atomic(Path(path) / RUN_FILE, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import CheckpointError, TrainingError
 from .checkpoint import checkpoint_lock, save_checkpoint
 from .fingerprint import MAY_CHANGE
-from .output_dir import check_output_dir, clear_own_outputs, write_run_file
+from .output_dir import check_output_dir, clear_own_outputs, record_outcome, write_run_file
 from .restore import resume as resume_checkpoint
 from .runtime import Runtime
 
@@ -55,6 +55,7 @@ class Checkpoints:
             fingerprints, keep_last, runtime, log, on_save
         self.objective_state = objective_state  # the objective's tensors, saved with each checkpoint
         self.last_saved: int | None = None
+        self.started = False  # start() succeeded: this run owns the directory's run file
         self.resumed_from: int | None = None
         self.resumed_objective_state: dict[str, torch.Tensor] = {}
 
@@ -63,6 +64,24 @@ class Checkpoints:
         """Hold the output directory's lock (rank 0: the one that writes) for the whole run."""
         with checkpoint_lock(self.out) if self.runtime.is_main else contextlib.nullcontext():
             yield
+
+    @contextlib.contextmanager
+    def outcome_recorded(self) -> Iterator[None]:
+        """Record in the run file how the block ended (finished, interrupted or failed), once start() succeeded;
+        rank 0 only. Inside `locked()`, so the record is written before the lock is released."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self._record("interrupted", None)
+            raise
+        except Exception as err:
+            self._record("failed", f"{type(err).__name__}: {err}")
+            raise
+        self._record("finished", None)
+
+    def _record(self, status: str, detail: str | None) -> None:
+        if self.started and self.runtime.is_main:
+            record_outcome(self.out, status, detail)
 
     def start(self, state: TrainState, *, resume: str, overwrite: bool, allow_change: Iterable[str],
               batches_per_epoch: int) -> None:
@@ -96,6 +115,7 @@ class Checkpoints:
             self.log(f"resumed from {resumed.path} at step {resumed.step} "
                      f"(epoch {state.epoch}, batch {state.batches_done} of {batches_per_epoch})")
         self.runtime.broadcast_parameters(list(self.params.values()))  # resumed or seeded alike; made identical
+        self.started = True
 
     def save(self, state: TrainState, why: str) -> Path | None:
         """A checkpoint of `state` now (rank 0 writes it); parameters holding NaN/inf are never saved."""
