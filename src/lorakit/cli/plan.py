@@ -24,29 +24,18 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_run_config
-    from ..plan.check import (available_bytes, budget_table, gb, matmul_rate, parse_size, plan_run,
-                                    step_flops, table, STEP_EFFICIENCY)
+    from ..plan.check import STEP_EFFICIENCY, gb, parse_size, plan_report, table
 
     budget = parse_size(args.budget) if args.budget else None
     config = load_run_config(args.config, args.overrides)
-    plan = plan_run(config)
-    m, s = plan.memory, plan.memory.setup
-    have, where = available_bytes(s)
-    rate = matmul_rate(s)
-    flops = step_flops(plan) * config.train.grad_accum
-    seconds = flops / (rate * STEP_EFFICIENCY)
-    rows = budget_table(plan, budget) if budget is not None else []
-    dtype = str(s.dtype).removeprefix("torch.")
+    report, plan = plan_report(config, budget)
     if args.json:
-        print(json.dumps({
-            "peak_bytes": m.peak, "phase": m.phase, "device": s.device, "dtype": dtype,
-            "batch_size": s.batch_size, "max_seq_len": s.seq_len, "quantization_bits": s.bits,
-            "items": [{"name": i.name, "bytes": i.bytes, "note": i.note} for i in m.items], "notes": m.notes,
-            "available_bytes": have, "available_from": where, "fits": None if have is None else m.peak <= have,
-            "step_flops": flops, "matmul_flops_per_s": rate, "step_efficiency": STEP_EFFICIENCY,
-            "seconds_per_step": seconds,
-            "budget_bytes": budget, "budget": [{"max_seq_len": seq, "batch_size": b} for seq, b in rows]}))
+        print(json.dumps(report))
         return 0
+    m, s = plan.memory, plan.memory.setup
+    have, where, dtype, rows = report["available_bytes"], report["available_from"], report["dtype"], report["budget"]
+    rows = [(r["max_seq_len"], r["batch_size"]) for r in rows]
+    flops, rate, seconds = report["step_flops"], report["matmul_flops_per_s"], report["seconds_per_step"]
     shape = plan.shape
     print(f"memory plan for {args.config}: {shape.model_type}, {shape.layers} layers x {shape.hidden} wide, "
           f"vocab {shape.vocab}; {dtype}{f', {s.bits}-bit base' if s.bits else ''} on {s.device}; "

@@ -11,22 +11,30 @@ from .sections import DataConfig, DistributedConfig, EvalConfig, ForgettingLimit
     QuantizationConfig, ReferenceConfig, RunConfig, SpeedConfig, SweepConfig, TaskConfig, TrainConfig
 
 
+SECTIONS = [("model", ModelConfig), ("model.quantization", QuantizationConfig), ("lora", LoraConfig),
+            ("data", DataConfig), ("train", TrainConfig), ("speed", SpeedConfig), ("distributed", DistributedConfig),
+            ("preference", PreferenceConfig), ("preference.reference", ReferenceConfig), ("eval", EvalConfig),
+            ("eval.max_forgetting", ForgettingLimits), ("tasks[i]", TaskConfig), ("sweep", SweepConfig),
+            ("", RunConfig)]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its docstring} of a config dataclass, its bases' fields included (data: DataOptions')."""
+    docs: dict[str, str] = {}
+    for owner in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        body = ast.parse(inspect.getsource(owner)).body[0].body
+        for node, after in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
 def field_reference() -> str:
     """Every run-config field with its type, default and docstring, read from the dataclasses' source."""
-    sections = [("model", ModelConfig), ("model.quantization", QuantizationConfig), ("lora", LoraConfig), ("data", DataConfig), ("train", TrainConfig),
-                ("speed", SpeedConfig), ("distributed", DistributedConfig), ("preference", PreferenceConfig),
-                ("preference.reference", ReferenceConfig), ("eval", EvalConfig),
-                ("eval.max_forgetting", ForgettingLimits), ("tasks[i]", TaskConfig), ("sweep", SweepConfig),
-                ("", RunConfig)]
-    listed = {name.split(".")[0] for name, _ in sections}  # "tasks[i]" (its entries) keeps "tasks" listed
+    listed = {name.split(".")[0] for name, _ in SECTIONS}  # "tasks[i]" (its entries) keeps "tasks" listed
     lines = []
-    for section, cls in sections:
-        docs: dict[str, str] = {}
-        for owner in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):  # data: DataOptions' too
-            body = ast.parse(inspect.getsource(owner)).body[0].body
-            for node, after in zip(body, body[1:] + [None]):
-                if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant):
-                    docs[node.target.id] = " ".join(str(after.value.value).split())
+    for section, cls in SECTIONS:
+        docs = field_docs(cls)
         lines.append(f"{section}:" if section else "top level:")
         own = set(cls.__dict__.get("__annotations__", {}))  # a section's own fields (data: where the data is) first
         for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):

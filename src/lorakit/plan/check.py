@@ -299,3 +299,23 @@ def check_before_training(config: RunConfig, log: Callable[[str], None], *, enfo
                "no single change of batch size, checkpointing, loss chunking or 4-bit is predicted to fit")
             + "\n(train.memory_check: false, or lorakit train --force, trains anyway)", where="run config")
     return plan
+
+
+def plan_report(config: RunConfig, budget: int | None = None) -> tuple[dict, RunPlan]:
+    """(`lorakit plan --json`'s object, the plan): the predicted peak and its items, the memory available, a rough
+    time per step at this device's measured matmul rate, and with `budget` the largest batch per max_seq_len."""
+    plan = plan_run(config)
+    m, s = plan.memory, plan.memory.setup
+    have, where = available_bytes(s)
+    rate = matmul_rate(s)
+    flops = step_flops(plan) * config.train.grad_accum
+    rows = budget_table(plan, budget) if budget is not None else []
+    report = {
+        "peak_bytes": m.peak, "phase": m.phase, "device": s.device, "dtype": str(s.dtype).removeprefix("torch."),
+        "batch_size": s.batch_size, "max_seq_len": s.seq_len, "quantization_bits": s.bits,
+        "items": [{"name": i.name, "bytes": i.bytes, "note": i.note} for i in m.items], "notes": m.notes,
+        "available_bytes": have, "available_from": where, "fits": None if have is None else m.peak <= have,
+        "step_flops": flops, "matmul_flops_per_s": rate, "step_efficiency": STEP_EFFICIENCY,
+        "seconds_per_step": flops / (rate * STEP_EFFICIENCY),
+        "budget_bytes": budget, "budget": [{"max_seq_len": seq, "batch_size": b} for seq, b in rows]}
+    return report, plan
