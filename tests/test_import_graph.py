@@ -21,11 +21,13 @@ PACKAGE = "lorakit"
 
 # Subpackage -> the parts of lorakit it must not import: dependencies point one way.
 FORBIDDEN = {
-    "lora": ("data", "train", "infer", "serve", "config", "cli", "export", "quant", "base_model", "quickstart"),
-    "data": ("lora", "config", "train", "infer", "serve", "cli", "export", "quant", "base_model", "quickstart"),
-    "infer": ("serve", "train", "cli"),
-    "serve": ("train", "cli"),
-    "train": ("plan", "recipes", "serve", "cli", "quickstart"),  # the planner and recipes build on train
+    "lora": ("data", "train", "infer", "serve", "config", "cli", "export", "quant", "base_model", "quickstart", "ui"),
+    "data": ("lora", "config", "train", "infer", "serve", "cli", "export", "quant", "base_model", "quickstart", "ui"),
+    "infer": ("serve", "train", "cli", "ui"),
+    "serve": ("train", "cli", "ui"),
+    "train": ("plan", "recipes", "serve", "cli", "quickstart", "ui"),  # the planner and recipes build on train
+    # The dashboard starts training and exports as processes (`python -m lorakit ...`), never in the server.
+    "ui": ("cli", "recipes", "export", "quickstart"),
 }
 # Who may import lorakit.cli: only `python -m lorakit`, whose whole job is to call it.
 CLI_IMPORTERS = {"lorakit.__main__"}

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .plan import add_parser as add_plan_parser
 
     add_plan_parser(sub)  # lorakit plan run.yaml [--budget 8GB] [--json] (cli/plan.py)
+    from .ui import add_parser as add_ui_parser
+
+    add_ui_parser(sub)  # lorakit ui --root RUNS: the web dashboard (cli/ui.py, lorakit/ui/)
 
     data = sub.add_parser("data", help="look at training data as the model will see it")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
