@@ -56,7 +56,6 @@ SLOW = {
                                      "test_training_again_into_a_run_is_refused_until_resumed_or_overwritten"},
     "train/test_output_dir.py": {"test_an_accepted_change_resumes_and_is_logged"},
     "serve/test_serve_load.py": {"test_32_requests_from_8_threads_match_their_alone_output"},
-    "ui/test_ui_routes.py": {"test_the_deploy_check_reports_each_destination"},  # `lorakit check` in a child
     "ui/test_ui_browser.py": EVERY_TEST,  # chromium, training and export processes started from the page
     "ui/test_ui_cli.py": EVERY_TEST,  # `lorakit ui` and the runs it starts, as child processes
     "cli/test_cli_commands.py": {

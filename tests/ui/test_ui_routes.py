@@ -84,6 +84,20 @@ def test_models_and_data_outside_the_allowed_roots_are_refused(root, field, valu
     assert "outside the directories" in reply["fields"][field][0] or "does not exist" in reply["fields"][field][0]
 
 
+@pytest.mark.parametrize("extra", ["eval:\n  general_text: /etc/passwd\n",
+                                   "tasks:\n  - {name: a, train: /etc/passwd}\n  - {name: b, train: /etc/hosts}\n"])
+def test_paths_in_the_yaml_box_follow_the_same_rule(root, extra):
+    values = {k: v for k, v in FORM.items() if k not in ("data.train", "data.validation") or "tasks" not in extra}
+    reply = client(root).post("/api/check", json={"name": "r1", "values": values, "extra_yaml": extra}).json()
+    assert not reply["ok"] and any("outside the directories" in p for p in reply["fields"][""]), reply
+
+
+def test_a_gguf_file_must_be_a_name_inside_the_model_directory(root):
+    values = {**FORM, "model.gguf_file": "../../../etc/model.gguf"}
+    reply = client(root).post("/api/check", json={"name": "r1", "values": values}).json()
+    assert "model.gguf_file" in reply["fields"]
+
+
 def test_a_hub_id_is_a_model_name_not_a_path(root):
     roots = Roots(root)
     assert roots.readable("HuggingFaceTB/SmolLM2-135M", "model.name_or_path") == "HuggingFaceTB/SmolLM2-135M"

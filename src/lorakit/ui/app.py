@@ -11,10 +11,7 @@ import asyncio
 import contextlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import anyio
 import yaml
@@ -373,11 +370,8 @@ def _export_path(roots: Roots, name: str, fmt: str) -> Path:
     return roots.runs / "exports" / f"{name.replace('/', '-')}-{fmt}{EXPORT_FORMATS[fmt]}"
 
 
-def _deploy_check(adapter: Path) -> Any:
-    """`lorakit check ADAPTER --json`, run as the CLI runs it."""
-    done = subprocess.run([sys.executable, "-m", "lorakit", "check", str(adapter), "--json"], capture_output=True,
-                          text=True, timeout=300)
-    try:
-        return json.loads(done.stdout)
-    except json.JSONDecodeError:
-        raise Refused(500, f"lorakit check failed: {(done.stderr or done.stdout).strip()[-2000:]}") from None
+def _deploy_check(adapter: Path) -> dict:
+    """`lorakit check ADAPTER --json`'s object."""
+    from ..adapter_check import check_adapter
+
+    return check_adapter(adapter).as_dict()

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import types
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -101,6 +102,9 @@ def raw_config(roots: Roots, name: str, values: dict, extra_yaml: str) -> dict:
                 raw[section][field] = roots.readable(value, key)
             except ConfigError as err:
                 problems += err.problems
+    gguf = (raw.get("model") or {}).get("gguf_file")
+    if isinstance(gguf, str) and (Path(gguf).name != gguf or gguf in ("..", ".")):
+        problems.append(f"model.gguf_file: {gguf} must be a file name inside model.name_or_path, not a path")
     try:
         raw["output_dir"] = str(roots.new_run_dir(name))
     except ConfigError as err:
@@ -114,9 +118,28 @@ def check(roots: Roots, name: str, values: dict, extra_yaml: str) -> tuple[RunCo
     """(config or None, raw mapping, {field: [problems]}): "" holds problems naming no field of the form."""
     try:
         raw = raw_config(roots, name, values, extra_yaml)
-        return run_config_from_dict(raw), raw, {}
+        config = run_config_from_dict(raw)
+        problems = []
+        for field, value in other_paths(config):  # what the YAML box may name: the same rule as the form's paths
+            try:
+                roots.readable(value, field)
+            except ConfigError as err:
+                problems += err.problems
+        if problems:
+            raise ConfigError(problems, where="run config")
+        return config, raw, {}
     except ConfigError as err:
         return None, {}, by_field(err.problems)
+
+
+def other_paths(config: RunConfig) -> list[tuple[str, str]]:
+    """The files a run reads besides LOCAL_PATHS (relative ones from the runs root, the run's working directory)."""
+    reference = config.preference.reference
+    paths = [("eval.general_text", config.eval.general_text),
+             ("preference.reference.adapter", getattr(reference, "adapter", None)),
+             *((f"rl.rewards[{i}].schema", r.schema) for i, r in enumerate(config.rl.rewards)),
+             *((f"tasks[{t.name}].{part}", getattr(t, part)) for t in config.tasks for part in ("train", "validation"))]
+    return [(field, value) for field, value in paths if isinstance(value, str)]
 
 
 def by_field(problems: list[str]) -> dict[str, list[str]]:

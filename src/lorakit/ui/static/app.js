@@ -334,19 +334,23 @@ async function viewPlayground(which) {
   const seed = el("input", { type: "number", value: "0", style: "width:80px" });
   const columns = el("div", { class: "columns", id: "pg-columns" });
   let loaded = (await api("/api/playground")).loaded;
+  // A chat per column: each column's own earlier answers are its side of the conversation.
+  let turns = [];  // [{ user, replies: { model: text } }]
   main.append(el("h1", {}, "Playground"),
     el("div", { class: "card" }, el("div", {}, "Runs to compare with their base: ", boxes.length ? boxes : el("span", { class: "muted" }, "no run has an adapter yet")),
       el("div", { class: "actions" }, el("button", { id: "pg-load", onclick: load }, "Load"), state)),
     el("div", { class: "card" }, system, prompt,
       el("div", { class: "actions" }, "temperature ", temperature, " top_p ", topP, " max tokens ", maxTokens, " seed ", seed,
-        el("button", { id: "pg-send", onclick: send }, "Send"))),
+        el("button", { id: "pg-send", onclick: send }, "Send"), el("button", { class: "secondary", id: "pg-new", onclick: newChat }, "New chat"))),
     columns);
   showLoaded();
 
   function showLoaded() {
     state.textContent = loaded ? `loaded: ${loaded.base}` : "nothing loaded";
-    columns.replaceChildren(...(loaded ? loaded.columns.map((c) => el("div", { class: "card" }, el("h2", {}, c.label), el("div", { class: "answer", "data-model": c.model }))) : []));
+    turns = [];
+    columns.replaceChildren(...(loaded ? loaded.columns.map((c) => el("div", { class: "card", "data-column": c.model }, el("h2", {}, c.label))) : []));
   }
+  function newChat() { showLoaded(); prompt.value = ""; }
   async function load() {
     const chosen = boxes.map((b) => b.querySelector("input")).filter((i) => i.checked).map((i) => i.value);
     state.textContent = "loading the base and adapters…";
@@ -355,10 +359,18 @@ async function viewPlayground(which) {
   }
   async function send() {
     if (!loaded) { toast("load runs first", true); return; }
-    const messages = (system.value ? [{ role: "system", content: system.value }] : []).concat([{ role: "user", content: prompt.value }]);
-    await Promise.all(loaded.columns.map((c) => streamInto(columns.querySelector(`[data-model="${CSS.escape(c.model)}"]`), {
-      model: c.model, messages, stream: true, temperature: parseFloat(temperature.value), top_p: parseFloat(topP.value),
-      max_tokens: parseInt(maxTokens.value, 10), seed: parseInt(seed.value, 10) })));
+    const turn = { user: prompt.value, replies: {} };
+    await Promise.all(loaded.columns.map(async (c) => {
+      const messages = (system.value ? [{ role: "system", content: system.value }] : [])
+        .concat(turns.flatMap((t) => [{ role: "user", content: t.user }, { role: "assistant", content: t.replies[c.model] || "" }]))
+        .concat([{ role: "user", content: turn.user }]);
+      const answer = el("div", { class: "answer", "data-model": c.model });
+      columns.querySelector(`[data-column="${CSS.escape(c.model)}"]`).append(el("div", { class: "you" }, turn.user), answer);
+      turn.replies[c.model] = await streamInto(answer, { model: c.model, messages, stream: true, temperature: parseFloat(temperature.value),
+        top_p: parseFloat(topP.value), max_tokens: parseInt(maxTokens.value, 10), seed: parseInt(seed.value, 10) });
+    }));
+    turns.push(turn);
+    prompt.value = "";
   }
 }
 
@@ -388,6 +400,7 @@ async function streamInto(box, request) {  // one OpenAI streamed chat completio
     }
   } catch (err) { box.append(el("span", { class: "bad" }, `\n${err.message}`)); }
   box.dataset.done = "1";
+  return box.textContent;
 }
 
 // ---------------------------------------------------------------- export
