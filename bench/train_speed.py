@@ -230,6 +230,7 @@ def worker(args) -> None:
     timed = times[args.warmup:]
     busy = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / (sum(timed) * torch.get_num_threads())
     out = dict(config=args.worker, side=side, speed=speed, base=base_dtype, autocast=autocast, loss=first, last_loss=loss,
+               first_sec=times[0],  # the first step: with speed.compile, compiling happens in it
                sec=statistics.median(timed), spread=(min(timed), max(timed)), busy=busy,
                threads=torch.get_num_threads(), lora_dtype="fp32", chunk=chunk if side == "lorakit" else None,
                jemalloc_loaded="libjemalloc" in open("/proc/self/maps").read())
