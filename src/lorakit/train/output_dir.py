@@ -196,7 +196,7 @@ def write_run_file(path: str | os.PathLike, settings: dict) -> None:
     """Mark `path` as a lorakit run's directory, recording the settings it started with."""
     record = {"lorakit_version": __version__, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "settings": settings}
-    write_text_atomic(Path(path) / RUN_FILE, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+    _write_run_record(path, record)
 
 
 def read_run_file(path: str | os.PathLike) -> dict | None:
@@ -216,4 +216,8 @@ def record_outcome(path: str | os.PathLike, status: str, detail: str | None = No
     if record is None:
         return
     record["ended"] = {"status": status, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "detail": detail}
+    _write_run_record(path, record)
+
+
+def _write_run_record(path: str | os.PathLike, record: dict) -> None:
     write_text_atomic(Path(path) / RUN_FILE, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")

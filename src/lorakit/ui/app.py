@@ -245,7 +245,7 @@ def create_ui_app(roots: Roots, *, token: str | None = None, hosts: set[str] | N
         if fmt not in EXPORT_FORMATS or quant not in EXPORT_QUANTS:
             raise Refused(400, f"format must be one of {', '.join(EXPORT_FORMATS)} and quant one of "
                                f"{', '.join(EXPORT_QUANTS)}")
-        if not (path / ADAPTER_DIR / "adapter_config.json").is_file():
+        if not runs.has_adapter(path):
             raise Refused(409, f"run {name} has no adapter yet (it is written when training ends)")
         log_name = f"export-{fmt}.log"
         if jobs.running(name, log_name):
@@ -278,10 +278,10 @@ def create_ui_app(roots: Roots, *, token: str | None = None, hosts: set[str] | N
 
     @app.get("/api/run/check")
     async def deploy_check(name: str):
-        adapter = roots.run_dir(name) / ADAPTER_DIR
-        if not (adapter / "adapter_config.json").is_file():
+        path = roots.run_dir(name)
+        if not runs.has_adapter(path):
             raise Refused(409, f"run {name} has no adapter yet")
-        return await anyio.to_thread.run_sync(_deploy_check, adapter)
+        return await anyio.to_thread.run_sync(_deploy_check, path / ADAPTER_DIR)
 
     return AccessGuard(Dispatch(app, playground), token=token, hosts=hosts)
 

@@ -24,17 +24,13 @@ LOCAL_PATHS = ("model.name_or_path", "data.train", "data.validation")  # read fr
 SCALARS = {bool: "bool", int: "int", float: "float", str: "str"}
 
 
-@functools.cache
-def _schema() -> tuple[dict, ...]:
-    return tuple(form_schema_uncached())
-
-
 def form_schema() -> list[dict]:
-    """The form's fields (a fresh copy of the cached schema: the source is read once)."""
+    """The form's fields (copies: the cached schema is built once, reading the sections' source)."""
     return [dict(f) for f in _schema()]
 
 
-def form_schema_uncached() -> list[dict]:
+@functools.cache
+def _schema() -> tuple[dict, ...]:
     """The form's fields in order: {name, section, kind (bool|int|float|str|choice|yaml), choices, nullable,
     default, required, help}. `yaml` fields (lists, mappings, unions) are typed as YAML text."""
     classes = dict(SECTIONS)
@@ -44,7 +40,7 @@ def form_schema_uncached() -> list[dict]:
         cls = classes[section]
         fields += [_field(section, f, cls) for f in dataclasses.fields(cls)
                    if not dataclasses.is_dataclass(_strip_none(get_type_hints(cls)[f.name])[0])]
-    return fields
+    return tuple(fields)
 
 
 def _strip_none(kind: Any) -> tuple[Any, bool]:

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import ConfigError
 from ..train.output_dir import ADAPTER_DIR, read_run_file
+from .runs import has_adapter
 
 log = logging.getLogger("lorakit.ui")
 PREFIX = "/playground"
@@ -61,7 +62,7 @@ class Playground:
         adapters: dict[str, str] = {}
         columns = [{"label": f"base ({base_model_name(base)})", "model": base_model_name(base)}]
         for name, path in runs:
-            if not (path / ADAPTER_DIR / "adapter_config.json").is_file():
+            if not has_adapter(path):
                 raise ConfigError(f"run {name} has no adapter yet (it is written at the end of training)",
                                   where="playground")
             key = adapter_id(name, set(adapters) | {columns[0]["model"]})

@@ -89,7 +89,12 @@ def summary(root: Path, path: Path, launch: tuple[int, float] | None = None) -> 
     return RunSummary(name=path.relative_to(root).as_posix(), status=status, detail=detail, pid=pid,
                       step=train[-1]["step"] if train else None, total_steps=total if isinstance(total, int) else None,
                       loss=train[-1]["loss"] if train else None, eval_loss=evals[-1]["eval_loss"] if evals else None,
-                      started=record.get("started"), has_adapter=(path / ADAPTER_DIR / "adapter_config.json").is_file())
+                      started=record.get("started"), has_adapter=has_adapter(path))
+
+
+def has_adapter(path: Path) -> bool:
+    """Whether the run in `path` has written its final adapter (at the end of training)."""
+    return (path / ADAPTER_DIR / "adapter_config.json").is_file()
 
 
 def checkpoints(path: Path) -> list[dict]:
