@@ -14,9 +14,23 @@ from tiny_models import VOCAB
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (pyproject's addopts run one worker per core), each worker and the processes its tests
+    start use their share of the cores: a worker's torch would otherwise start a thread per core, and two
+    workers' thread pools spinning on the same cores slow both."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # child processes (CLI runs, torchrun's ranks)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores_between_workers()
+
 TESTS = Path(__file__).resolve().parent
 EVERY_TEST = "*"
-# The slow tier, in one place: `python -m pytest -m "not slow"` is the quick loop (about 1.5 minutes on 2 CPU cores),
+# The slow tier, in one place: `python -m pytest -m "not slow"` is the quick loop (about 3 minutes on 2 CPU cores),
 # `python -m pytest` (CI) runs everything. A file maps to the test functions that are slow (each with all its
 # parameters), or to EVERY_TEST. What is here: several processes (torchrun), CPU torch.compile, llama.cpp runs,
 # killed or signalled child processes, the quickstart's real model, and tests over ~3 s (pytest --durations).
