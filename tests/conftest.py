@@ -61,7 +61,8 @@ SLOW = {
                             "test_on_a_gguf_base_the_adapter_runs_on_the_users_own_file"},
     "train/test_speed.py": {  # torch.compile on CPU
         "test_compiled_loss_softmax_equals_the_eager_one",
-        "test_compiled_layers_and_loss_give_the_plain_loss_and_grads_and_undo_restores_them"},
+        "test_compiled_layers_and_loss_give_the_plain_loss_and_grads_and_undo_restores_them",
+        "test_a_second_compiled_run_takes_its_graphs_from_the_cache"},
     "train/test_ckpt_faults.py": {"test_a_hard_kill_at_any_save_stage_never_exposes_a_partial_checkpoint"},  # kill -9
     "train/test_loop_resume.py": {"test_killed_run_resumes_exactly"},  # kill -9
     "train/test_forgetting.py": {"test_two_processes_report_the_forgetting_numbers_of_one"},  # torchrun

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .user_cache import user_cache
 
 SUFFIX = ".gguf"
 _SOURCE_FILE = "gguf_source.json"  # in a dequantized directory: which file, which dtype; written last
@@ -34,8 +34,7 @@ def is_gguf(name_or_path: str, gguf_file: str | None = None) -> bool:
 
 def cache_root() -> Path:
     """Where dequantized GGUF bases are kept: $LORAKIT_CACHE/gguf, else ~/.cache/lorakit/gguf ($XDG_CACHE_HOME)."""
-    root = os.environ.get("LORAKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit"
-    return Path(root) / "gguf"
+    return user_cache("gguf")
 
 
 @dataclass(frozen=True)

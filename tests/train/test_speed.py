@@ -15,7 +15,8 @@ from lorakit.lora.routing import current_routing, route_rows
 from lorakit.train import loop
 from lorakit.train.chunked_loss import _FrozenHeadLoss, lm_loss_sum
 from lorakit.train import speed
-from lorakit.train.speed import COMPILE_MIN_STEPS, setup_speed
+from lorakit.train.compile_cache import INDUCTOR_ENV, layer_signature, use_persistent_cache
+from lorakit.train.speed import COMPILE_MIN_STEPS, COMPILE_MIN_STEPS_WARM, setup_speed
 from test_loop_support import config, toy_data
 from tiny_models import VOCAB, build_model, randomize_lora
 
@@ -26,9 +27,17 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:The .grad attribute of a Tensor that is not a leaf Tensor is being accessed:UserWarning")
 
 
-def _llama_lora(dtype=torch.float32, seed: int = 0):
+@pytest.fixture(autouse=True, scope="module")
+def own_inductor_cache(tmp_path_factory):
+    """What these tests compile, and the markers of compiled layers, go to a cache of their own, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(INDUCTOR_ENV, str(tmp_path_factory.mktemp("inductor")))
+        yield
+
+
+def _llama_lora(dtype=torch.float32, seed: int = 0, r: int = 4):
     model = build_model("llama", seed=seed).to(dtype)
-    lm = wrap(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    lm = wrap(model, LoraConfig(r=r, lora_alpha=8, target_modules="all-linear"))
     randomize_lora(lm)
     lm.train()
     return lm
@@ -143,6 +152,60 @@ def test_auto_skips_compiling_short_runs_and_says_why(monkeypatch):
     assert all(layer.compute_in_base_dtype for _, layer in lm.lora_layers())
     setup.undo()
     assert not any(layer.compute_in_base_dtype for _, layer in lm.lora_layers())
+
+
+def test_after_a_compiled_run_auto_compiles_short_runs_of_the_same_layers(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "COMPILE_MIN_PARAMS", 0)
+    monkeypatch.setenv(INDUCTOR_ENV, str(tmp_path / "inductor"))
+    lm = _llama_lora()
+    setup_speed(lm, SpeedConfig(compile="on"), total_steps=1, checkpointing=False).undo(steps_trained=1)
+    short = setup_speed(lm, SpeedConfig(), total_steps=COMPILE_MIN_STEPS_WARM, checkpointing=False)
+    assert not short.compiled  # one step may not have compiled the backward or a second length: not marked
+    assert any(f"fewer than the {COMPILE_MIN_STEPS} that repay a first compile ({COMPILE_MIN_STEPS_WARM} once"
+               in note for note in short.notes), short.notes
+    short.undo()
+
+    setup_speed(lm, SpeedConfig(compile="on"), total_steps=2, checkpointing=False).undo(steps_trained=2)
+    assert (tmp_path / "inductor" / "lorakit-compiled-layers" / layer_signature(lm.model.model.layers[0])).is_file()
+    warm = setup_speed(lm, SpeedConfig(), total_steps=COMPILE_MIN_STEPS_WARM, checkpointing=False)
+    assert warm.compiled and any("inductor's cache holds these layers" in note for note in warm.notes)
+    warm.undo(steps_trained=COMPILE_MIN_STEPS_WARM)
+    shorter = setup_speed(lm, SpeedConfig(), total_steps=COMPILE_MIN_STEPS_WARM - 1, checkpointing=False)
+    assert not shorter.compiled
+    assert any(f"fewer than the {COMPILE_MIN_STEPS_WARM} that repay compiling from inductor's cache" in note
+               for note in shorter.notes), shorter.notes
+    other = _llama_lora(r=8)  # another rank: other shapes, graphs not in the cache
+    assert layer_signature(other.model.model.layers[0]) != layer_signature(lm.model.model.layers[0])
+    assert not setup_speed(other, SpeedConfig(), total_steps=COMPILE_MIN_STEPS_WARM, checkpointing=False).compiled
+
+
+def test_inductor_caches_go_to_lorakits_cache_unless_the_user_chose_a_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "lorakit"))
+    monkeypatch.delenv(INDUCTOR_ENV)
+    assert use_persistent_cache() == tmp_path / "lorakit" / "inductor"  # not /tmp, which a reboot empties
+    import os
+
+    assert os.environ[INDUCTOR_ENV] == str(tmp_path / "lorakit" / "inductor")  # what inductor reads
+    monkeypatch.setenv(INDUCTOR_ENV, str(tmp_path / "mine"))
+    assert use_persistent_cache() == tmp_path / "mine"
+
+
+def test_a_second_compiled_run_takes_its_graphs_from_the_cache(tmp_path, monkeypatch):
+    """What makes a second run compile in seconds: inductor's FX graph cache answers every graph of the layers
+    (torch's own counters), after torch forgot everything in memory, as in a new process."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv(INDUCTOR_ENV, str(tmp_path / "inductor"))
+    for run in ("first", "second"):
+        torch._dynamo.reset()
+        counters.clear()
+        lines = []
+        loop.fit(_llama_lora(), toy_data(n=8), config(max_steps=3, batch_size=2), tmp_path / run, log=lines.append,
+                 speed=SpeedConfig(compile="on"))
+        if run == "first":
+            assert counters["inductor"]["fxgraph_cache_miss"] > 0 and any("first steps are slow" in l for l in lines)
+    assert counters["inductor"]["fxgraph_cache_hit"] > 0 and counters["inductor"]["fxgraph_cache_miss"] == 0
+    assert any("inductor's cache holds these layers" in line for line in lines)
 
 
 def test_auto_leaves_checkpointed_runs_uncompiled_and_on_refuses_them():

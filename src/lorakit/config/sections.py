@@ -109,7 +109,9 @@ class SpeedConfig:
     """torch.compile each decoder layer and the loss (fuses norms, rotary embedding, activations, casts and the
     softmax of the loss). Compiling takes 30-60 s once, so auto compiles only runs of at least 300 steps on a
     model of at least 20M parameters, with a 16-bit base (not 4/8-bit), no gradient checkpointing, and a C++
-    compiler on CPU; on: always (an error if it cannot); off: never."""
+    compiler on CPU; on: always (an error if it cannot); off: never. Compiled graphs are kept in
+    $LORAKIT_CACHE/inductor (default ~/.cache/lorakit/inductor; TORCHINDUCTOR_CACHE_DIR overrides it): once a
+    run has compiled the same layers, a later one compiles in seconds and auto compiles runs from 50 steps."""
     adapter_compute: Literal["auto", "adapter"] = "auto"
     """auto: LoRA's matmuls run in the base layer's dtype (bf16 on a bf16 base) while the adapter weights stay
     fp32 master copies; adapter: in the adapter's dtype (fp32 activations, as PEFT computes; slower)."""

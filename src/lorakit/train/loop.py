@@ -279,7 +279,7 @@ def fit(model: torch.nn.Module, objective: Objective | PreparedData | TaskSet, c
             bar.close()
         metrics.close()
         model.train(was_training)
-        undo_speed()
+        undo_speed(len(losses))
 
     train_loss = next((x for x in reversed(losses) if math.isfinite(x)), None)
     summary = _summary(state, final["epoch_progress"], time.perf_counter() - started, train_loss, adapter_dir)
@@ -339,7 +339,7 @@ def _record(row: dict, finite: bool, state: TrainState, config: TrainConfig, met
 
 
 def _prepare_model(model: torch.nn.Module, objective: Objective, config: TrainConfig, speed: SpeedConfig | None,
-                   total_steps: int, log: Callable[[str], None]) -> tuple[bool, Callable[[], None]]:
+                   total_steps: int, log: Callable[[str], None]) -> tuple[bool, Callable[[int], None]]:
     """Activation checkpointing and the speed options for this run: (whether the loss is compiled, undo)."""
     if config.loss_chunk_tokens is not None and split_head(model) is None:
         log("note: train.loss_chunk_tokens has no effect on this model (its logits are not just lm_head of the "
@@ -354,8 +354,8 @@ def _prepare_model(model: torch.nn.Module, objective: Objective, config: TrainCo
     for note in setup.notes:
         log(note)
 
-    def undo() -> None:
-        setup.undo()
+    def undo(steps_trained: int) -> None:
+        setup.undo(steps_trained)
         if disable_checkpointing is not None:
             disable_checkpointing()
     return setup.compiled, undo
