@@ -47,7 +47,27 @@ def _bert():
                                                     max_position_embeddings=64))
 
 
-BUILDERS = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "gpt2": _gpt2, "bert": _bert}
+def _mixtral():
+    """Mixture of experts, 4 experts, top 2, fused as transformers keeps them now: mlp.experts.gate_up_proj
+    (experts, 2 x intermediate, hidden) and mlp.experts.down_proj (experts, hidden, intermediate)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                            max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2))
+
+
+def _qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              head_dim=8, vocab_size=VOCAB, max_position_embeddings=64, num_experts=4,
+                                              num_experts_per_tok=2, tie_word_embeddings=False))
+
+
+BUILDERS = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "gpt2": _gpt2, "bert": _bert,
+            "mixtral": _mixtral, "qwen3_moe": _qwen3_moe}
 
 
 def build_model(family: str, seed: int = 0) -> torch.nn.Module:

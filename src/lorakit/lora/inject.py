@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from torch import nn
@@ -87,6 +87,8 @@ class InjectionPlan:
     targets: list[str]  # full module names that get the adapter
     full_copies: list[str]  # modules_to_save, full module names
     target_suffixes: list[str]  # the matched names' last components, for the saved config
+    # fused expert weights (fused_expert_weights) that all-linear or a regex matching them passed over: warned of
+    experts_left_out: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | str:
@@ -127,6 +129,32 @@ def _layer_index_ok(config: LoraConfig, name: str) -> bool:
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 
+def fused_expert_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Mixture-of-experts weights stored fused, one 3-D parameter (experts, ., .) per projection, as transformers
+    now keeps Mixtral's, Qwen3-MoE's, DeepSeek's, GPT-OSS's and Llama 4's experts: no module holds one expert's
+    matrix, so targeting modules by name cannot reach them. Full parameter name -> shape."""
+    found = {}
+    for module_name, module in model.named_modules():
+        experts = getattr(module, "num_experts", None)
+        if not isinstance(experts, int) or isinstance(module, LoraLayer):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() == 3 and param.shape[0] == experts:
+                found[f"{module_name}.{name}" if module_name else name] = tuple(param.shape)
+    return found
+
+
+def experts_left_out_warning(left_out: dict[str, tuple[int, ...]]) -> str:
+    """What a user whose all-linear adapter skipped the experts needs to know, in one message."""
+    tails = sorted({".".join(name.split(".")[-2:]) for name in left_out})
+    example = next(iter(left_out))
+    return (f"this model keeps its experts' weights as fused parameters, one matrix per expert ({', '.join(tails)}; "
+            f"e.g. {example}, shape {' x '.join(map(str, left_out[example]))}), which are not linear modules: the "
+            f"adapter leaves these {len(left_out)} out and trains only the linear layers it matched (attention and "
+            "any dense MLP). lorakit cannot put LoRA on fused experts yet (PEFT: target_parameters); to silence "
+            "this, name the linear layers in target_modules")
+
+
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Named modules as the user sees them: LoRA wrappers count as their base layer, internals hidden."""
     found: dict[str, nn.Module] = {}
@@ -161,6 +189,15 @@ def plan_injection(model: nn.Module, config: LoraConfig, *, init: bool | str | N
 
     targets: list[str] = []
     problems: list[str] = []
+    experts = fused_expert_weights(model)
+    if isinstance(targets_spec, list):  # a name of a fused expert weight targets a parameter, not a module
+        for wanted in targets_spec:
+            named = [n for n in experts if n == wanted or n.endswith("." + wanted)]
+            if named and not any(_name_matches([wanted], m) for m in modules):
+                problems.append(f"target_modules {wanted!r} names a fused expert weight ({named[0]}, shape "
+                                f"{' x '.join(map(str, experts[named[0]]))}, one matrix per expert), a parameter, not "
+                                "a module; lorakit cannot put LoRA on fused experts yet (PEFT: target_parameters). "
+                                "Target the linear layers (attention and any dense MLP) instead")
     for name, module in modules.items():
         base = _base_of(module)
         if is_saved(name):
@@ -217,7 +254,15 @@ def plan_injection(model: nn.Module, config: LoraConfig, *, init: bool | str | N
     if problems:
         raise ConfigError(problems, where="LoraConfig")
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in targets})
-    return InjectionPlan(targets=targets, full_copies=full_copies, target_suffixes=suffixes)
+    if targets_spec == ALL_LINEAR:
+        left_out = experts
+    elif isinstance(targets_spec, str):  # a regex that matches an expert weight or the module holding it
+        left_out = {n: shape for n, shape in experts.items()
+                    if _name_matches(targets_spec, n) or _name_matches(targets_spec, n.rsplit(".", 1)[0])}
+    else:
+        left_out = {}  # a list naming an expert weight was refused above
+    return InjectionPlan(targets=targets, full_copies=full_copies, target_suffixes=suffixes,
+                         experts_left_out=left_out)
 
 
 def _inside_any(name: str, is_saved: Callable[[str], bool]) -> bool:

@@ -20,7 +20,7 @@ from ..errors import AdapterError
 from .combine import weighted_adapter
 from .config import LoraConfig
 from .full_copy import FullCopy
-from .inject import base_kinds, inject, replace_module, with_task_heads
+from .inject import base_kinds, experts_left_out_warning, inject, replace_module, with_task_heads
 from .io import load_adapter_into, save_adapters
 from .layer import LoraLayer
 from .layout import base_biases
@@ -107,6 +107,9 @@ class LoraModel(nn.Module):
                 "layers, and the model with adapters disabled, no longer see the original weights", stacklevel=2)
         self.adapter_configs[adapter_name] = config
         self.target_suffixes[adapter_name] = plan.target_suffixes
+        if plan.experts_left_out:
+            warnings.warn(f"LoRA adapter {adapter_name!r}: {experts_left_out_warning(plan.experts_left_out)}",
+                          stacklevel=2)
         for name, others in self.tied_targets():
             warnings.warn(f"LoRA target {name!r} shares its weight with {others} (tied weights): merging this "
                           "adapter would change those too, so merge() will refuse until the weights are untied",
