@@ -144,12 +144,16 @@ def fused_expert_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return found
 
 
+def _shape(shape: tuple[int, ...]) -> str:
+    return " x ".join(map(str, shape))
+
+
 def experts_left_out_warning(left_out: dict[str, tuple[int, ...]]) -> str:
     """What a user whose all-linear adapter skipped the experts needs to know, in one message."""
     tails = sorted({".".join(name.split(".")[-2:]) for name in left_out})
     example = next(iter(left_out))
     return (f"this model keeps its experts' weights as fused parameters, one matrix per expert ({', '.join(tails)}; "
-            f"e.g. {example}, shape {' x '.join(map(str, left_out[example]))}), which are not linear modules: the "
+            f"e.g. {example}, shape {_shape(left_out[example])}), which are not linear modules: the "
             f"adapter leaves these {len(left_out)} out and trains only the linear layers it matched (attention and "
             "any dense MLP). lorakit cannot put LoRA on fused experts yet (PEFT: target_parameters); to silence "
             "this, name the linear layers in target_modules")
@@ -195,7 +199,7 @@ def plan_injection(model: nn.Module, config: LoraConfig, *, init: bool | str | N
             named = [n for n in experts if n == wanted or n.endswith("." + wanted)]
             if named and not any(_name_matches([wanted], m) for m in modules):
                 problems.append(f"target_modules {wanted!r} names a fused expert weight ({named[0]}, shape "
-                                f"{' x '.join(map(str, experts[named[0]]))}, one matrix per expert), a parameter, not "
+                                f"{_shape(experts[named[0]])}, one matrix per expert), a parameter, not "
                                 "a module; lorakit cannot put LoRA on fused experts yet (PEFT: target_parameters). "
                                 "Target the linear layers (attention and any dense MLP) instead")
     for name, module in modules.items():
